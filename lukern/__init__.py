@@ -1,0 +1,19 @@
+"""lukern: Numba kernels for embedding-bag lookups fused with row-sparse LoRA adapters,
+trained next to inference on the same CPU."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .embedding import TableBatch, embedding_bag, warmup
+from .plan import Plan, resolve_plan, thread_limit
+
+__all__ = sorted([
+    "Plan",
+    "TableBatch",
+    "__version__",
+    "embedding_bag",
+    "resolve_plan",
+    "thread_limit",
+    "warmup",
+])

@@ -1,0 +1,43 @@
+"""Low-level numba intrinsics shared by the kernels."""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = ["prefetch_row"]
+
+
+@intrinsic
+def prefetch_row(typingctx, table, row):
+    """Software-prefetch the first cache line of ``table[row]`` for reading.
+
+    ``llvm.prefetch`` never faults, so a bad row costs nothing but a wasted hint.
+    Without it the loop vectorizer turns the bag loop into AVX-512 gathers and runs
+    about 2.5x slower on uniform ids (DESIGN section 9).
+    """
+    if not (isinstance(table, types.Array) and table.ndim == 2 and isinstance(row, types.Integer)):
+        return None
+    sig = types.void(table, row)
+
+    def codegen(context, builder, signature, args):
+        aryty, rowty = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        intp = context.get_value_type(types.intp)
+        r = context.cast(builder, args[1], rowty, types.intp)
+        ptr = cgutils.get_item_pointer2(
+            context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
+            strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
+            inds=[r, ir.Constant(intp, 0)], wraparound=False, boundscheck=False,
+        )
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # rw=0 (read), locality=3 (keep in all cache levels), cache type=1 (data)
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen

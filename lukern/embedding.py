@@ -1,0 +1,289 @@
+"""Embedding-bag lookups: :func:`embedding_bag` for one table, :class:`TableBatch` for many
+tables in one call (FBGEMM's table-batched idea), and :func:`warmup`.
+
+Every public call follows the same order: validate, resolve the plan, allocate ``out``
+if not given, choose the driver, call the kernel, return.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import _validate as V
+from ._kernels import embedding as K
+from ._kernels.checks import first_out_of_range_batched
+from ._pool import run_ranges, split_by_work
+from ._threading import prange_guard
+from .plan import resolve_plan
+
+__all__ = ["TableBatch", "embedding_bag", "warmup"]
+
+
+def _empty_weights(dtype):
+    return np.empty(0, dtype=dtype)
+
+
+_EMPTY_W = {np.dtype(np.float32): _empty_weights(np.float32), np.dtype(np.float64): _empty_weights(np.float64)}
+
+
+def _bucket(d: int, n_bags: int, n_ids: int, dtype) -> tuple:
+    pooling = n_ids / max(n_bags, 1)
+    return (np.dtype(dtype).name, d, int(min(6, max(0, np.log2(max(pooling, 1.0))))), int(np.log2(max(n_bags, 1))))
+
+
+def _check_mode_weights(mode, weights, n_ids, dtype):
+    V.check_choice("mode", mode, K.MODES)
+    if weights is not None:
+        if mode != "sum":
+            raise ValueError(f"`weights` (per-sample weights) are defined only for mode='sum'; got mode={mode!r}.")
+        V.check_weights(weights, n_ids, dtype)
+        return weights, True
+    return _EMPTY_W[np.dtype(dtype)], False
+
+
+def embedding_bag(table, indices, offsets, *, weights=None, mode="sum", out=None,
+                  n_threads=None, chunk_size=None, driver=None, unchecked=False):
+    """Pool rows of ``table`` over bags given in CSR form.
+
+    ``out[b] = reduce(table[indices[offsets[b]:offsets[b + 1]]])``, the semantics of
+    ``torch.nn.functional.embedding_bag(..., include_last_offset=True)``.
+
+    Parameters
+    ----------
+    table : ndarray (n_rows, d), float32 or float64, C-contiguous
+    indices : ndarray (n_ids,), int32 or int64, values in [0, n_rows)
+    offsets : ndarray (n_bags + 1,), int32 or int64, non-decreasing, from 0 to n_ids
+    weights : ndarray (n_ids,) of the table dtype, optional
+        Per-sample weights (``mode="sum"`` only).
+    mode : {"sum", "mean", "max"}
+        An empty bag gives zeros in every mode.
+    out : ndarray (n_bags, d), optional
+        Written in full; left untouched when validation fails.
+    n_threads, chunk_size, driver : optional
+        Override the plan (see :func:`lukern.plan.resolve_plan`). ``driver`` is
+        ``"serial"``, ``"threads"`` (lukern's worker threads, the default when parallel)
+        or ``"prange"`` (numba's pool).
+    unchecked : bool
+        Skip the id range check (a pass over ``indices``) for callers that validated
+        the ids already. An out-of-range id then reads arbitrary memory.
+
+    Returns
+    -------
+    out : ndarray (n_bags, d)
+
+    Examples
+    --------
+    >>> import numpy as np, lukern
+    >>> table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    >>> lukern.embedding_bag(table, np.array([0, 2, 3]), np.array([0, 2, 3]))
+    array([[ 6.,  8., 10.],
+           [ 9., 10., 11.]], dtype=float32)
+    """
+    V.check_table(table)
+    n_rows, d = table.shape
+    V.check_indices(indices, n_rows, check_range=not unchecked)
+    n_ids = indices.shape[0]
+    V.check_offsets(offsets, n_ids)
+    n_bags = offsets.shape[0] - 1
+    w, use_w = _check_mode_weights(mode, weights, n_ids, table.dtype)
+    if out is None:
+        out = np.empty((n_bags, d), dtype=table.dtype)
+    else:
+        V.check_out(out, (n_bags, d), table.dtype)
+    if n_bags == 0:
+        return out
+    plan = resolve_plan("embedding_bag", n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
+                        bucket=_bucket(d, n_bags, n_ids, table.dtype))
+    ks = K.bag_kernels(d, table.dtype, mode == "max")
+    m = K.MODES[mode]
+    if plan.driver == "serial":
+        ks.bag_range(table, indices, offsets, w, use_w, m, out, 0, n_bags)
+    elif plan.driver == "threads":
+        run_ranges(lambda b0, b1: ks.bag_range(table, indices, offsets, w, use_w, m, out, b0, b1),
+                   split_by_work(offsets, plan.n_threads))
+    else:
+        _run_prange(ks.bag_parallel, plan, (table, indices, offsets, w, use_w, m, out, plan.chunk_size))
+    return out
+
+
+def _run_prange(kernel, plan, args):
+    import numba
+
+    with prange_guard():
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(plan.n_threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            kernel(*args)
+        finally:
+            numba.set_num_threads(previous)
+
+
+class TableBatch:
+    """Many embedding tables looked up in one call (FBGEMM's TBE layout).
+
+    Tables of the same width share one contiguous buffer; ``batch.tables[t]`` are views
+    into it (write through them, e.g. to fold LoRA updates into the table).
+
+    Parameters
+    ----------
+    tables : sequence of ndarray (n_rows_t, d_t)
+        Same float dtype. They are copied once into the shared buffer(s); use
+        :meth:`from_buffer` to wrap an existing buffer without a copy.
+
+    Notes
+    -----
+    A lookup takes ``indices`` of all tables concatenated table-major and ``offsets`` of
+    length ``n_tables * n_bags + 1`` (table ``t`` owns bags ``t*n_bags .. (t+1)*n_bags``),
+    and returns ``(n_bags, sum(d_t))`` with table ``t`` in columns
+    ``col_offsets[t]:col_offsets[t + 1]``. :meth:`pack` builds that layout from per-table
+    CSR pairs.
+
+    Examples
+    --------
+    >>> import numpy as np, lukern
+    >>> batch = lukern.TableBatch([np.ones((5, 4), np.float32), np.ones((7, 2), np.float32)])
+    >>> idx, off = batch.pack([np.array([0, 1]), np.array([6])], [np.array([0, 2]), np.array([0, 1])])
+    >>> batch.lookup(idx, off)
+    array([[2., 2., 2., 2., 1., 1.]], dtype=float32)
+    """
+
+    def __init__(self, tables, *, _buffers=None):
+        tables = list(tables)
+        if not tables:
+            raise ValueError("`tables` must hold at least one table; got an empty sequence.")
+        for t, tab in enumerate(tables):
+            V.check_table(tab, name=f"tables[{t}]")
+        dtypes = {tab.dtype for tab in tables}
+        if len(dtypes) != 1:
+            raise TypeError(f"`tables` must share one dtype; got {sorted(str(x) for x in dtypes)}. Convert them first.")
+        self.dtype = tables[0].dtype
+        self.n_rows = np.array([tab.shape[0] for tab in tables], dtype=np.int64)
+        self.dims = np.array([tab.shape[1] for tab in tables], dtype=np.int64)
+        self.col_offsets = np.concatenate(([0], np.cumsum(self.dims))).astype(np.int64)
+        self.total_dim = int(self.col_offsets[-1])
+        self.groups = []  # (d, buffer, table ids, row offsets within buffer)
+        views = [None] * len(tables)
+        for d in sorted(set(self.dims.tolist())):
+            tids = np.flatnonzero(self.dims == d).astype(np.int64)
+            rows = self.n_rows[tids]
+            row_off = np.concatenate(([0], np.cumsum(rows))).astype(np.int64)
+            if _buffers is not None:
+                buf = _buffers[d]
+            else:
+                buf = np.empty((int(row_off[-1]), d), dtype=self.dtype)
+                for g, t in enumerate(tids):
+                    buf[row_off[g]:row_off[g + 1]] = tables[t]
+            for g, t in enumerate(tids):
+                views[t] = buf[row_off[g]:row_off[g + 1]]
+            self.groups.append((d, buf, tids, row_off[:-1].copy()))
+        self.tables = views
+
+    @classmethod
+    def from_buffer(cls, buffer, row_counts):
+        """Wrap one (sum(row_counts), d) buffer as a batch of same-width tables, no copy."""
+        V.check_table(buffer, name="buffer")
+        counts = np.asarray(row_counts, dtype=np.int64)
+        if counts.ndim != 1 or counts.size == 0 or counts.min() < 0 or counts.sum() != buffer.shape[0]:
+            raise ValueError(f"`row_counts` must be non-negative and sum to buffer rows {buffer.shape[0]}; got {counts.tolist()}.")
+        bounds = np.concatenate(([0], np.cumsum(counts)))
+        tables = [buffer[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return cls(tables, _buffers={buffer.shape[1]: buffer})
+
+    @property
+    def n_tables(self) -> int:
+        return len(self.tables)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buf.nbytes for _, buf, _, _ in self.groups)
+
+    @staticmethod
+    def pack(indices_list, offsets_list):
+        """Concatenate per-table CSR (indices, offsets) pairs, each with the same number
+        of bags, into the batched layout. Returns (indices, offsets) as int64."""
+        if len(indices_list) != len(offsets_list):
+            raise ValueError(f"`indices_list` and `offsets_list` must have the same length; got {len(indices_list)} and {len(offsets_list)}.")
+        n_bags = {len(o) - 1 for o in offsets_list}
+        if len(n_bags) != 1:
+            raise ValueError(f"every table needs the same number of bags; got {sorted(n_bags)}.")
+        idx = np.concatenate([np.asarray(i, dtype=np.int64) for i in indices_list])
+        parts, base = [np.zeros(1, np.int64)], 0
+        for i, o in zip(indices_list, offsets_list):
+            parts.append(np.asarray(o[1:], dtype=np.int64) + base)
+            base += len(i)
+        return idx, np.concatenate(parts)
+
+    def lookup(self, indices, offsets, *, weights=None, mode="sum", out=None,
+               n_threads=None, chunk_size=None, driver=None, unchecked=False):
+        """Pooled lookups of every table in one call; see the class notes for the layout
+        and :func:`embedding_bag` for the arguments. Returns (n_bags, total_dim)."""
+        V.check_indices(indices, None)
+        n_ids = indices.shape[0]
+        V.check_offsets(offsets, n_ids)
+        n_t = self.n_tables
+        if (offsets.shape[0] - 1) % n_t:
+            raise ValueError(
+                f"`offsets` must have n_tables * n_bags + 1 entries with n_tables = {n_t}; got {offsets.shape[0]}. "
+                "Build the layout with TableBatch.pack()."
+            )
+        n_bags = (offsets.shape[0] - 1) // n_t
+        if not unchecked and n_ids:
+            j, t = first_out_of_range_batched(indices, offsets, self.n_rows, n_bags)
+            if j >= 0:
+                raise IndexError(f"`indices[{j}]` = {int(indices[j])} belongs to table {t} and must be in [0, {int(self.n_rows[t])}).")
+        w, use_w = _check_mode_weights(mode, weights, n_ids, self.dtype)
+        if out is None:
+            out = np.empty((n_bags, self.total_dim), dtype=self.dtype)
+        else:
+            V.check_out(out, (n_bags, self.total_dim), self.dtype)
+        if n_bags == 0:
+            return out
+        plan = resolve_plan("table_batch", n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
+                            bucket=_bucket(int(self.dims.max()), n_bags * n_t, n_ids, self.dtype))
+        m = K.MODES[mode]
+        for d, buf, tids, row_off in self.groups:
+            ks = K.bag_kernels(d, self.dtype, mode == "max")
+            args = (buf, row_off, self.col_offsets, tids, n_bags, indices, offsets, w, use_w, m, out)
+            if plan.driver == "serial":
+                ks.tbe_range(*args, 0, n_bags)
+            elif plan.driver == "threads":
+                step = -(-n_bags // plan.n_threads)
+                ranges = [(b, min(n_bags, b + step)) for b in range(0, n_bags, step)]
+                run_ranges(lambda b0, b1: ks.tbe_range(*args, b0, b1), ranges)
+            else:
+                _run_prange(ks.tbe_parallel, plan, args + (plan.chunk_size,))
+        return out
+
+
+def warmup(dims=(64,), dtypes=("float32",), index_dtypes=("int64", "int32"), modes=("sum", "mean"),
+           drivers=("serial", "threads", "prange"), batched=True):
+    """Compile the lookup kernels for these widths and dtypes now, so that the serving
+    path never compiles. Returns a report: ``{"compiled": [...], "seconds": float}``.
+
+    Examples
+    --------
+    >>> import lukern
+    >>> report = lukern.warmup(dims=(8,), dtypes=("float32",), index_dtypes=("int64",), drivers=("serial",))
+    >>> report["compiled"][0]
+    'embedding_bag d=8 float32 int64 sum serial'
+    """
+    start = time.perf_counter()
+    compiled = []
+    for dt in dtypes:
+        for d in dims:
+            table = np.zeros((4, d), dtype=dt)
+            for it in index_dtypes:
+                idx = np.array([0, 1, 3], dtype=it)
+                off = np.array([0, 2, 3], dtype=it)
+                for mode in modes:
+                    for drv in drivers:
+                        nt = 1 if drv == "serial" else 2
+                        embedding_bag(table, idx, off, mode=mode, driver=drv, n_threads=nt, chunk_size=1)
+                        compiled.append(f"embedding_bag d={d} {dt} {it} {mode} {drv}")
+                        if batched:
+                            batch = TableBatch([table])
+                            batch.lookup(idx, off, mode=mode, driver=drv, n_threads=nt, chunk_size=1)
+                            compiled.append(f"table_batch d={d} {dt} {it} {mode} {drv}")
+    return {"compiled": compiled, "seconds": time.perf_counter() - start}
