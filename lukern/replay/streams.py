@@ -27,6 +27,7 @@ import hashlib
 import io
 import os
 import re
+import warnings
 import zlib
 from dataclasses import dataclass, field
 
@@ -456,7 +457,9 @@ def _load_ratings_fast(path, max_rows):
             first = f.readline()
             if first.strip().lower().replace(" ", "") != "userid,movieid,rating,timestamp":
                 return None
-            arr = np.loadtxt(f, delimiter=",", dtype=np.float64, max_rows=max_rows, ndmin=2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "input contained no data": the slow path says it better
+                arr = np.loadtxt(f, delimiter=",", dtype=np.float64, max_rows=max_rows, ndmin=2)
     except (ValueError, EOFError, OSError, zlib.error, UnicodeDecodeError, StreamFormatError):
         return None
     if arr.shape[0] == 0 or arr.shape[1] != 4 or not np.isfinite(arr).all():
