@@ -233,9 +233,14 @@ def _with_slp(dispatcher):
     return dispatcher
 
 
-@functools.lru_cache(maxsize=None)
 def bag_kernels(d: int, dtype, use_max: bool):
-    """Kernels for width ``d``, ``dtype`` and max-or-not: a namespace with ``bag_range``,
+    """The cached kernel set for width ``d``, ``dtype`` (any spelling) and max-or-not."""
+    return _bag_kernels(int(d), np.dtype(dtype).name, bool(use_max))
+
+
+@functools.lru_cache(maxsize=None)
+def _bag_kernels(d: int, dtype: str, use_max: bool):
+    """Kernels for width ``d``, ``dtype`` name and max-or-not: a namespace with ``bag_range``,
     ``bag_parallel``, ``tbe_range``, ``tbe_parallel`` (see the module contract)."""
     dtype = np.dtype(dtype)
     if d in SPECIALISED_DIMS and not use_max:
