@@ -7,6 +7,9 @@ variable                   meaning
 ``LUKERN_NUM_THREADS``     default thread cap for lukern's own kernels
 ``LUKERN_NO_PROFILE``      ``1``: ignore any tuned profile, use built-in heuristics
 ``LUKERN_DATA``            folder of the shared click logs (default ``../shared/data``)
+``LUKERN_DRIVER``          default parallel driver of the serving path: ``prange``
+                           (numba's pool, the default) or ``threads`` (lukern's own
+                           worker threads: fork-safe on every numba threading layer)
 =========================  ==========================================================
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["DATA_DIR", "NO_PROFILE", "NUM_THREADS", "PROFILE_PATH"]
+__all__ = ["DATA_DIR", "DRIVER", "NO_PROFILE", "NUM_THREADS", "PROFILE_PATH"]
 
 
 def _int_env(name: str, default: int | None) -> int | None:
@@ -34,3 +37,6 @@ PROFILE_PATH: str | None = os.environ.get("LUKERN_PROFILE") or None
 NUM_THREADS: int | None = _int_env("LUKERN_NUM_THREADS", None)
 NO_PROFILE: bool = os.environ.get("LUKERN_NO_PROFILE", "") not in ("", "0")
 DATA_DIR: str | None = os.environ.get("LUKERN_DATA") or None
+DRIVER: str | None = os.environ.get("LUKERN_DRIVER") or None
+if DRIVER is not None and DRIVER not in ("prange", "threads", "serial"):
+    raise ValueError(f"environment variable LUKERN_DRIVER must be 'prange', 'threads' or 'serial'; got {DRIVER!r}")

@@ -18,11 +18,18 @@ _prange_lock = threading.Lock()
 _SAFE_LAYERS = ("tbb", "omp")
 
 
+_active_layer: str | None = None
+
+
 def threading_layer() -> str:
     """The active numba threading layer, or the configured one when no parallel kernel
     has run yet (``numba.threading_layer()`` raises until then)."""
+    global _active_layer
+    if _active_layer is not None:
+        return _active_layer
     try:
-        return numba.threading_layer()
+        _active_layer = numba.threading_layer()  # fixed for the life of the process
+        return _active_layer
     except ValueError:
         return str(numba.config.THREADING_LAYER)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._kernels.checks import first_decrease
+from ._kernels.checks import first_decrease, min_max
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
@@ -38,8 +38,7 @@ def check_indices(indices, n_rows: int | None, *, name: str = "indices", check_r
     if not indices.flags.c_contiguous:
         raise ValueError(f"`{name}` must be contiguous; got strides {indices.strides}. Use numpy.ascontiguousarray({name}).")
     if check_range and n_rows is not None and indices.size:
-        lo = int(indices.min())
-        hi = int(indices.max())
+        lo, hi = min_max(indices)
         if lo < 0 or hi >= n_rows:
             bad = lo if lo < 0 else hi
             raise IndexError(f"`{name}` values must be in [0, {n_rows}); got {'min' if lo < 0 else 'max'} {bad}.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import numba
 import numpy as np
 
 from . import _validate as V
@@ -29,8 +30,9 @@ _EMPTY_W = {np.dtype(np.float32): _empty_weights(np.float32), np.dtype(np.float6
 
 
 def _bucket(d: int, n_bags: int, n_ids: int, dtype) -> tuple:
-    pooling = n_ids / max(n_bags, 1)
-    return (np.dtype(dtype).name, d, int(min(6, max(0, np.log2(max(pooling, 1.0))))), int(np.log2(max(n_bags, 1))))
+    """Shape bucket of a call for the tuned profile: (dtype, d, log2 pooling, log2 bags)."""
+    pooling = n_ids // max(n_bags, 1)
+    return (np.dtype(dtype).name, d, min(6, max(pooling, 1).bit_length() - 1), max(n_bags, 1).bit_length() - 1)
 
 
 def _check_mode_weights(mode, weights, n_ids, dtype):
@@ -95,7 +97,7 @@ def embedding_bag(table, indices, offsets, *, weights=None, mode="sum", out=None
     if n_bags == 0:
         return out
     plan = resolve_plan("embedding_bag", n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
-                        bucket=_bucket(d, n_bags, n_ids, table.dtype))
+                        bucket=_bucket(d, n_bags, n_ids, table.dtype), n_items=n_bags)
     ks = K.bag_kernels(d, table.dtype, mode == "max")
     m = K.MODES[mode]
     if plan.driver == "serial":
@@ -109,11 +111,13 @@ def embedding_bag(table, indices, offsets, *, weights=None, mode="sum", out=None
 
 
 def _run_prange(kernel, plan, args):
-    import numba
-
     with prange_guard():
+        n = min(plan.n_threads, numba.config.NUMBA_NUM_THREADS)
         previous = numba.get_num_threads()
-        numba.set_num_threads(min(plan.n_threads, numba.config.NUMBA_NUM_THREADS))
+        if previous == n:
+            kernel(*args)
+            return
+        numba.set_num_threads(n)  # thread-local in numba: other callers are unaffected
         try:
             kernel(*args)
         finally:
@@ -241,7 +245,7 @@ class TableBatch:
         if n_bags == 0:
             return out
         plan = resolve_plan("table_batch", n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
-                            bucket=_bucket(int(self.dims.max()), n_bags * n_t, n_ids, self.dtype))
+                            bucket=_bucket(int(self.dims.max()), n_bags * n_t, n_ids, self.dtype), n_items=n_bags)
         m = K.MODES[mode]
         for d, buf, tids, row_off in self.groups:
             ks = K.bag_kernels(d, self.dtype, mode == "max")

@@ -58,8 +58,10 @@ def current_thread_limit() -> int | None:
 profile_lookup = None
 
 
-def resolve_plan(op: str, n_work: int, *, n_threads=None, chunk_size=None, driver=None, bucket=None) -> Plan:
-    """Resolve the plan for one call of ``op`` over ``n_work`` looked-up ids."""
+def resolve_plan(op: str, n_work: int, *, n_threads=None, chunk_size=None, driver=None, bucket=None,
+                 n_items: int | None = None) -> Plan:
+    """Resolve the plan for one call of ``op`` over ``n_work`` looked-up ids in ``n_items``
+    bags (or other units that ``chunk_size`` counts)."""
     cpus = available_cpus()
     if _config.NUM_THREADS is not None:
         cpus = min(cpus, _config.NUM_THREADS)
@@ -80,12 +82,25 @@ def resolve_plan(op: str, n_work: int, *, n_threads=None, chunk_size=None, drive
         source.append("threads: heuristic")
     n_threads = max(1, min(int(n_threads), max(cpus, 1)))
     if chunk_size is None:
-        chunk_size = prof[1] if prof is not None else _DEFAULT_CHUNK
+        if prof is not None:
+            chunk_size = prof[1]
+        elif n_items is not None:
+            # a few chunks per thread: enough to balance, few enough that per-chunk costs
+            # (refcounts shared by the threads) vanish; 64-bag chunks of 1-id bags ran 2.7x
+            # slower than 1024-bag chunks on 2 threads
+            chunk_size = max(16, -(-n_items // (4 * n_threads)))
+        else:
+            chunk_size = _DEFAULT_CHUNK
     if driver is None:
         if prof is not None and n_threads > 1:
             driver = prof[2]
+        elif _config.DRIVER is not None:
+            driver = _config.DRIVER
         else:
-            driver = "threads" if n_threads > 1 else "serial"
+            # numba's pool hands work over in ~10 us against ~100 us for Python worker
+            # threads (2 threads, 4M x 64 table: 0.34 vs 0.47 ms per batch); prange is
+            # safe on every layer behind lukern._threading.prange_guard
+            driver = "prange" if n_threads > 1 else "serial"
     elif driver not in DRIVERS:
         raise ValueError(f"`driver` must be one of {DRIVERS}; got {driver!r}.")
     if n_threads == 1 and driver != "serial":

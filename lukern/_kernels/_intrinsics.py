@@ -5,32 +5,34 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba import njit
 from numba.extending import intrinsic
 
-__all__ = ["prefetch_row"]
+__all__ = ["prefetch", "prefetch_row"]
 
 
 @intrinsic
-def prefetch_row(typingctx, table, row):
-    """Software-prefetch the first cache line of ``table[row]`` for reading.
+def prefetch(typingctx, table, row, col):
+    """Software-prefetch the cache line holding ``table[row, col]`` for reading.
 
     ``llvm.prefetch`` never faults, so a bad row costs nothing but a wasted hint.
     Without it the loop vectorizer turns the bag loop into AVX-512 gathers and runs
     about 2.5x slower on uniform ids (DESIGN section 9).
     """
-    if not (isinstance(table, types.Array) and table.ndim == 2 and isinstance(row, types.Integer)):
+    if not (isinstance(table, types.Array) and table.ndim == 2 and isinstance(row, types.Integer)
+            and isinstance(col, types.Integer)):
         return None
-    sig = types.void(table, row)
+    sig = types.void(table, row, col)
 
     def codegen(context, builder, signature, args):
-        aryty, rowty = signature.args
+        aryty, rowty, colty = signature.args
         ary = context.make_array(aryty)(context, builder, args[0])
-        intp = context.get_value_type(types.intp)
         r = context.cast(builder, args[1], rowty, types.intp)
+        c = context.cast(builder, args[2], colty, types.intp)
         ptr = cgutils.get_item_pointer2(
             context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
             strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
-            inds=[r, ir.Constant(intp, 0)], wraparound=False, boundscheck=False,
+            inds=[r, c], wraparound=False, boundscheck=False,
         )
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
@@ -41,3 +43,12 @@ def prefetch_row(typingctx, table, row):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@njit(nogil=True, inline="always")
+def prefetch_row(table, row):
+    """Prefetch every cache line of ``table[row]`` (rows of 256 bytes span four lines;
+    prefetching only the first leaves three misses per row to the hardware)."""
+    step = 64 // table.itemsize
+    for c in range(0, table.shape[1], step):
+        prefetch(table, row, c)

@@ -18,15 +18,30 @@ def first_decrease(offsets):
 
 
 @njit(nogil=True, cache=True)
+def min_max(x):
+    """(min, max) of a non-empty 1-D integer array in one pass."""
+    lo = x[0]
+    hi = x[0]
+    for i in range(1, x.shape[0]):  # branch-free so that it vectorises
+        lo = min(lo, x[i])
+        hi = max(hi, x[i])
+    return lo, hi
+
+
+@njit(nogil=True, cache=True)
 def first_out_of_range_batched(indices, offsets, n_rows, n_bags):
     """For table-major batched indices (table t owns bags [t*n_bags, (t+1)*n_bags)),
     the (position, table) of the first id outside [0, n_rows[t]), or (-1, -1)."""
     for t in range(n_rows.shape[0]):
-        hi = n_rows[t]
-        for j in range(offsets[t * n_bags], offsets[(t + 1) * n_bags]):
-            v = indices[j]
-            if v < 0 or v >= hi:
-                return j, t
+        s = offsets[t * n_bags]
+        e = offsets[(t + 1) * n_bags]
+        if e <= s:
+            continue
+        lo, hi = min_max(indices[s:e])  # branch-free pass; locate only on failure
+        if lo < 0 or hi >= n_rows[t]:
+            for j in range(s, e):
+                if indices[j] < 0 or indices[j] >= n_rows[t]:
+                    return j, t
     return -1, -1
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 from numba.core.compiler_lock import global_compiler_lock
 
-from ._intrinsics import prefetch_row
+from ._intrinsics import prefetch, prefetch_row
 
 MODE_SUM = 0
 MODE_MEAN = 1
@@ -33,42 +33,87 @@ MODES = {"sum": MODE_SUM, "mean": MODE_MEAN, "max": MODE_MAX}
 
 #: widths that get a register-accumulator kernel; others use the generic one
 SPECIALISED_DIMS = (4, 8, 16, 32, 48, 64, 96, 128)
-#: how many ids ahead the row prefetch runs (about one DRAM latency of work)
-PREFETCH_DISTANCE = 8
+#: how many ids ahead the row prefetch runs: 48-96 were best and flat on a 4M x 64 table
+#: (uniform and Zipf, 1 thread; 8 was 1.5x slower), about two DRAM latencies of work
+PREFETCH_DISTANCE = 64
 PF = PREFETCH_DISTANCE
 
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
 
-def _unrolled_source(d: int, dtype: str) -> str:
-    """Python source of ``pool_one`` for width ``d``: d scalar accumulators."""
+def _pool_snippet(d: int, dtype: str, itemsize: int, pad: str, store: str = "o[{k}]") -> str:
+    """Source that pools bag [s, e) of ``table`` (row offset ``base``) into the view ``o``
+    with ``d`` scalar accumulators (the store target is ``store``, formatted with the
+    column ``k``); names ``table, indices, weights, use_w, mode, s, e, pf_end, base``
+    must be in scope. Ids are cast to uint64 so numba emits no
+    negative-index wraparound (ids were validated as >= 0)."""
     acc = [f"a{k}" for k in range(d)]
-    init = "\n".join(f"    {a} = zero" for a in acc)
-    add_w = "\n".join(f"            {a} += w * r[{k}]" for k, a in enumerate(acc))
-    add = "\n".join(f"            {a} += r[{k}]" for k, a in enumerate(acc))
-    store = "\n".join(f"    o[{k}] = {a} * scale" for k, a in enumerate(acc))
+    lines_per_row = -(-d * itemsize // 64)
+    step = 64 // itemsize
+    pf = [f"q = np.uint64(base + indices[j + PF])"] + [f"prefetch(table, q, {c * step})" for c in range(lines_per_row)]
+    # a row not aligned to 64 bytes spans one more line
+    pf.append(f"prefetch(table, q, {d - 1})")
+
+    def block(weighted):
+        body = [f"for j in range(s, e):", f"    if j + PF < pf_end:"]
+        body += [f"        {x}" for x in pf]
+        body += [f"    r = table[np.uint64(base + indices[j])]"]
+        if weighted:
+            body += [f"    w = weights[j]"] + [f"    {a} += w * r[{k}]" for k, a in enumerate(acc)]
+        else:
+            body += [f"    {a} += r[{k}]" for k, a in enumerate(acc)]
+        return body
+
+    code = [f"{a} = np.{dtype}(0.0)" for a in acc]
+    code += ["if use_w:"] + ["    " + x for x in block(True)]
+    code += ["else:"] + ["    " + x for x in block(False)]
+    code += [f"scale = np.{dtype}(1.0)", "if mode == 1 and e > s:", f"    scale = np.{dtype}(1.0) / np.{dtype}(e - s)"]
+    code += [f"{store.format(k=k)} = {a} * scale" for k, a in enumerate(acc)]
+    return "\n".join(pad + x for x in code)
+
+
+def _prologue_snippet(d: int, itemsize: int, pad: str) -> str:
+    """Source that prefetches the first ``PF`` rows of a segment [j0, pf_end): the main
+    loop prefetches ``PF`` ids ahead, so without this a segment's first ``PF`` rows are
+    demand misses (2-thread batched lookups with 256-bag chunks ran 1.6x slower)."""
+    step = 64 // itemsize
+    lines = -(-d * itemsize // 64)
+    body = [f"for j in range(j0, min(j0 + PF, pf_end)):", f"    q = np.uint64(base + indices[j])"]
+    body += [f"    prefetch(table, q, {c * step})" for c in range(lines)] + [f"    prefetch(table, q, {d - 1})"]
+    return "\n".join(pad + x for x in body)
+
+
+def _specialised_source(d: int, dtype: np.dtype) -> str:
+    """Source of ``bag_range`` and ``tbe_range`` for width ``d`` (see :func:`_make_drivers`
+    for the generic versions, which these mirror line for line)."""
+    name = _DTYPE_NAMES[dtype]
     return f'''
-def pool_one(table, indices, weights, use_w, mode, s, e, pf_end, base, o):
-    zero = np.{dtype}(0.0)
-    one = np.{dtype}(1.0)
-{init}
-    if use_w:
-        for j in range(s, e):
-            if j + PF < pf_end:
-                prefetch_row(table, base + indices[j + PF])
-            w = weights[j]
-            r = table[base + indices[j]]
-{add_w}
-    else:
-        for j in range(s, e):
-            if j + PF < pf_end:
-                prefetch_row(table, base + indices[j + PF])
-            r = table[base + indices[j]]
-{add}
-    scale = one
-    if mode == 1 and e > s:
-        scale = one / np.{dtype}(e - s)
-{store}
+def bag_range(table, indices, offsets, weights, use_w, mode, out, b0, b1):
+    pf_end = offsets[b1]
+    base = 0
+    j0 = offsets[b0]
+{_prologue_snippet(d, dtype.itemsize, " " * 4)}
+    for b in range(b0, b1):
+        s = offsets[b]
+        e = offsets[b + 1]
+        o = out[b]
+{_pool_snippet(d, name, dtype.itemsize, " " * 8)}
+
+
+def tbe_range(table, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out, b0, b1):
+    for g in range(tids.shape[0]):
+        t = tids[g]
+        base = row_off[g]
+        c = np.uint64(col_off[t])  # unsigned: no wraparound select, so stores vectorise
+        first = t * n_bags
+        pf_end = offsets[first + b1]
+        j0 = offsets[first + b0]
+{_prologue_snippet(d, dtype.itemsize, " " * 8)}
+        for b in range(b0, b1):
+            s = offsets[first + b]
+            e = offsets[first + b + 1]
+            o = out[b]
+{_pool_snippet(d, name, dtype.itemsize, " " * 12, store="o[c + np.uint64({k})]")}
 '''
 
 
@@ -104,11 +149,13 @@ def _generic_pool_one(table, indices, weights, use_w, mode, s, e, pf_end, base, 
             o[k] = o[k] * inv
 
 
-def _make_drivers(pool_one):
-    """Range and prange kernels, single-table and table-batched, around ``pool_one``."""
+def _generic_ranges(pool_one):
+    """``bag_range`` and ``tbe_range`` around a ``pool_one`` function (any width)."""
 
     def bag_range(table, indices, offsets, weights, use_w, mode, out, b0, b1):
         pf_end = offsets[b1]
+        for j in range(offsets[b0], min(offsets[b0] + PF, pf_end)):
+            prefetch_row(table, indices[j])
         for b in range(b0, b1):
             pool_one(table, indices, weights, use_w, mode, offsets[b], offsets[b + 1], pf_end, 0, out[b])
 
@@ -122,12 +169,17 @@ def _make_drivers(pool_one):
             c = col_off[t]
             first = t * n_bags
             pf_end = offsets[first + b1]
+            for j in range(offsets[first + b0], min(offsets[first + b0] + PF, pf_end)):
+                prefetch_row(buf, base + indices[j])
             for b in range(b0, b1):
                 pool_one(buf, indices, weights, use_w, mode, offsets[first + b], offsets[first + b + 1],
                          pf_end, base, out[b, c:c + d])
 
-    bag_range = njit(nogil=True)(bag_range)
-    tbe_range = njit(nogil=True)(tbe_range)
+    return njit(nogil=True)(bag_range), njit(nogil=True)(tbe_range)
+
+
+def _make_drivers(bag_range, tbe_range):
+    """Add the prange kernels over chunks of bags to the two serial range kernels."""
 
     def bag_parallel(table, indices, offsets, weights, use_w, mode, out, chunk):
         n = out.shape[0]
@@ -181,23 +233,22 @@ def _with_slp(dispatcher):
     return dispatcher
 
 
-@functools.lru_cache(maxsize=None)
 def bag_kernels(d: int, dtype, use_max: bool):
-    """Kernels for width ``d``, ``dtype`` and max-or-not: a namespace with ``bag_range``,
+    """The cached kernel set for width ``d``, ``dtype`` (any spelling) and max-or-not."""
+    return _bag_kernels(int(d), np.dtype(dtype).name, bool(use_max))
+
+
+@functools.lru_cache(maxsize=None)
+def _bag_kernels(d: int, dtype: str, use_max: bool):
+    """Kernels for width ``d``, ``dtype`` name and max-or-not: a namespace with ``bag_range``,
     ``bag_parallel``, ``tbe_range``, ``tbe_parallel`` (see the module contract)."""
     dtype = np.dtype(dtype)
     if d in SPECIALISED_DIMS and not use_max:
-        namespace = {"np": np, "prefetch_row": prefetch_row, "PF": PREFETCH_DISTANCE}
-        exec(compile(_unrolled_source(d, _DTYPE_NAMES[dtype]), f"<lukern pool_one d={d} {dtype}>", "exec"), namespace)
-        pool_one = njit(nogil=True)(namespace["pool_one"])
-        slp = True
-    else:
-        pool_one = _generic_pool
-        slp = False
-    kernels = _make_drivers(pool_one)
-    if slp:
-        kernels = tuple(_with_slp(k) for k in kernels)
-    return KernelSet(*kernels, specialised=slp)
+        namespace = {"np": np, "prefetch": prefetch, "PF": PREFETCH_DISTANCE}
+        exec(compile(_specialised_source(d, dtype), f"<lukern bag kernels d={d} {dtype}>", "exec"), namespace)
+        ranges = (njit(nogil=True)(namespace["bag_range"]), njit(nogil=True)(namespace["tbe_range"]))
+        return KernelSet(*(_with_slp(k) for k in _make_drivers(*ranges)), specialised=True)
+    return KernelSet(*_make_drivers(*_GENERIC_RANGES), specialised=False)
 
 
 class KernelSet:
@@ -214,4 +265,4 @@ class KernelSet:
         return (self.bag_range, self.bag_parallel, self.tbe_range, self.tbe_parallel)
 
 
-_generic_pool = njit(nogil=True)(_generic_pool_one)
+_GENERIC_RANGES = _generic_ranges(njit(nogil=True, inline="always")(_generic_pool_one))
