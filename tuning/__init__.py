@@ -1,0 +1,1 @@
+"""lukern autotuner (installed as ``lukern_tuning``)."""
