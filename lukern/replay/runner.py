@@ -145,7 +145,7 @@ def _single_threaded():
             yield
 
 
-def _make_strategies(cfg: ReplayConfig, m0: DLRM):
+def _make_strategies(cfg: ReplayConfig, m0: DLRM, activity=None):
     bw = Bandwidth(cfg.prod_table_tb * 1e12, cfg.prod_link_gbps * 1e9)
     out = {}
     trainer = None
@@ -167,7 +167,8 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM):
                 pending.append("lukern (lukern.LoRAAdapter is not available in this build)")
                 continue
             out[name] = LukernStrategy(m0.copy(), rank=cfg.rank, alpha=cfg.alpha, lr_a=cfg.lr_a, lr_b=cfg.lr_b,
-                                       budget_pct=cfg.budget_pct, rank_control=cfg.rank_control)
+                                       budget_pct=cfg.budget_pct, rank_control=cfg.rank_control,
+                                       activity=activity)
     return out, trainer, bw, pending
 
 
@@ -248,7 +249,12 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
                             progress=(lambda k: bar.update(1)) if bar is not None else None)
             report["initial_model"] = {"train_loss": losses, "train_s": time.perf_counter() - t0,
                                        "table_bytes": m0.table_nbytes, "dense_bytes": m0.dense_nbytes}
-            strategies, trainer, bw, pending = _make_strategies(cfg, m0)
+            # distinct ids per table over the last window's worth of training rows: where the
+            # adapter slots will be needed
+            w_rows = int(edges[1] - edges[0])
+            recent = stream.cat[max(0, n_train - w_rows):n_train]
+            activity = [int(np.unique(recent[:, t]).size) for t in range(stream.n_cat)]
+            strategies, trainer, bw, pending = _make_strategies(cfg, m0, activity)
             report["pending"] = pending
             report["bandwidth"] = bw.describe()
             for name, s in strategies.items():

@@ -296,6 +296,11 @@ class LukernStrategy(Strategy):
     rank, alpha, lr_a, lr_b : adapter settings (see :class:`lukern.LoRAAdapter`).
     budget_pct : float
         Adapter memory budget as % of the tables; sets each adapter's capacity.
+    activity : sequence of int, optional
+        Distinct ids per table in recent traffic; the budget's slots are shared in
+        proportion (default: in proportion to table rows).
+    min_rows_for_adapter : int
+        Tables with fewer rows get no adapter (their few rows are learned well already).
     rank_control : bool
         Attach :class:`lukern.RankController` when it is available.
     """
@@ -303,7 +308,7 @@ class LukernStrategy(Strategy):
     name = "lukern"
 
     def __init__(self, model: DLRM, *, rank=4, alpha=None, lr_a=0.1, lr_b=0.01, budget_pct=1.0,
-                 rank_control=True, min_rows_for_adapter=64):
+                 rank_control=True, min_rows_for_adapter=64, activity=None):
         super().__init__(model)
         from .. import LoRAAdapter
 
@@ -312,16 +317,19 @@ class LukernStrategy(Strategy):
         self.lr_a, self.lr_b = float(lr_a), float(lr_b)
         self.budget_pct = float(budget_pct)
         d = model.dim
-        tables_bytes = model.table_nbytes
         per_slot, fixed = _adapter_cost(LoRAAdapter, d, self.rank, model.dtype)
         eligible = [t for t, n in enumerate(model.cat_sizes) if n >= min_rows_for_adapter]
-        budget = self.budget_pct / 100.0 * tables_bytes - fixed * len(eligible)
-        rows_total = sum(model.cat_sizes[t] for t in eligible)
+        budget = self.budget_pct / 100.0 * model.table_nbytes - fixed * len(eligible)
+        # Slots go where the traffic is: in proportion to each table's distinct ids in recent
+        # traffic (``activity``), not to its size (a 600-row user table can be the busiest).
+        weight = np.array([float(activity[t]) if activity is not None else float(model.cat_sizes[t])
+                           for t in eligible])
+        weight = weight / weight.sum() if weight.sum() > 0 else np.full(len(eligible), 1.0 / max(len(eligible), 1))
         self.adapters = [None] * model.n_tables
         self.capacity = [0] * model.n_tables
-        for t in eligible:
-            cap = int(budget * model.cat_sizes[t] / max(rows_total, 1) / per_slot)
-            cap = min(cap, model.cat_sizes[t])
+        slots = max(budget, 0.0) / per_slot
+        for t, w in zip(eligible, weight):
+            cap = min(int(slots * w), model.cat_sizes[t])
             if cap < 1:
                 continue
             self.capacity[t] = cap
