@@ -6,6 +6,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .embedding import TableBatch, embedding_bag, warmup
+from . import memory
+from .memory import empty_table
 from .plan import Plan, resolve_plan, thread_limit
 
 __all__ = sorted([
@@ -13,6 +15,7 @@ __all__ = sorted([
     "TableBatch",
     "__version__",
     "embedding_bag",
+    "empty_table",
     "resolve_plan",
     "thread_limit",
     "warmup",

@@ -17,6 +17,7 @@ from ._kernels import embedding as K
 from ._kernels.checks import first_out_of_range_batched
 from ._pool import run_ranges, split_by_work
 from ._threading import prange_guard
+from .memory import empty_table
 from .plan import resolve_plan
 
 __all__ = ["TableBatch", "embedding_bag", "warmup"]
@@ -176,7 +177,7 @@ class TableBatch:
             if _buffers is not None:
                 buf = _buffers[d]
             else:
-                buf = np.empty((int(row_off[-1]), d), dtype=self.dtype)
+                buf = empty_table(int(row_off[-1]), d, self.dtype)
                 for g, t in enumerate(tids):
                     buf[row_off[g]:row_off[g + 1]] = tables[t]
             for g, t in enumerate(tids):

@@ -288,3 +288,15 @@ def test_slp_switch_does_not_leak_into_numba_config():
     p = make_lookup_problem(n_rows=10, dim=8, n_bags=2)
     lukern.embedding_bag(p.table, p.indices, p.offsets, driver="serial")
     assert numba.config.SLP_VECTORIZE == before
+
+
+def test_empty_table_alignment_and_errors():
+    small = lukern.empty_table(10, 16)
+    big = lukern.empty_table(1 << 16, 16)  # 4 MiB: huge-page aligned
+    assert small.shape == (10, 16) and small.dtype == np.float32 and small.flags.c_contiguous
+    assert small.ctypes.data % 64 == 0 and big.ctypes.data % (2 << 20) == 0
+    assert lukern.empty_table(3, 4, np.float64, align=4096).ctypes.data % 4096 == 0
+    with pytest.raises(ValueError, match="power of two"):
+        lukern.empty_table(3, 4, align=48)
+    with pytest.raises(ValueError, match="`dim` >= 1"):
+        lukern.empty_table(3, 0)
