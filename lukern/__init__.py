@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from .embedding import TableBatch, embedding_bag, warmup
 from .plan import Plan, resolve_plan, thread_limit
+from . import profile  # noqa: E402,F401  (installs the tuned-profile hook in lukern.plan)
 
 __all__ = sorted([
     "Plan",
