@@ -9,6 +9,7 @@ from .embedding import TableBatch, embedding_bag, warmup
 from . import memory
 from .memory import empty_table
 from .plan import Plan, resolve_plan, thread_limit
+from . import profile  # noqa: E402,F401  (installs the tuned-profile hook in lukern.plan)
 
 __all__ = sorted([
     "Plan",
