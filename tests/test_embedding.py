@@ -288,3 +288,48 @@ def test_slp_switch_does_not_leak_into_numba_config():
     p = make_lookup_problem(n_rows=10, dim=8, n_bags=2)
     lukern.embedding_bag(p.table, p.indices, p.offsets, driver="serial")
     assert numba.config.SLP_VECTORIZE == before
+
+
+def test_empty_table_alignment_and_errors():
+    small = lukern.empty_table(10, 16)
+    big = lukern.empty_table(1 << 16, 16)  # 4 MiB: huge-page aligned
+    assert small.shape == (10, 16) and small.dtype == np.float32 and small.flags.c_contiguous
+    assert small.ctypes.data % 64 == 0 and big.ctypes.data % (2 << 20) == 0
+    assert lukern.empty_table(3, 4, np.float64, align=4096).ctypes.data % 4096 == 0
+    with pytest.raises(ValueError, match="power of two"):
+        lukern.empty_table(3, 4, align=48)
+    with pytest.raises(ValueError, match="`dim` >= 1"):
+        lukern.empty_table(3, 0)
+
+
+@pytest.mark.parametrize("layer", ["workqueue", "omp"])
+def test_concurrent_prange_lookups_do_not_abort_on_any_layer(layer, tmp_path):
+    """numba's workqueue layer aborts the process when two threads launch parallel
+    kernels at once; lukern's guard must prevent that (and stay out of the way on omp)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_threads.py"
+    script.write_text(
+        "import threading, numpy as np, numba, lukern\n"
+        "from lukern.testing import make_lookup_problem\n"
+        "p = make_lookup_problem(n_rows=5000, dim=16, n_bags=256, pooling=(5, 20))\n"
+        "ref = lukern.embedding_bag(p.table, p.indices, p.offsets, driver='serial')\n"
+        "bad = []\n"
+        "def run():\n"
+        "    for _ in range(200):\n"
+        "        o = lukern.embedding_bag(p.table, p.indices, p.offsets, driver='prange', n_threads=2, chunk_size=8)\n"
+        "        bad.append(not np.array_equal(o, ref))\n"
+        "ts = [threading.Thread(target=run) for _ in range(2)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print(numba.threading_layer(), sum(bad))\n"
+    )
+    env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join([str(__import__("pathlib").Path(lukern.__file__).parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    if layer == "omp" and res.returncode != 0 and "omp" in res.stderr.lower() and "not" in res.stderr.lower():
+        pytest.skip("the omp threading layer is not available here")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == [layer, "0"]
