@@ -33,7 +33,7 @@ _EMPTY_W = {np.dtype(np.float32): _empty_weights(np.float32), np.dtype(np.float6
 def _bucket(d: int, n_bags: int, n_ids: int, dtype) -> tuple:
     """Shape bucket of a call for the tuned profile: (dtype, d, log2 pooling, log2 bags)."""
     pooling = n_ids // max(n_bags, 1)
-    return (np.dtype(dtype).name, d, min(6, max(pooling, 1).bit_length() - 1), max(n_bags, 1).bit_length() - 1)
+    return (K._DTYPE_NAMES.get(dtype) or np.dtype(dtype).name, d, min(6, max(pooling, 1).bit_length() - 1), max(n_bags, 1).bit_length() - 1)
 
 
 def _check_mode_weights(mode, weights, n_ids, dtype):
