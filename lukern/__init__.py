@@ -6,6 +6,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .embedding import TableBatch, embedding_bag, warmup
+from . import memory
+from .memory import empty_table
 from .plan import Plan, resolve_plan, thread_limit
 from . import profile  # noqa: E402,F401  (installs the tuned-profile hook in lukern.plan)
 
@@ -14,6 +16,7 @@ __all__ = sorted([
     "TableBatch",
     "__version__",
     "embedding_bag",
+    "empty_table",
     "resolve_plan",
     "thread_limit",
     "warmup",

@@ -11,6 +11,11 @@ from numba import njit
 @njit(nogil=True, cache=True)
 def first_decrease(offsets):
     """Index i of the first ``offsets[i] > offsets[i + 1]``, or -1."""
+    bad = False
+    for i in range(offsets.shape[0] - 1):  # branch-free pass; locate only on failure
+        bad |= offsets[i] > offsets[i + 1]
+    if not bad:
+        return -1
     for i in range(offsets.shape[0] - 1):
         if offsets[i] > offsets[i + 1]:
             return i

@@ -1,0 +1,100 @@
+"""Kernels generated from source text: numba's SLP switch and a disk-backed loader.
+
+Width-specialised kernels are written as Python source, saved under lukern's cache
+folder and imported from there, so numba's ``cache=True`` keeps their machine code
+between processes (a cold compile of one set takes ~1.3 s; a cached load a few ms).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+
+import numba
+from numba.core.compiler_lock import global_compiler_lock
+
+__all__ = ["load_generated", "slp_vectorizer_on", "with_slp"]
+
+
+@contextlib.contextmanager
+def slp_vectorizer_on():
+    """LLVM's SLP vectorizer on for compilations inside this block only.
+
+    numba reads ``config.SLP_VECTORIZE`` when it builds each pass pipeline; the switch is
+    flipped only while numba's global compiler lock is held, so no other compilation (of
+    lukern or of the user) sees it, and numba's global config is restored at once.
+    """
+    with global_compiler_lock:
+        saved = numba.config.SLP_VECTORIZE
+        numba.config.SLP_VECTORIZE = 1
+        try:
+            yield
+        finally:
+            numba.config.SLP_VECTORIZE = saved
+
+
+def with_slp(dispatcher):
+    """Make every compilation of ``dispatcher`` (lazy or eager) use the SLP vectorizer."""
+    lazy, eager = dispatcher._compile_for_args, dispatcher.compile
+
+    def compile_for_args(*args, **kws):
+        with slp_vectorizer_on():
+            return lazy(*args, **kws)
+
+    def compile_signature(sig):
+        with slp_vectorizer_on():
+            return eager(sig)
+
+    dispatcher._compile_for_args = compile_for_args
+    dispatcher.compile = compile_signature
+    return dispatcher
+
+
+def _cache_dir() -> str | None:
+    root = os.environ.get("LUKERN_CACHE_DIR")
+    if not root:
+        try:
+            import platformdirs
+
+            root = platformdirs.user_cache_dir("lukern")
+        except ImportError:  # pragma: no cover - platformdirs is a dependency
+            return None
+    path = os.path.join(root, f"kernels-numba{numba.__version__}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    return path if os.access(path, os.W_OK) else None
+
+
+def load_generated(name: str, source: str):
+    """Import ``source`` as a module named after ``name`` and a hash of the text.
+
+    The file is written atomically once (same text, same name) into the cache folder;
+    when that folder is not writable the source is executed in memory, without caching.
+    """
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    modname = f"_lukern_gen_{name}_{digest}"
+    if modname in sys.modules:
+        return sys.modules[modname]
+    folder = _cache_dir()
+    if folder is None:
+        module = type(sys)(modname)
+        exec(compile(source, f"<lukern generated {name}>", "exec"), module.__dict__)
+        sys.modules[modname] = module
+        return module
+    path = os.path.join(folder, modname + ".py")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(modname, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = module
+    spec.loader.exec_module(module)
+    return module

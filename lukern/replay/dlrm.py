@@ -1,0 +1,461 @@
+"""A small DLRM in numpy on lukern's table-batched lookup.
+
+Architecture (Naumov et al. 2019, the MLPerf reference at toy size): a bottom MLP maps the
+dense features to a d-vector ``x0``; every categorical feature looks up one row of its own
+``d``-wide table (pooling 1, all tables in one :class:`lukern.TableBatch`); the
+interaction is the dot product of every pair among ``[x0, e_1, ..., e_F]`` concatenated
+with ``x0``; a top MLP maps that to one logit; the loss is binary cross-entropy.
+
+Training is full: embeddings by row-wise Adagrad on the touched rows only (sparse, the
+DLRM standard), MLP weights by Adam. :meth:`DLRM.grad_pooled` gives the loss and its
+gradient with respect to the pooled embeddings, which is all a co-located LoRA trainer
+needs from the model (it learns adapters, not the model). Models save to ``.npz``
+without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..embedding import TableBatch
+
+__all__ = ["DLRM", "ForwardCache", "bce_with_logits"]
+
+_FORMAT_VERSION = 1
+
+
+def bce_with_logits(logits, labels) -> float:
+    """Mean binary cross-entropy of ``sigmoid(logits)`` against ``labels`` in {0, 1}, stable.
+
+    Examples
+    --------
+    >>> round(bce_with_logits(np.array([0.0]), np.array([1.0])), 4)
+    0.6931
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(np.mean(np.logaddexp(0.0, z) - y * z)) if z.size else 0.0
+
+
+def _sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free form
+
+
+@dataclass
+class ForwardCache:
+    """Activations of one forward pass, enough for either backward."""
+
+    n: int
+    dense_in: np.ndarray
+    bottom_acts: list      # inputs of each bottom layer, then its output x0
+    pooled: np.ndarray     # (n, F*d) as returned by the lookup
+    z: np.ndarray          # (n, K, d) stacked [x0, e_1..e_F]
+    top_acts: list         # inputs of each top layer
+    logits: np.ndarray
+    rows: np.ndarray       # (n*F,) global buffer rows, table-major (t*n + b)
+
+
+class DLRM:
+    """Bottom MLP, one embedding table per categorical feature, dot interaction, top MLP.
+
+    Parameters
+    ----------
+    cat_sizes : sequence of int
+        Rows of each embedding table (one table per categorical feature).
+    n_dense : int
+        Number of dense features (0 is allowed: a constant input is used).
+    dim : int
+        Embedding width d, also the bottom MLP's output width.
+    bottom, top : tuple of int
+        Hidden widths of the bottom and top MLPs (ReLU).
+    lr_dense : float
+        Adam learning rate of the MLP weights.
+    lr_emb : float
+        Row-wise Adagrad learning rate of the embedding rows.
+    seed : int
+    dtype : numpy float dtype (float32 by default; float64 for gradient checks)
+
+    Examples
+    --------
+    >>> from lukern.replay.synthetic import synthetic_stream
+    >>> s = synthetic_stream(n_events=2000, seed=0)
+    >>> m = DLRM(s.cat_sizes, s.n_dense, dim=8, seed=0)
+    >>> logits, pooled = m.forward(s.batch(0, 4))
+    >>> logits.shape, pooled.shape == (4, 8 * s.n_cat)
+    ((4,), True)
+    """
+
+    def __init__(self, cat_sizes, n_dense, *, dim=16, bottom=(32,), top=(64, 32), lr_dense=1e-3, lr_emb=0.05,
+                 seed=0, dtype=np.float32, _empty=False):
+        sizes = [int(s) for s in cat_sizes]
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"`cat_sizes` must list at least one table of >= 1 row; got {sizes}.")
+        if int(n_dense) < 0:
+            raise ValueError(f"`n_dense` must be >= 0; got {n_dense}.")
+        if int(dim) < 1:
+            raise ValueError(f"`dim` must be >= 1; got {dim}.")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"`dtype` must be float32 or float64; got {self.dtype}.")
+        self.cat_sizes = sizes
+        self.n_dense = int(n_dense)
+        self.dim = int(dim)
+        self.bottom_sizes = tuple(int(h) for h in bottom)
+        self.top_sizes = tuple(int(h) for h in top)
+        self.lr_dense = float(lr_dense)
+        self.lr_emb = float(lr_emb)
+        self.seed = int(seed)
+        self.n_tables = len(sizes)
+        self.row_offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        k = self.n_tables + 1
+        self.n_pairs = k * (k - 1) // 2
+        self._tri = np.tril_indices(k, -1)
+        rng = np.random.default_rng(seed)
+        total = int(self.row_offsets[-1])
+        d = self.dim
+        if _empty:
+            buf = np.zeros((total, d), self.dtype)
+        else:
+            # DLRM reference init: U(-1/sqrt(n), 1/sqrt(n)) per table, here with a floor so
+            # that the huge hashed tables do not start at ~0 (dot products would vanish).
+            buf = np.empty((total, d), self.dtype)
+            for t, n in enumerate(sizes):
+                a = max(1.0 / np.sqrt(n), 0.05)
+                buf[self.row_offsets[t]:self.row_offsets[t + 1]] = rng.uniform(-a, a, (n, d))
+        self._set_buffer(buf)
+        self.emb_acc = np.zeros(total, dtype=self.dtype)
+        n_in = max(self.n_dense, 1)
+        self.params = {}
+        widths = [n_in, *self.bottom_sizes, d]
+        for i in range(len(widths) - 1):
+            self._init_layer(rng, f"bottom{i}", widths[i], widths[i + 1])
+        widths = [d + self.n_pairs, *self.top_sizes, 1]
+        for i in range(len(widths) - 1):
+            self._init_layer(rng, f"top{i}", widths[i], widths[i + 1])
+        self.n_bottom = len(self.bottom_sizes) + 1
+        self.n_top = len(self.top_sizes) + 1
+        self.adam_m = {k_: np.zeros_like(v) for k_, v in self.params.items()}
+        self.adam_v = {k_: np.zeros_like(v) for k_, v in self.params.items()}
+        self.adam_t = 0
+        self._offsets_cache = {}
+
+    # ------------------------------------------------------------------ structure
+
+    def _init_layer(self, rng, name, n_in, n_out):
+        scale = np.sqrt(2.0 / (n_in + n_out))  # Glorot normal, as the DLRM reference
+        self.params[f"{name}.W"] = (rng.standard_normal((n_in, n_out)) * scale).astype(self.dtype)
+        self.params[f"{name}.b"] = (rng.standard_normal(n_out) * np.sqrt(1.0 / n_out)).astype(self.dtype)
+
+    def _set_buffer(self, buf):
+        self.emb_buffer = buf
+        self.tables = TableBatch.from_buffer(buf, self.cat_sizes)
+
+    @property
+    def config(self) -> dict:
+        return {"cat_sizes": self.cat_sizes, "n_dense": self.n_dense, "dim": self.dim,
+                "bottom": list(self.bottom_sizes), "top": list(self.top_sizes), "lr_dense": self.lr_dense,
+                "lr_emb": self.lr_emb, "seed": self.seed, "dtype": self.dtype.name}
+
+    @property
+    def table_nbytes(self) -> int:
+        """Bytes of all embedding tables (the denominator of adapter memory %)."""
+        return int(self.emb_buffer.nbytes)
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the MLP weights (what a delta ships besides rows)."""
+        return int(sum(v.nbytes for v in self.params.values()))
+
+    def table(self, t: int) -> np.ndarray:
+        """Writable view of table ``t`` (rows of feature ``t``)."""
+        return self.tables.tables[t]
+
+    def copy(self) -> "DLRM":
+        """An independent deep copy (weights, optimizer state)."""
+        m = DLRM(self.cat_sizes, self.n_dense, dim=self.dim, bottom=self.bottom_sizes, top=self.top_sizes,
+                 lr_dense=self.lr_dense, lr_emb=self.lr_emb, seed=self.seed, dtype=self.dtype, _empty=True)
+        m.load_state(self)
+        return m
+
+    def load_state(self, other: "DLRM", *, tables=True, dense=True, optimizer=True):
+        """Copy weights (and optimizer state) from a model of the same shape, in place."""
+        if other.config["cat_sizes"] != self.cat_sizes or other.dim != self.dim or \
+                other.params.keys() != self.params.keys():
+            raise ValueError("`other` must have the same tables and layer shapes as this model.")
+        if tables:
+            np.copyto(self.emb_buffer, other.emb_buffer)
+            if optimizer:
+                np.copyto(self.emb_acc, other.emb_acc)
+        if dense:
+            for k, v in other.params.items():
+                np.copyto(self.params[k], v)
+            if optimizer:
+                for k in self.params:
+                    np.copyto(self.adam_m[k], other.adam_m[k])
+                    np.copyto(self.adam_v[k], other.adam_v[k])
+                self.adam_t = other.adam_t
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_batch(self, batch):
+        cat, dense = batch.cat, batch.dense
+        if cat.ndim != 2 or cat.shape[1] != self.n_tables:
+            raise ValueError(f"`batch.cat` must have shape (n, {self.n_tables}); got {cat.shape}.")
+        if dense.ndim != 2 or dense.shape != (cat.shape[0], self.n_dense):
+            raise ValueError(f"`batch.dense` must have shape ({cat.shape[0]}, {self.n_dense}); got {dense.shape}.")
+        if cat.size and (cat.min() < 0 or (cat >= np.asarray(self.cat_sizes)).any()):
+            t = int(np.flatnonzero(((cat < 0) | (cat >= np.asarray(self.cat_sizes))).any(axis=0))[0])
+            raise IndexError(f"`batch.cat[:, {t}]` must be in [0, {self.cat_sizes[t]}); got values "
+                             f"{int(cat[:, t].min())}..{int(cat[:, t].max())}.")
+
+    def _offsets(self, n):
+        off = self._offsets_cache.get(n)
+        if off is None:
+            off = np.arange(n * self.n_tables + 1, dtype=np.int64)
+            self._offsets_cache = {n: off}  # one size at a time: batches are mostly equal
+        return off
+
+    def lookup_args(self, batch):
+        """(indices, offsets) of ``batch`` in the TableBatch layout (table-major, pooling 1)."""
+        n = batch.cat.shape[0]
+        return np.ascontiguousarray(batch.cat.T).reshape(-1), self._offsets(n)
+
+    def forward_cache(self, batch, *, adapters=None) -> ForwardCache:
+        """Forward pass keeping the activations (see :meth:`backward_pooled`, :meth:`train_step`).
+
+        ``adapters``: optional list (one per table, None for none) of LoRA adapters for the
+        fused lookup ``W[i] + s * A[slot(i)] @ B``.
+        """
+        self._check_batch(batch)
+        n = batch.cat.shape[0]
+        idx, off = self.lookup_args(batch)
+        if adapters is None:
+            pooled = self.tables.lookup(idx, off, unchecked=True)
+        else:
+            pooled = self.tables.lookup(idx, off, adapters=list(adapters), unchecked=True)
+        p = self.params
+        h = batch.dense.astype(self.dtype, copy=False) if self.n_dense else np.ones((n, 1), self.dtype)
+        bottom_acts = [h]
+        for i in range(self.n_bottom):
+            h = np.maximum(h @ p[f"bottom{i}.W"] + p[f"bottom{i}.b"], 0)
+            bottom_acts.append(h)
+        x0 = h
+        z = np.concatenate([x0[:, None, :], pooled.reshape(n, self.n_tables, self.dim)], axis=1)
+        inter = np.matmul(z, z.transpose(0, 2, 1))[:, self._tri[0], self._tri[1]]
+        h = np.concatenate([x0, inter], axis=1)
+        top_acts = []
+        for i in range(self.n_top):
+            top_acts.append(h)
+            h = h @ p[f"top{i}.W"] + p[f"top{i}.b"]
+            if i < self.n_top - 1:
+                h = np.maximum(h, 0)
+        rows = idx + np.repeat(self.row_offsets[:-1], n)
+        return ForwardCache(n, bottom_acts[0], bottom_acts, pooled, z, top_acts, h[:, 0], rows)
+
+    def forward(self, batch, *, adapters=None):
+        """Logits ``(n,)`` and pooled embeddings ``(n, n_tables * dim)`` of ``batch``."""
+        c = self.forward_cache(batch, adapters=adapters)
+        return c.logits, c.pooled
+
+    def predict(self, batch, *, adapters=None) -> np.ndarray:
+        """Click probabilities ``(n,)``."""
+        return _sigmoid(self.forward(batch, adapters=adapters)[0].astype(np.float64))
+
+    # ------------------------------------------------------------------ backward
+
+    def _check_labels(self, labels, n):
+        y = np.asarray(labels)
+        if y.shape != (n,):
+            raise ValueError(f"`labels` must have shape ({n},); got {y.shape}.")
+        return y.astype(self.dtype, copy=False)
+
+    def _backward_top(self, c: ForwardCache, labels, want_weights: bool):
+        """Back through loss, top MLP and interaction. Returns loss, dz (n, K, d), dx0_direct, grads."""
+        y = self._check_labels(labels, c.n)
+        p = self.params
+        loss = bce_with_logits(c.logits, y)
+        g = ((_sigmoid(c.logits.astype(np.float64)) - y) / max(c.n, 1)).astype(self.dtype)[:, None]
+        grads = {}
+        for i in reversed(range(self.n_top)):
+            a = c.top_acts[i]
+            if want_weights:
+                grads[f"top{i}.W"] = a.T @ g
+                grads[f"top{i}.b"] = g.sum(axis=0)
+            g = g @ p[f"top{i}.W"].T
+            if i > 0:
+                g = g * (a > 0)
+        d = self.dim
+        dx0 = g[:, :d]
+        k = self.n_tables + 1
+        dt = np.zeros((c.n, k, k), self.dtype)
+        dt[:, self._tri[0], self._tri[1]] = g[:, d:]
+        dz = np.matmul(dt + dt.transpose(0, 2, 1), c.z)
+        return loss, dz, dx0, grads
+
+    def backward_pooled(self, cache: ForwardCache, labels):
+        """Loss and d loss / d pooled embeddings ``(n, n_tables * dim)`` from a kept forward.
+
+        The co-located trainer calls this on the activations the serving forward already
+        computed, so learning costs a backward pass but no second forward.
+        """
+        loss, dz, _, _ = self._backward_top(cache, labels, want_weights=False)
+        return loss, np.ascontiguousarray(dz[:, 1:, :].reshape(cache.n, -1))
+
+    def grad_pooled(self, batch, labels, *, adapters=None):
+        """Loss and its gradient with respect to the pooled embeddings of ``batch``.
+
+        This is the loss-gradient callback of the co-located trainer: the adapter's
+        backward takes ``d loss / d pooled`` and the lookup's (indices, offsets).
+
+        Returns
+        -------
+        loss : float
+        grad : ndarray (n, n_tables * dim)
+        """
+        return self.backward_pooled(self.forward_cache(batch, adapters=adapters), labels)
+
+    def gradients(self, batch, labels, cache=None):
+        """Full gradients: loss, dict of MLP weight grads, and (unique global rows, row grads)."""
+        c = self.forward_cache(batch) if cache is None else cache
+        loss, dz, dx0, grads = self._backward_top(c, labels, want_weights=True)
+        p = self.params
+        g = dx0 + dz[:, 0, :]
+        for i in reversed(range(self.n_bottom)):
+            g = g * (c.bottom_acts[i + 1] > 0)
+            a = c.bottom_acts[i]
+            grads[f"bottom{i}.W"] = a.T @ g
+            grads[f"bottom{i}.b"] = g.sum(axis=0)
+            if i > 0:
+                g = g @ p[f"bottom{i}.W"].T
+        # d pooled in table-major order matches c.rows (t*n + b).
+        demb = dz[:, 1:, :].transpose(1, 0, 2).reshape(-1, self.dim)
+        rows, inv = np.unique(c.rows, return_inverse=True)
+        row_grads = np.zeros((rows.shape[0], self.dim), self.dtype)
+        np.add.at(row_grads, inv.reshape(-1), demb)
+        return loss, grads, (rows, row_grads)
+
+    def apply_gradients(self, grads, emb, *, dense=True):
+        """One optimizer step: Adam on the MLP weights, row-wise Adagrad on the rows."""
+        if dense:
+            self.adam_t += 1
+            b1, b2, eps = 0.9, 0.999, 1e-8
+            c1 = 1 - b1 ** self.adam_t
+            c2 = 1 - b2 ** self.adam_t
+            for k, g in grads.items():
+                m, v = self.adam_m[k], self.adam_v[k]
+                m *= b1
+                m += (1 - b1) * g
+                v *= b2
+                v += (1 - b2) * (g * g)
+                self.params[k] -= (self.lr_dense / c1) * m / (np.sqrt(v / c2) + eps)
+        rows, g = emb
+        if rows.size:
+            acc = self.emb_acc[rows] + np.mean(g * g, axis=1)
+            self.emb_acc[rows] = acc
+            self.emb_buffer[rows] -= (self.lr_emb / (np.sqrt(acc) + 1e-8))[:, None].astype(self.dtype) * g
+
+    def train_step(self, batch, labels=None, *, dense=True, cache=None):
+        """One mini-batch step on ``batch`` (labels default to ``batch.labels``).
+
+        Returns the loss before the step and the global rows it touched.
+        """
+        y = batch.labels if labels is None else labels
+        loss, grads, emb = self.gradients(batch, y, cache=cache)
+        self.apply_gradients(grads, emb, dense=dense)
+        return loss, emb[0]
+
+    def fit(self, stream, start=0, stop=None, *, epochs=1, batch_size=256, seed=0, shuffle=True, progress=None):
+        """Train on rows ``start:stop`` of ``stream`` for ``epochs`` (shuffled mini-batches).
+
+        Returns the mean training loss of each epoch.
+        """
+        stop = len(stream) if stop is None else stop
+        rng = np.random.default_rng(seed)
+        losses = []
+        for _ in range(int(epochs)):
+            order = rng.permutation(np.arange(start, stop)) if shuffle else np.arange(start, stop)
+            total, count = 0.0, 0
+            for a in range(0, order.shape[0], batch_size):
+                sel = order[a:a + batch_size]
+                b = _take(stream, sel)
+                loss, _ = self.train_step(b)
+                total += loss * len(sel)
+                count += len(sel)
+                if progress is not None:
+                    progress(len(sel))
+            losses.append(total / max(count, 1))
+        return losses
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path, *, optimizer=True):
+        """Write the model to ``path`` (.npz, no pickle), atomically (temp file + rename).
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> m = DLRM([5, 7], 2, dim=4)
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.npz")
+        >>> m.save(p)
+        >>> m2 = DLRM.load(p)
+        >>> bool((m2.emb_buffer == m.emb_buffer).all())
+        True
+        """
+        arrays = {"config": np.array(json.dumps({**self.config, "format_version": _FORMAT_VERSION})),
+                  "emb_buffer": self.emb_buffer}
+        for k, v in self.params.items():
+            arrays[f"param/{k}"] = v
+        if optimizer:
+            arrays["emb_acc"] = self.emb_acc
+            arrays["adam_t"] = np.array(self.adam_t, dtype=np.int64)
+            for k in self.params:
+                arrays[f"adam_m/{k}"] = self.adam_m[k]
+                arrays[f"adam_v/{k}"] = self.adam_v[k]
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "DLRM":
+        """Read a model written by :meth:`save` (``allow_pickle=False``)."""
+        with np.load(os.fspath(path), allow_pickle=False) as z:
+            if "config" not in z.files:
+                raise ValueError(f"{path} is not a lukern DLRM file (no 'config' entry).")
+            cfg = json.loads(str(z["config"]))
+            if cfg.get("format_version") != _FORMAT_VERSION:
+                raise ValueError(f"{path}: DLRM file format {cfg.get('format_version')} is not supported "
+                                 f"(this lukern reads {_FORMAT_VERSION}).")
+            m = cls(cfg["cat_sizes"], cfg["n_dense"], dim=cfg["dim"], bottom=cfg["bottom"], top=cfg["top"],
+                    lr_dense=cfg["lr_dense"], lr_emb=cfg["lr_emb"], seed=cfg["seed"], dtype=cfg["dtype"],
+                    _empty=True)
+            np.copyto(m.emb_buffer, z["emb_buffer"])
+            for k in m.params:
+                np.copyto(m.params[k], z[f"param/{k}"])
+            if "emb_acc" in z.files:
+                np.copyto(m.emb_acc, z["emb_acc"])
+                m.adam_t = int(z["adam_t"])
+                for k in m.params:
+                    np.copyto(m.adam_m[k], z[f"adam_m/{k}"])
+                    np.copyto(m.adam_v[k], z[f"adam_v/{k}"])
+        return m
+
+
+def _take(stream, sel):
+    from .streams import Batch
+
+    return Batch(stream.t[sel], stream.dense[sel], stream.cat[sel], stream.labels[sel])

@@ -1,0 +1,157 @@
+"""The replay's numpy DLRM: gradients by finite differences, training, save/load; synthetic stream."""
+
+import numpy as np
+import pytest
+
+from lukern.replay.dlrm import DLRM, bce_with_logits
+from lukern.replay.streams import Batch
+from lukern.replay.synthetic import synthetic_stream
+
+
+@pytest.fixture(scope="module")
+def small():
+    return synthetic_stream(n_events=3000, seed=0, n_users=50, n_items=40, new_items=60, n_categories=5, days=2)
+
+
+def tiny_model(s, dtype=np.float64, seed=1):
+    return DLRM(s.cat_sizes, s.n_dense, dim=4, bottom=(5,), top=(6,), seed=seed, dtype=dtype)
+
+
+def numeric_grad(f, x, idx, eps=1e-6):
+    old = x[idx]
+    x[idx] = old + eps
+    lp = f()
+    x[idx] = old - eps
+    lm = f()
+    x[idx] = old
+    return (lp - lm) / (2 * eps)
+
+
+def test_forward_against_plain_numpy(small):
+    m = tiny_model(small)
+    b = small.batch(0, 7)
+    logits, pooled = m.forward(b)
+    emb = [m.table(t)[b.cat[:, t]] for t in range(3)]
+    np.testing.assert_allclose(pooled, np.concatenate(emb, axis=1))
+    p = m.params
+    x0 = np.maximum(np.maximum(b.dense @ p["bottom0.W"] + p["bottom0.b"], 0) @ p["bottom1.W"] + p["bottom1.b"], 0)
+    z = [x0, *emb]
+    pairs = [np.sum(z[i] * z[j], axis=1) for i in range(4) for j in range(i)]
+    h = np.concatenate([x0, np.stack(pairs, axis=1)], axis=1)
+    want = (np.maximum(h @ p["top0.W"] + p["top0.b"], 0) @ p["top1.W"] + p["top1.b"])[:, 0]
+    np.testing.assert_allclose(logits, want, rtol=1e-10)
+
+
+def test_gradients_match_finite_differences(small):
+    m = tiny_model(small)
+    b = small.batch(100, 116)
+    loss, grads, (rows, row_grads) = m.gradients(b, b.labels)
+    assert loss == pytest.approx(bce_with_logits(m.forward(b)[0], b.labels))
+    f = lambda: m.gradients(b, b.labels)[0]  # noqa: E731
+    rng = np.random.default_rng(0)
+    for k, g in grads.items():
+        for _ in range(3):
+            idx = tuple(int(rng.integers(0, s)) for s in g.shape)
+            assert numeric_grad(f, m.params[k], idx) == pytest.approx(g[idx], abs=1e-8, rel=1e-5), k
+    for r in range(0, len(rows), max(1, len(rows) // 5)):
+        for j in range(4):
+            num = numeric_grad(f, m.emb_buffer, (rows[r], j))
+            assert num == pytest.approx(row_grads[r, j], abs=1e-8, rel=1e-5)
+
+
+def test_grad_pooled_is_the_pooled_gradient(small):
+    """d loss / d pooled, summed over the bags that share a row, is that row's gradient."""
+    m = tiny_model(small)
+    b = small.batch(0, 12)
+    loss, gp = m.grad_pooled(b, b.labels)
+    assert gp.shape == (12, 3 * 4)
+    # moving a table row moves every pooled output that looked it up
+    for bag, t, j in [(0, 0, 1), (5, 1, 3), (11, 2, 0)]:
+        row = m.row_offsets[t] + b.cat[bag, t]
+        num = numeric_grad(lambda: m.gradients(b, b.labels)[0], m.emb_buffer, (row, j))
+        same = b.cat[:, t] == b.cat[bag, t]
+        assert num == pytest.approx(gp[same, t * 4 + j].sum(), abs=1e-9, rel=1e-6)
+
+
+def test_backward_pooled_reuses_forward(small):
+    m = tiny_model(small)
+    b = small.batch(0, 20)
+    c = m.forward_cache(b)
+    l1, g1 = m.backward_pooled(c, b.labels)
+    l2, g2 = m.grad_pooled(b, b.labels)
+    assert l1 == l2
+    np.testing.assert_array_equal(g1, g2)
+
+
+def test_training_lowers_loss_and_touches_only_batch_rows(small):
+    m = DLRM(small.cat_sizes, small.n_dense, dim=8, seed=0)
+    before = m.emb_buffer.copy()
+    b = small.batch(0, 64)
+    _, touched = m.train_step(b)
+    changed = np.flatnonzero((m.emb_buffer != before).any(axis=1))
+    np.testing.assert_array_equal(changed, np.unique(touched))
+    losses = m.fit(small, 0, 2000, epochs=4, batch_size=128, seed=0)
+    assert losses[-1] < losses[0]
+
+
+def test_save_load_round_trip(small, tmp_path):
+    m = DLRM(small.cat_sizes, small.n_dense, dim=8, seed=3)
+    m.fit(small, 0, 500, epochs=1, batch_size=100)
+    p = tmp_path / "model.npz"
+    m.save(p)
+    m2 = DLRM.load(p)
+    assert m2.config == m.config and m2.adam_t == m.adam_t
+    b = small.batch(500, 600)
+    np.testing.assert_array_equal(m.forward(b)[0], m2.forward(b)[0])
+    # training continues identically (optimizer state came along)
+    m.train_step(b)
+    m2.train_step(b)
+    np.testing.assert_array_equal(m.emb_buffer, m2.emb_buffer)
+    np.testing.assert_array_equal(m.params["top0.W"], m2.params["top0.W"])
+    with np.load(p, allow_pickle=False) as z:  # no pickled objects inside
+        assert all(z[k].dtype != object for k in z.files)
+    m.save(p, optimizer=False)
+    assert DLRM.load(p).adam_t == 0
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(ValueError, match="not a lukern DLRM"):
+        DLRM.load(tmp_path / "other.npz")
+
+
+def test_copy_is_independent(small):
+    m = DLRM(small.cat_sizes, small.n_dense, dim=8, seed=0)
+    c = m.copy()
+    c.train_step(small.batch(0, 50))
+    assert not np.array_equal(c.emb_buffer, m.emb_buffer)
+    c.load_state(m)
+    np.testing.assert_array_equal(c.emb_buffer, m.emb_buffer)
+
+
+def test_bad_batches_and_arguments(small):
+    m = DLRM(small.cat_sizes, small.n_dense, dim=8)
+    b = small.batch(0, 4)
+    with pytest.raises(IndexError, match=r"batch.cat\[:, 1\]"):
+        m.forward(Batch(b.t, b.dense, b.cat + np.array([0, 10**6, 0]), b.labels))
+    with pytest.raises(ValueError, match="batch.dense"):
+        m.forward(Batch(b.t, b.dense[:, :2], b.cat, b.labels))
+    with pytest.raises(ValueError, match="labels"):
+        m.grad_pooled(b, b.labels[:3])
+    with pytest.raises(ValueError, match="cat_sizes"):
+        DLRM([], 3)
+    no_dense = DLRM([5], 0, dim=4)
+    assert no_dense.forward(Batch(b.t, np.zeros((4, 0), np.float32), b.cat[:, :1] % 5, b.labels))[0].shape == (4,)
+
+
+def test_synthetic_is_seeded_and_drifts():
+    a = synthetic_stream(n_events=20_000, seed=5)
+    b = synthetic_stream(n_events=20_000, seed=5)
+    c = synthetic_stream(n_events=20_000, seed=6)
+    np.testing.assert_array_equal(a.cat, b.cat)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.cat, c.cat)
+    assert (np.diff(a.t) >= 0).all()
+    items = a.cat[:, 1]
+    first, last = set(items[:5000].tolist()), set(items[-5000:].tolist())
+    # new items appear: much of the late traffic goes to items never seen early
+    assert np.isin(items[-5000:], list(first)).mean() < 0.7
+    assert len(last - first) > 100
+    assert 0.15 < a.labels.mean() < 0.6
