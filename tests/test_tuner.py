@@ -248,6 +248,10 @@ def test_fewest_threads_within_noise():
     assert tmod.select_best(trials, 0.05).plan["n_threads"] == 4
     assert tmod.select_best(trials, 0.0).plan["n_threads"] == 8
     assert tmod.select_best([_trial(2, 1.0, "failed")], 0.05) is None
+    # at equal threads within noise, the heuristic's plan is kept (no change without reason)
+    other = Trial({}, plan_of(4, "prange", 16), "ok", 0.99)
+    assert tmod.select_best(trials + [other], 0.05).plan == other.plan
+    assert tmod.select_best(trials + [other], 0.05, prefer=plan_of(4, "prange")).plan == plan_of(4, "prange")
 
 
 # -- sessions ------------------------------------------------------------------------------------
@@ -469,8 +473,21 @@ def test_real_case_bucket_matches_wrapper_and_verifies(monkeypatch):
         assert seen == [(op, case.bucket)]
         assert case.verify(out) is None
         assert "max abs error" in case.verify(out + 1)
-        heur = case.heuristic_plan()
-        assert heur["n_threads"] == 1 and heur["driver"] == "serial"  # tiny: the heuristic stays serial
+        # the heuristic the tuner compares against is the plan the wrapper resolves by itself
+        resolved = []
+        real = lukern.embedding.resolve_plan
+        monkeypatch.setattr(lukern.embedding, "resolve_plan", lambda *a, **k: resolved.append(real(*a, **k)) or resolved[-1])
+        with lprofile.disabled():
+            for n_threads in (1, 2):  # also as a big call would resolve it, on 2 CPUs
+                monkeypatch.setattr(lplan, "_PARALLEL_MIN_WORK", 0 if n_threads == 2 else 1 << 40)
+                monkeypatch.setattr(lplan, "available_cpus", lambda: 2)
+                resolved.clear()
+                case.call({}, 0)
+                p = resolved[0]
+                assert p.n_threads == n_threads
+                assert case.heuristic_plan() == {"n_threads": p.n_threads, "chunk_size": p.chunk_size,
+                                                 "driver": p.driver}
+        monkeypatch.setattr(lukern.embedding, "resolve_plan", real)
 
 
 # -- the command --------------------------------------------------------------------------------

@@ -250,7 +250,7 @@ def _build_table_batch(shape: dict, ws: Workspace) -> Case:
 
     return Case("table_batch", shape["label"], bucket, len(batches[0][0]), n_bags, call, expected, n,
                 rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4 if dtype == np.float32 else 1e-10,
-                nbytes=buffer.nbytes, shape=dict(shape))
+                nbytes=buffer.nbytes, shape=dict(shape), plan_kwargs={"chunks_per_thread": 1})
 
 
 register(Family("table_batch", "many tables in one call (lukern.TableBatch.lookup)", EMBEDDING_AXES,

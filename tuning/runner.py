@@ -42,6 +42,9 @@ class Case:
     atol: float = 1e-4
     nbytes: int = 0
     shape: dict = field(default_factory=dict)
+    #: further keywords the op's wrapper passes to ``resolve_plan`` (kept in step with
+    #: the wrapper by tests/test_tuner.py::test_real_case_bucket_matches_wrapper_and_verifies)
+    plan_kwargs: dict = field(default_factory=dict)
 
     def verify(self, out) -> str | None:
         """None when ``out`` matches the reference, else what is wrong."""
@@ -62,7 +65,7 @@ class Case:
         from lukern.plan import resolve_plan
 
         with profile.disabled():
-            p = resolve_plan(self.op, self.n_work, bucket=self.bucket, n_items=self.n_items)
+            p = resolve_plan(self.op, self.n_work, bucket=self.bucket, n_items=self.n_items, **self.plan_kwargs)
         return {"n_threads": p.n_threads, "chunk_size": p.chunk_size, "driver": p.driver}
 
 

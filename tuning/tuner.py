@@ -38,15 +38,21 @@ MIN_CANDIDATE_S = 0.02
 MAX_CANDIDATE_S = 2.0
 
 
-def select_best(trials, noise: float) -> Trial | None:
+def select_best(trials, noise: float, prefer: dict | None = None) -> Trial | None:
     """Fewest threads among the trials within ``noise`` (relative) of the fastest median;
-    ties broken by the median. Failed and wrong trials never win."""
+    among those, the ``prefer``-red plan (the heuristic's: no change without a measured
+    reason), else the fastest. Failed and wrong trials never win."""
     ok = [t for t in trials if t.ok]
     if not ok:
         return None
     fastest = min(t.median_s for t in ok)
     near = [t for t in ok if t.median_s <= fastest * (1.0 + noise)]
-    return min(near, key=lambda t: (t.plan["n_threads"], t.median_s))
+    fewest = min(t.plan["n_threads"] for t in near)
+    near = [t for t in near if t.plan["n_threads"] == fewest]
+    for t in near:
+        if prefer is not None and t.plan == prefer:
+            return t
+    return min(near, key=lambda t: t.median_s)
 
 
 def plan_text(plan: dict | None) -> str:
@@ -186,14 +192,17 @@ class Tuner:
             "failures": failures[:20], "heuristic": {"plan": heur_plan, "median_s": heur.median_s},
             "compile_s": round(compile_s, 3),
         }
-        best = select_best(trials, self.noise)
+        best = select_best(trials, self.noise, prefer=heur_plan)
         if best is None:
             result.update(status="failed", plan=None, note="every candidate failed; see failures",
                           seconds=clock() - t_start)
             return result
         chosen, speedup, confirm, note, noise = best, None, None, "", self.noise
         if best.plan == heur_plan:
-            speedup, note = 1.0, "the heuristic's plan is the best"
+            fastest = min(t.median_s for t in trials if t.ok)
+            speedup = 1.0
+            note = ("the heuristic's plan is the best" if best.median_s <= fastest else
+                    f"the heuristic's plan is within noise of the fastest ({best.median_s / fastest:.2f}x its time): kept")
         elif not heur.ok:
             note = f"the heuristic's plan {heur.status}: {heur.error}"
         else:
