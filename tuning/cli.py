@@ -281,8 +281,12 @@ def _progress(families, dims, topo):
     try:
         from tqdm import tqdm
 
+        import shutil
+
+        # a pseudo-terminal may report a 0 x 0 size: tqdm would then hide the bar
+        size = shutil.get_terminal_size((100, 24))
         return tqdm(total=total, unit="trial", file=sys.stderr, disable=not interactive, leave=False,
-                    dynamic_ncols=True)
+                    ncols=size.columns if size.columns > 0 else 100, nrows=size.lines if size.lines > 0 else 24)
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return _Silent()
 
