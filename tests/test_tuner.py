@@ -95,13 +95,18 @@ class ScriptedRunner:
 
 
 class FakeCase(Case):
+    heuristic = None
+
     def heuristic_plan(self):
-        return plan_of(64, "prange")  # "all CPUs", as lukern's heuristic does for big calls
+        # default: "all CPUs", as lukern's heuristic does for big calls
+        return self.heuristic or plan_of(64, "prange")
 
 
-def fake_family(op="fake_op", labels=("shape a",)):
+def fake_family(op="fake_op", labels=("shape a",), heuristic=None):
     def build(shape, ws):
-        return FakeCase(op, shape["label"], ("float32", 64, 4, 12), 100_000, N_ITEMS, lambda plan, i: None, None)
+        case = FakeCase(op, shape["label"], ("float32", 64, 4, 12), 100_000, N_ITEMS, lambda plan, i: None, None)
+        case.heuristic = heuristic
+        return case
 
     return families.Family(
         op, "scripted", ("dtype", "d", "log2_pooling", "log2_bags"), tuple({"label": lb} for lb in labels), build,
@@ -283,6 +288,17 @@ def test_session_keeps_heuristic_when_confirmation_disagrees():
     (r,) = make_tuner(runner, clock).run()
     assert calls["n"] == 1
     assert r["plan"] == heur and r["speedup"] == 1.0 and "heuristic kept" in r["note"]
+
+
+def test_session_keeps_heuristic_when_more_threads_buy_nothing():
+    clock = FakeClock()
+    many = plan_of(64, "prange")
+    # the heuristic says 8 threads; the search sees 64 threads 10% faster, but interleaved
+    # they are within noise (3%): the extra threads buy nothing, the heuristic stays
+    runner = ScriptedRunner(clock, fn=lambda p: 0.9 if p == many else 1.0, cost=0.01)
+    runner.compare = lambda case, a, b, t: ([0.97] * 9, [1.0] * 9)
+    (r,) = make_tuner(runner, clock, fams=[fake_family(heuristic=plan_of(8, "prange"))]).run()
+    assert r["plan"] == plan_of(8, "prange") and "more threads" in r["note"] and r["speedup"] == 1.0
 
 
 def test_session_respects_deadline():

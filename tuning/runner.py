@@ -78,7 +78,7 @@ class Runner:
         Bounds on timed repetitions per candidate.
     """
 
-    def __init__(self, min_reps: int = 5, max_reps: int = 2000, clock=time.perf_counter):
+    def __init__(self, min_reps: int = 5, max_reps: int = 20000, clock=time.perf_counter):
         self.min_reps = min_reps
         self.max_reps = max_reps
         self.clock = clock
