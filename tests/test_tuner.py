@@ -299,6 +299,17 @@ def test_session_keeps_heuristic_when_more_threads_buy_nothing():
     runner.compare = lambda case, a, b, t: ([0.97] * 9, [1.0] * 9)
     (r,) = make_tuner(runner, clock, fams=[fake_family(heuristic=plan_of(8, "prange"))]).run()
     assert r["plan"] == plan_of(8, "prange") and "more threads" in r["note"] and r["speedup"] == 1.0
+    # same threads, another chunking, within noise interleaved: no reason to change either
+    other = plan_of(64, "prange", 16)
+    runner = ScriptedRunner(clock, fn=lambda p: 0.9 if p == other else 1.0, cost=0.01)
+    runner.compare = lambda case, a, b, t: ([0.98] * 9, [1.0] * 9)
+    (r,) = make_tuner(runner, clock).run()
+    assert r["plan"] == plan_of(64, "prange") and "no faster beyond noise" in r["note"]
+    # fewer threads at equal speed is a reason
+    runner = ScriptedRunner(clock, fn=lambda p: 0.9 if p == plan_of(16, "prange") else 1.0, cost=0.01)
+    runner.compare = lambda case, a, b, t: ([1.0] * 9, [0.99] * 9)
+    (r,) = make_tuner(runner, clock).run()
+    assert r["plan"] == plan_of(16, "prange") and r["speedup"] == pytest.approx(0.99)
 
 
 def test_session_respects_deadline():

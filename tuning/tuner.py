@@ -8,9 +8,9 @@ on fewer threads, and the threads left over serve inference), then the fastest.
 
 Confirming: the choice and the heuristic are timed again, interleaved (ABBA), so drift
 from other load on the host hits both alike. If the choice is slower than the heuristic
-beyond noise there, or uses more threads without being faster beyond noise, the
+beyond noise there, or is neither faster beyond noise nor as fast on fewer threads, the
 heuristic's plan is kept and the report says so: a profile never makes a bucket slower
-than no profile, and never spends threads for nothing.
+than no profile, and changes a plan only for a measured reason.
 
 Budget: the session has a deadline; each case gets an equal share of the time left when
 it starts (cases that finish early leave more to the rest). Building data, compiling
@@ -216,9 +216,12 @@ class Tuner:
             noise = max(self.noise, 2.0 * est)
             ratio = mb / ma
             confirm = {"n": len(ta), "tuned_median_s": ma, "heuristic_median_s": mb, "ratio": ratio}
-            more_threads = best.plan["n_threads"] > heur_plan["n_threads"]
-            if ratio < 1.0 - noise or (more_threads and ratio < 1.0 + noise):
-                why = "slower" if ratio < 1.0 - noise else "no faster beyond noise, with more threads"
+            slower, faster = ratio < 1.0 - noise, ratio >= 1.0 + noise
+            fewer_threads = best.plan["n_threads"] < heur_plan["n_threads"]
+            # a different plan must earn its place: faster beyond noise, or as fast on fewer threads
+            if slower or not (faster or fewer_threads):
+                more = best.plan["n_threads"] > heur_plan["n_threads"]
+                why = "slower" if slower else "no faster beyond noise" + (", with more threads" if more else "")
                 note = (f"search picked {plan_text(best.plan)} but interleaved it ran at {ratio:.2f}x the "
                         f"heuristic's speed ({why}): heuristic kept")
                 chosen = dataclasses.replace(heur, median_s=mb)
