@@ -256,7 +256,3 @@ def _build_table_batch(shape: dict, ws: Workspace) -> Case:
 register(Family("table_batch", "many tables in one call (lukern.TableBatch.lookup)", EMBEDDING_AXES,
                 TABLE_BATCH_SHAPES, _build_table_batch, _estimate_lookup))
 
-
-def family_names() -> list[str]:
-    return list(FAMILIES)
-
