@@ -330,6 +330,19 @@ def test_every_failure_gives_no_plan():
     assert r["status"] == "failed" and r["plan"] is None and r["n_failed"] == r["n_trials"]
 
 
+def test_a_case_that_cannot_be_built_is_recorded_and_the_rest_go_on():
+    clock = FakeClock()
+    good = fake_family(op="good")
+
+    def explode(shape, ws):
+        raise MemoryError("no room for the table")
+
+    bad = families.Family("bad", "fails", good.bucket_axes, ({"label": "x"},), explode)
+    results = make_tuner(ScriptedRunner(clock, cost=0.0), clock, fams=[bad, good]).run()
+    assert [r["status"] for r in results] == ["failed", "tuned"]
+    assert "MemoryError: no room" in results[0]["note"]
+
+
 # -- journal -------------------------------------------------------------------------------------
 
 def test_journal_truncated_mid_line_resumes(tmp_path):

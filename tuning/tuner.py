@@ -141,7 +141,12 @@ class Tuner:
         t_start = clock()
         label = shape["label"]
         self.on_case("build", {"op": fam.op, "case": label})
-        case = fam.build(shape, self.ws)
+        try:
+            case = fam.build(shape, self.ws)
+        except Exception as exc:  # e.g. MemoryError on a small host: the other cases go on
+            return {"op": fam.op, "case": label, "status": "failed", "shape": _jsonable_shape(shape), "plan": None,
+                    "n_trials": 0, "note": f"building the data failed: {type(exc).__name__}: {exc}",
+                    "seconds": clock() - t_start}
         space = fam.space(self.topology, case.n_items, allowed=self.allowed_cpus)
         prior = self.journal.trials(fam.op, label) if self.journal is not None else {}
         measured: dict[str, Trial] = {}
