@@ -7,12 +7,19 @@ __version__ = "0.1.0"
 
 from .embedding import TableBatch, embedding_bag, warmup
 from . import memory
+from .lora import Factors, LeastRecentlyUsed, LoRAAdapter, SmallestNorm, load_factors, save_factors
 from .memory import empty_table
 from .plan import Plan, resolve_plan, thread_limit
 from . import profile  # noqa: E402,F401  (installs the tuned-profile hook in lukern.plan)
 
 __all__ = sorted([
+    "Factors",
+    "LeastRecentlyUsed",
+    "LoRAAdapter",
     "Plan",
+    "SmallestNorm",
+    "load_factors",
+    "save_factors",
     "TableBatch",
     "__version__",
     "embedding_bag",

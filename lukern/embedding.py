@@ -33,7 +33,7 @@ _EMPTY_W = {np.dtype(np.float32): _empty_weights(np.float32), np.dtype(np.float6
 def _bucket(d: int, n_bags: int, n_ids: int, dtype) -> tuple:
     """Shape bucket of a call for the tuned profile: (dtype, d, log2 pooling, log2 bags)."""
     pooling = n_ids // max(n_bags, 1)
-    return (np.dtype(dtype).name, d, min(6, max(pooling, 1).bit_length() - 1), max(n_bags, 1).bit_length() - 1)
+    return (K._DTYPE_NAMES.get(dtype) or np.dtype(dtype).name, d, min(6, max(pooling, 1).bit_length() - 1), max(n_bags, 1).bit_length() - 1)
 
 
 def _check_mode_weights(mode, weights, n_ids, dtype):
@@ -47,7 +47,7 @@ def _check_mode_weights(mode, weights, n_ids, dtype):
 
 
 def embedding_bag(table, indices, offsets, *, weights=None, mode="sum", out=None,
-                  n_threads=None, chunk_size=None, driver=None, unchecked=False):
+                  n_threads=None, chunk_size=None, driver=None, unchecked=False, adapter=None):
     """Pool rows of ``table`` over bags given in CSR form.
 
     ``out[b] = reduce(table[indices[offsets[b]:offsets[b + 1]]])``, the semantics of
@@ -71,6 +71,10 @@ def embedding_bag(table, indices, offsets, *, weights=None, mode="sum", out=None
     unchecked : bool
         Skip the id range check (a pass over ``indices``) for callers that validated
         the ids already. An out-of-range id then reads arbitrary memory.
+    adapter : LoRAAdapter, optional
+        Add the adapter's low-rank correction: ``out[b] += s * (pooled A rows) @ B``,
+        pooling the rank-r rows first and multiplying by B once per bag (``sum`` and
+        ``mean`` modes). Ids without an active row add nothing.
 
     Returns
     -------
@@ -91,12 +95,51 @@ def embedding_bag(table, indices, offsets, *, weights=None, mode="sum", out=None
     V.check_offsets(offsets, n_ids)
     n_bags = offsets.shape[0] - 1
     w, use_w = _check_mode_weights(mode, weights, n_ids, table.dtype)
+    if adapter is not None:
+        _check_adapter(adapter, table, mode)
     if out is None:
         out = np.empty((n_bags, d), dtype=table.dtype)
     else:
         V.check_out(out, (n_bags, d), table.dtype)
     if n_bags == 0:
         return out
+    if adapter is not None:
+        return _fused(adapter, lambda: _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d,
+                                                  n_threads, chunk_size, driver),
+                      indices, offsets, weights, mode, out)
+    return _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver)
+
+
+def _check_adapter(adapter, table, mode, name="adapter"):
+    from .lora import LoRAAdapter
+
+    if not isinstance(adapter, LoRAAdapter):
+        raise TypeError(f"`{name}` must be a lukern.LoRAAdapter or None; got {type(adapter).__name__}.")
+    if (adapter.n_rows, adapter.dim) != table.shape or adapter.dtype != table.dtype:
+        raise ValueError(f"`{name}` corrects a ({adapter.n_rows}, {adapter.dim}) {adapter.dtype} table; "
+                         f"got a {table.shape} {table.dtype} table.")
+    if mode == "max":
+        raise ValueError(f"`{name}` works with mode 'sum' or 'mean' (a max of corrected rows is not low-rank); got 'max'.")
+
+
+#: how many times a fused lookup repeats itself when a trainer mutation overlapped it
+_FUSED_RETRIES = 3
+
+
+def _fused(adapter, plain, indices, offsets, weights, mode, out):
+    """Plain lookup plus the adapter's correction, repeated (a few times at most) when
+    the trainer mutated the adapter or the table meanwhile, so that the result matches
+    one consistent state."""
+    for _ in range(_FUSED_RETRIES):
+        g0 = adapter.generation
+        plain()
+        adapter.add_correction(indices, offsets, out, weights=weights, mode=mode)
+        if g0 == adapter.generation and not g0 & 1:
+            break
+    return out
+
+
+def _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver):
     plan = resolve_plan("embedding_bag", n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
                         bucket=_bucket(d, n_bags, n_ids, table.dtype), n_items=n_bags)
     ks = K.bag_kernels(d, table.dtype, mode == "max")
@@ -221,9 +264,11 @@ class TableBatch:
         return idx, np.concatenate(parts)
 
     def lookup(self, indices, offsets, *, weights=None, mode="sum", out=None,
-               n_threads=None, chunk_size=None, driver=None, unchecked=False):
+               n_threads=None, chunk_size=None, driver=None, unchecked=False, adapters=None):
         """Pooled lookups of every table in one call; see the class notes for the layout
-        and :func:`embedding_bag` for the arguments. Returns (n_bags, total_dim)."""
+        and :func:`embedding_bag` for the arguments. ``adapters`` holds one
+        :class:`~lukern.LoRAAdapter` or None per table (fused corrections). Returns
+        (n_bags, total_dim)."""
         V.check_indices(indices, None)
         n_ids = indices.shape[0]
         V.check_offsets(offsets, n_ids)
@@ -239,12 +284,36 @@ class TableBatch:
             if j >= 0:
                 raise IndexError(f"`indices[{j}]` = {int(indices[j])} belongs to table {t} and must be in [0, {int(self.n_rows[t])}).")
         w, use_w = _check_mode_weights(mode, weights, n_ids, self.dtype)
+        active = []
+        if adapters is not None:
+            if len(adapters) != n_t:
+                raise ValueError(f"`adapters` must hold one adapter or None per table ({n_t}); got {len(adapters)}.")
+            for t, a in enumerate(adapters):
+                if a is not None:
+                    _check_adapter(a, self.tables[t], mode, name=f"adapters[{t}]")
+                    active.append((t, a))
         if out is None:
             out = np.empty((n_bags, self.total_dim), dtype=self.dtype)
         else:
             V.check_out(out, (n_bags, self.total_dim), self.dtype)
         if n_bags == 0:
             return out
+        if not active:
+            return self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
+        for _ in range(_FUSED_RETRIES):
+            g0 = [a.generation for _, a in active]
+            self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
+            for t, a in active:
+                s, e = int(offsets[t * n_bags]), int(offsets[(t + 1) * n_bags])
+                c0, c1 = int(self.col_offsets[t]), int(self.col_offsets[t + 1])
+                a.add_correction(indices[s:e], offsets[t * n_bags:(t + 1) * n_bags + 1] - s, out[:, c0:c1],
+                                 weights=None if weights is None else weights[s:e], mode=mode)
+            if g0 == [a.generation for _, a in active] and not any(g & 1 for g in g0):
+                break
+        return out
+
+    def _plain(self, indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver):
+        n_t = self.n_tables
         plan = resolve_plan("table_batch", n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
                             bucket=_bucket(int(self.dims.max()), n_bags * n_t, n_ids, self.dtype), n_items=n_bags,
                             # every chunk restarts the prefetch stream in every table: one

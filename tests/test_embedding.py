@@ -285,6 +285,7 @@ def test_slp_switch_does_not_leak_into_numba_config():
 
     before = numba.config.SLP_VECTORIZE
     K._bag_kernels.cache_clear()
+    K._KERNEL_SETS.clear()
     p = make_lookup_problem(n_rows=10, dim=8, n_bags=2)
     lukern.embedding_bag(p.table, p.indices, p.offsets, driver="serial")
     assert numba.config.SLP_VECTORIZE == before

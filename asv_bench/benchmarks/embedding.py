@@ -131,6 +131,7 @@ class Compile:
         from lukern._kernels import embedding as K
 
         K._bag_kernels.cache_clear()
+        K._KERNEL_SETS.clear()
         lukern.warmup(dims=(64,), dtypes=("float32",), index_dtypes=("int64",), modes=("sum",),
                       drivers=("serial",), batched=False)
 

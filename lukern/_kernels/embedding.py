@@ -213,9 +213,16 @@ def tbe_range(buf, row_off, col_off, tids, n_bags, indices, offsets, weights, us
 {_PARALLEL_SOURCE}'''
 
 
+_KERNEL_SETS: dict = {}
+
+
 def bag_kernels(d: int, dtype, use_max: bool):
     """The cached kernel set for width ``d``, ``dtype`` (any spelling) and max-or-not."""
-    return _bag_kernels(int(d), np.dtype(dtype).name, bool(use_max))
+    key = (d, dtype, use_max)
+    ks = _KERNEL_SETS.get(key)  # the serving path: one dict probe (np.dtype.name costs 3 us)
+    if ks is None:
+        ks = _KERNEL_SETS[key] = _bag_kernels(int(d), np.dtype(dtype).name, bool(use_max))
+    return ks
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,640 @@
+"""The row-sparse LoRA adapter of one embedding table (DESIGN section 3).
+
+``W_served = W + s * A @ B`` where ``A`` holds rows only for recently active ids (a hash
+maps row id -> slot; a presence bitmap makes "not active" one load), ``B`` (r x d) is
+shared and ``s = alpha / r``. Admission happens on a row's first gradient (its A row
+starts at zero, so served values do not jump); when the slots run out, the coldest rows
+are *folded* into the table (``W[row] += s * A[slot] @ B``) and their slots reused.
+
+Concurrency: the trainer is the only writer. Per-row updates happen in place; every
+structural change (resize, rank change, adopting factors) builds new arrays and swaps
+the one ``_state`` reference, so a lookup that read the reference once sees a
+consistent (hash, A, B). Every writer mutation also bumps ``generation`` (odd while it
+runs); the fused lookup repeats itself when a mutation overlapped it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _validate as V
+from ._kernels import lora as LK
+from ._kernels.checks import first_non_finite
+
+__all__ = [
+    "Factors",
+    "LeastRecentlyUsed",
+    "LoRAAdapter",
+    "SmallestNorm",
+    "load_factors",
+    "save_factors",
+]
+
+_OPTIMIZERS_A = ("rowwise_adagrad", "sgd")
+_OPTIMIZERS_B = ("adagrad", "sgd")
+
+
+class _State:
+    """Everything a lookup reads, swapped as one reference on structural changes."""
+
+    __slots__ = ("keys", "vals", "mask", "bitmap", "A", "B", "scale", "slot_row", "acc_a", "acc_b", "last_step")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    def replace(self, **kw):
+        new = _State(**{k: getattr(self, k) for k in self.__slots__})
+        for k, v in kw.items():
+            setattr(new, k, v)
+        return new
+
+
+# --- eviction policies -------------------------------------------------------------------
+
+class LeastRecentlyUsed:
+    """Evict the slots touched longest ago (ties: lowest slot)."""
+
+    name = "lru"
+
+    def choose(self, adapter, n: int) -> np.ndarray:
+        st = adapter._state
+        active = np.flatnonzero(st.slot_row >= 0)
+        if n >= active.size:
+            return active
+        order = np.argpartition(st.last_step[active], n)[:n]
+        return np.sort(active[order])
+
+
+class SmallestNorm:
+    """Evict the slots whose A rows carry the least correction (||A[slot]||)."""
+
+    name = "smallest_norm"
+
+    def choose(self, adapter, n: int) -> np.ndarray:
+        st = adapter._state
+        active = np.flatnonzero(st.slot_row >= 0)
+        if n >= active.size:
+            return active
+        norms = np.einsum("ij,ij->i", st.A[active], st.A[active])
+        return np.sort(active[np.argpartition(norms, n)[:n]])
+
+
+# --- factors: export, save, load ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Factors:
+    """The compact update of one adapter: ``W[row_ids] += scale * A @ B``.
+
+    ``k (8 + 4r) + 4 r d`` bytes (float32) instead of ``k (8 + 4d)`` for a row delta.
+    """
+
+    row_ids: np.ndarray
+    A: np.ndarray
+    B: np.ndarray
+    scale: float
+    version: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.row_ids.nbytes + self.A.nbytes + self.B.nbytes + 16)
+
+    def delta(self) -> np.ndarray:
+        """Dense ``scale * A @ B`` for the exported rows (k x d)."""
+        return (self.scale * (self.A.astype(np.float64) @ self.B.astype(np.float64))).astype(self.A.dtype)
+
+
+_FORMAT = "lukern-factors-1"
+
+
+def _checksum(row_ids, A, B, scale, version) -> str:
+    h = hashlib.sha256()
+    for a in (row_ids, A, B):
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(repr((float(scale), int(version))).encode())
+    return h.hexdigest()
+
+
+def _check_factors(f) -> None:
+    if not isinstance(f, Factors):
+        raise TypeError(f"`factors` must be a lukern.Factors; got {type(f).__name__}.")
+    for name in ("row_ids", "A", "B"):
+        if not isinstance(getattr(f, name), np.ndarray):
+            raise TypeError(f"`factors.{name}` must be a numpy array; got {type(getattr(f, name)).__name__}.")
+    if f.A.dtype not in V.FLOAT_DTYPES or f.B.dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"`factors.A` and `factors.B` must be float32 or float64; got {f.A.dtype} and {f.B.dtype}.")
+    if not np.issubdtype(f.row_ids.dtype, np.integer):
+        raise TypeError(f"`factors.row_ids` must be integers; got {f.row_ids.dtype}.")
+    if f.row_ids.ndim != 1 or f.A.ndim != 2 or f.B.ndim != 2 or f.A.shape != (f.row_ids.size, f.B.shape[0]):
+        raise ValueError(f"`factors` shapes are inconsistent: row_ids {f.row_ids.shape}, A {f.A.shape}, B {f.B.shape}.")
+
+
+def save_factors(path, factors: Factors) -> None:
+    """Write ``factors`` as an ``.npz`` (no pickle) atomically: a temporary file in the
+    same folder, fsync, rename, fsync of the folder. A reader sees the old file or the
+    new one, never a partial one.
+
+    Examples
+    --------
+    >>> import numpy as np, lukern, tempfile, os
+    >>> f = lukern.Factors(np.array([3]), np.ones((1, 2), np.float32), np.ones((2, 4), np.float32), 0.5, 1)
+    >>> p = os.path.join(tempfile.mkdtemp(), "f.npz"); lukern.save_factors(p, f)
+    >>> lukern.load_factors(p).scale
+    0.5
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    _check_factors(factors)
+    arrays = dict(row_ids=np.ascontiguousarray(factors.row_ids, dtype=np.int64), A=np.ascontiguousarray(factors.A),
+                  B=np.ascontiguousarray(factors.B), scale=np.array(factors.scale, np.float64),
+                  version=np.array(factors.version, np.int64), format=np.array(_FORMAT))
+    arrays["checksum"] = np.array(_checksum(arrays["row_ids"], arrays["A"], arrays["B"], factors.scale, factors.version))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lukern-factors-", suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - some filesystems refuse a directory fsync
+        pass
+
+
+def load_factors(path) -> Factors:
+    """Read factors written by :func:`save_factors`, verifying format, shapes and the
+    checksum. Raises ``ValueError`` naming the file for truncated, corrupted or
+    inconsistent files."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, OSError ...
+        raise ValueError(f"{path}: not a readable lukern factors file (truncated or corrupted?): {e}") from None
+    missing = {"row_ids", "A", "B", "scale", "version", "format", "checksum"} - set(data)
+    if missing:
+        raise ValueError(f"{path}: missing arrays {sorted(missing)}; was it written by lukern.save_factors?")
+    if str(data["format"]) != _FORMAT:
+        raise ValueError(f"{path}: format {str(data['format'])!r}, expected {_FORMAT!r}.")
+    row_ids, A, B = data["row_ids"], data["A"], data["B"]
+    scale, version = float(data["scale"]), int(data["version"])
+    if A.ndim != 2 or B.ndim != 2 or row_ids.ndim != 1 or A.shape[0] != row_ids.shape[0] or A.shape[1] != B.shape[0]:
+        raise ValueError(f"{path}: inconsistent shapes row_ids {row_ids.shape}, A {A.shape}, B {B.shape}.")
+    if _checksum(row_ids, A, B, scale, version) != str(data["checksum"]):
+        raise ValueError(f"{path}: checksum mismatch: the file is corrupted.")
+    return Factors(row_ids, A, B, scale, version)
+
+
+# --- the adapter -------------------------------------------------------------------------------
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(4, int(n - 1).bit_length())
+
+
+class LoRAAdapter:
+    """Row-sparse low-rank correction of one (n_rows x dim) embedding table.
+
+    Parameters
+    ----------
+    n_rows, dim : int
+        Shape of the table this adapter corrects.
+    rank : int
+        r, the width of the low-rank factors.
+    capacity : int, optional
+        Maximum number of active rows (default: 1% of ``n_rows``, at least 64).
+    alpha : float, optional
+        Scale numerator: the correction is ``(alpha / rank) * A @ B`` (default ``rank``).
+    dtype : float32 or float64
+        The table's dtype.
+    optimizer_a : {"rowwise_adagrad", "sgd"}
+    optimizer_b : {"adagrad", "sgd"}
+    lr_a, lr_b, weight_decay, eps : float
+    eviction : policy, optional
+        Object with ``choose(adapter, n) -> slots`` (default :class:`LeastRecentlyUsed`).
+    evict_fraction : float
+        Share of the capacity freed at once when the slots run out (amortises eviction).
+    seed : int
+        Seed of B's initialisation (A starts at zero, so the correction starts at zero).
+
+    Examples
+    --------
+    >>> import numpy as np, lukern
+    >>> table = np.zeros((100, 8), np.float32)
+    >>> a = lukern.LoRAAdapter(100, 8, rank=2, capacity=10)
+    >>> idx, off = np.array([1, 2, 2]), np.array([0, 1, 3])
+    >>> a.train_step(table, idx, off, np.ones((2, 8), np.float32))
+    True
+    >>> a.n_active
+    2
+    """
+
+    def __init__(self, n_rows: int, dim: int, *, rank: int = 8, capacity: int | None = None, alpha: float | None = None,
+                 dtype=np.float32, optimizer_a: str = "rowwise_adagrad", optimizer_b: str = "adagrad",
+                 lr_a: float = 0.05, lr_b: float = 0.01, weight_decay: float = 0.0, eps: float = 1e-8,
+                 eviction=None, evict_fraction: float = 1 / 16, seed: int = 0):
+        n_rows = V.check_positive_int("n_rows", n_rows, allow_none=False)
+        dim = V.check_positive_int("dim", dim, allow_none=False)
+        rank = V.check_positive_int("rank", rank, allow_none=False)
+        if capacity is None:
+            capacity = max(64, n_rows // 100)
+        capacity = min(V.check_positive_int("capacity", capacity, allow_none=False), n_rows)
+        dtype = np.dtype(dtype)
+        if dtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"`dtype` must be float32 or float64; got {dtype}.")
+        V.check_choice("optimizer_a", optimizer_a, _OPTIMIZERS_A)
+        V.check_choice("optimizer_b", optimizer_b, _OPTIMIZERS_B)
+        for name, v in (("lr_a", lr_a), ("lr_b", lr_b), ("weight_decay", weight_decay), ("eps", eps)):
+            if not np.isfinite(v) or v < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0; got {v!r}.")
+        if not 0 < evict_fraction <= 1:
+            raise ValueError(f"`evict_fraction` must be in (0, 1]; got {evict_fraction!r}.")
+        self.n_rows, self.dim, self.dtype = n_rows, dim, dtype
+        self.alpha = float(alpha) if alpha is not None else float(rank)
+        self.optimizer_a, self.optimizer_b = optimizer_a, optimizer_b
+        self.lr_a, self.lr_b, self.weight_decay, self.eps = float(lr_a), float(lr_b), float(weight_decay), float(eps)
+        self.eviction = eviction if eviction is not None else LeastRecentlyUsed()
+        self.evict_fraction = float(evict_fraction)
+        self.grad_window = None  # optional object with .add(pooled_grad), fed by backward()
+        self.step_count = 0
+        self.version = 0
+        self.generation = 0  # odd while the writer mutates; see the module docstring
+        self.rejected_steps = 0
+        self.dropped_admissions = 0
+        self.evicted_rows = 0
+        self._warned_nonfinite = False
+        rng = np.random.default_rng(seed)
+        B = (rng.standard_normal((rank, dim)) / np.sqrt(dim)).astype(dtype)
+        self._state = self._new_state(capacity, rank, B)
+        self._alloc_pending(capacity, rank)
+
+    # -- state construction ---------------------------------------------------------------
+
+    def _new_state(self, capacity, rank, B, acc_b=None):
+        hcap = _pow2_at_least(2 * capacity)
+        st = _State(
+            keys=np.full(hcap, -1, np.int64), vals=np.full(hcap, -1, np.int64), mask=hcap - 1,
+            bitmap=np.zeros((self.n_rows + 63) // 64, np.uint64),
+            A=np.zeros((capacity, rank), self.dtype), B=B, scale=self.alpha / rank,
+            slot_row=np.full(capacity, -1, np.int64), acc_a=np.zeros(capacity, self.dtype),
+            acc_b=np.zeros((rank, self.dim), self.dtype) if acc_b is None else acc_b,
+            last_step=np.full(capacity, -1, np.int64))
+        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # a stack: slot 0 on top
+        self._n_free = capacity
+        return st
+
+    def _alloc_pending(self, capacity, rank):
+        self._local = np.full(capacity, -1, np.int64)
+        self._uniq = np.zeros(capacity, np.int64)
+        self._G = np.zeros((0, rank), np.float64)  # grows to the largest unique count seen
+        self._n_u = 0
+        self._dB = None
+
+    # -- read-only properties ---------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self._state.A.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self._state.A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self._state.scale
+
+    @property
+    def A(self) -> np.ndarray:
+        return self._state.A
+
+    @property
+    def B(self) -> np.ndarray:
+        return self._state.B
+
+    @property
+    def n_active(self) -> int:
+        return self.capacity - self._n_free
+
+    def nbytes_breakdown(self) -> dict:
+        """Bytes of every array the adapter owns, by name."""
+        st = self._state
+        parts = {name: getattr(st, name).nbytes for name in ("keys", "vals", "bitmap", "A", "B", "slot_row", "acc_a",
+                                                             "acc_b", "last_step")}
+        parts.update(free=self._free.nbytes, pending_local=self._local.nbytes, pending_uniq=self._uniq.nbytes,
+                     pending_grad_a=self._G.nbytes, pending_grad_b=0 if self._dB is None else self._dB.nbytes)
+        return parts
+
+    @property
+    def nbytes(self) -> int:
+        """Everything the adapter owns: hash, bitmap, A, B, optimizer state, slot
+        bookkeeping and the pending-gradient buffers."""
+        return int(sum(self.nbytes_breakdown().values()))
+
+    def active_rows(self):
+        """(row_ids, slots) of the active rows, in slot order."""
+        st = self._state
+        slots = np.flatnonzero(st.slot_row >= 0)
+        return st.slot_row[slots].copy(), slots
+
+    def __repr__(self):
+        return (f"LoRAAdapter(n_rows={self.n_rows}, dim={self.dim}, rank={self.rank}, capacity={self.capacity}, "
+                f"active={self.n_active}, scale={self.scale:g}, nbytes={self.nbytes})")
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _check_compatible(self, table, name="table"):
+        if table.shape != (self.n_rows, self.dim):
+            raise ValueError(f"`{name}` must have the adapter's shape ({self.n_rows}, {self.dim}); got {table.shape}.")
+        if table.dtype != self.dtype:
+            raise TypeError(f"`{name}` must have the adapter's dtype {self.dtype}; got {table.dtype}.")
+
+    def add_correction(self, indices, offsets, out, *, weights=None, mode="sum", P=None):
+        """``out[b] += s * (pooled A rows of bag b) @ B`` (inputs already validated).
+        Returns the pooled A rows ``P`` (n_bags x r)."""
+        st = self._state  # read once: a consistent (hash, A, B)
+        n_bags = offsets.shape[0] - 1
+        if P is None:
+            P = np.empty((n_bags, st.A.shape[1]), self.dtype)
+        w = weights if weights is not None else _EMPTY[self.dtype]
+        m = 1 if mode == "mean" else 0
+        LK.lora_pool_range(indices, offsets, w, weights is not None, m, st.keys, st.vals, st.mask, st.bitmap, st.A,
+                           P, 0, n_bags)
+        LK.add_low_rank(P, st.B, self.dtype.type(st.scale), out, 0, n_bags)
+        return P
+
+    def dense_delta(self) -> np.ndarray:
+        """The dense correction ``s * A_dense @ B`` (n_rows x d): for tests and small tables."""
+        st = self._state
+        delta = np.zeros((self.n_rows, self.dim), np.float64)
+        rows, slots = self.active_rows()
+        delta[rows] = st.scale * (st.A[slots].astype(np.float64) @ st.B.astype(np.float64))
+        return delta
+
+    # -- backward and step ---------------------------------------------------------------
+
+    def backward(self, indices, offsets, grad, *, weights=None, mode="sum", table=None) -> bool:
+        """Accumulate the gradients of A (touched rows) and B for one batch.
+
+        ``grad`` (n_bags x d) is the gradient of the loss with respect to the pooled
+        outputs. Rows without a slot are admitted (A row zero); when no slot is free the
+        coldest ``evict_fraction`` of the capacity is folded into ``table`` first (with
+        ``table=None`` such rows are skipped and counted in ``dropped_admissions``).
+        Returns False, writes nothing and counts the step in ``rejected_steps`` when
+        ``grad`` holds NaN or Inf.
+        """
+        V.check_indices(indices, self.n_rows)
+        V.check_offsets(offsets, indices.shape[0])
+        n_bags = offsets.shape[0] - 1
+        V.check_array("grad", grad, 2)
+        if grad.shape != (n_bags, self.dim):
+            raise ValueError(f"`grad` must have shape (n_bags, dim) = ({n_bags}, {self.dim}); got {grad.shape}.")
+        V.check_choice("mode", mode, ("sum", "mean"))
+        if weights is not None:
+            if mode != "sum":
+                raise ValueError("`weights` are defined only for mode='sum'.")
+            V.check_weights(weights, indices.shape[0], self.dtype)
+        if table is not None:
+            V.check_table(table)
+            self._check_compatible(table)
+        grad = np.ascontiguousarray(grad, dtype=np.float64)
+        if first_non_finite(grad) >= 0:
+            self._reject("`grad` holds NaN or Inf")
+            return False
+        st = self._state
+        slots = np.empty(indices.shape[0], np.int64)
+        self._n_free, missed = LK.assign_slots(indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row,
+                                               st.last_step, self._free, self._n_free, self.step_count, True, slots)
+        if missed:
+            if table is not None:
+                self._evict(max(missed, int(self.capacity * self.evict_fraction)), table)
+                st = self._state
+                self._n_free, missed = LK.assign_slots(indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row,
+                                                       st.last_step, self._free, self._n_free, self.step_count,
+                                                       True, slots)
+            self.dropped_admissions += int(missed)
+        w = weights if weights is not None else _EMPTY[self.dtype]
+        m = 1 if mode == "mean" else 0
+        P = np.empty((n_bags, self.rank), np.float64)
+        LK.lora_pool_range(indices, offsets, w, weights is not None, m, st.keys, st.vals, st.mask, st.bitmap,
+                           st.A, P, 0, n_bags)
+        s = st.scale
+        B64 = st.B.astype(np.float64)
+        U = s * (grad @ B64.T)  # u_b = s g_b B^T
+        dB = s * (P.T @ grad)  # dB = s P^T G
+        self._dB = dB if self._dB is None else self._dB + dB
+        need = self._n_u + int(np.count_nonzero(slots >= 0))
+        if self._G.shape[0] < min(need, self.capacity):
+            G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), self.rank), np.float64)
+            G[:self._n_u] = self._G[:self._n_u]
+            self._G = G
+        self._n_u = LK.scatter_grad_a(slots, offsets, w, weights is not None, m, U, self._local, self._uniq, self._G,
+                                      self._n_u)
+        if self.grad_window is not None:
+            self.grad_window.add(grad)
+        return True
+
+    def pending_gradients(self):
+        """(row_ids, dA rows, dB) accumulated by :meth:`backward` since the last step
+        (float64 copies; rows in first-touched order)."""
+        st = self._state
+        uniq = self._uniq[:self._n_u]
+        dB = np.zeros((self.rank, self.dim)) if self._dB is None else self._dB.copy()
+        return st.slot_row[uniq].copy(), self._G[:self._n_u].copy(), dB
+
+    def step(self) -> bool:
+        """Apply the optimizers to the accumulated gradients, then clear them.
+        Returns False (nothing written, ``rejected_steps`` incremented, a warning the
+        first time) when the accumulated gradients are not finite."""
+        if self._dB is None:
+            return True
+        st = self._state
+        n_u = self._n_u
+        G = self._G[:n_u]
+        if first_non_finite(G) >= 0 or first_non_finite(self._dB) >= 0:
+            self._clear_pending()
+            self._reject("the accumulated gradients hold NaN or Inf")
+            return False
+        self.generation += 1
+        try:
+            if self.optimizer_a == "rowwise_adagrad":
+                LK.rowwise_adagrad_a(st.A, st.acc_a, self._uniq, self._G, n_u, self.lr_a, self.weight_decay, self.eps)
+            else:
+                LK.sgd_a(st.A, self._uniq, self._G, n_u, self.lr_a, self.weight_decay)
+            # B is small: copy-on-write, swapped with the state reference
+            g = self._dB + self.weight_decay * st.B
+            if self.optimizer_b == "adagrad":
+                acc_b = st.acc_b + (g * g).astype(self.dtype)
+                B = (st.B - self.lr_b * g / (np.sqrt(acc_b) + self.eps)).astype(self.dtype)
+            else:
+                acc_b = st.acc_b
+                B = (st.B - self.lr_b * g).astype(self.dtype)
+            self._state = st.replace(B=B, acc_b=acc_b)
+        finally:
+            self.generation += 1
+        self._clear_pending()
+        self.step_count += 1
+        self.version += 1
+        return True
+
+    def train_step(self, table, indices, offsets, grad, *, weights=None, mode="sum") -> bool:
+        """:meth:`backward` then :meth:`step` (``table`` receives folded rows)."""
+        return self.backward(indices, offsets, grad, weights=weights, mode=mode, table=table) and self.step()
+
+    def _clear_pending(self):
+        LK.reset_local(self._local, self._uniq, self._n_u)
+        self._n_u = 0
+        self._dB = None
+
+    def _reject(self, why):
+        self.rejected_steps += 1
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"LoRAAdapter: step rejected, {why}; nothing was written (counted in rejected_steps; "
+                          "this warning is shown once).", RuntimeWarning, stacklevel=3)
+
+    # -- eviction and folding -------------------------------------------------------------
+
+    def _fold_and_free(self, slots: np.ndarray, table) -> None:
+        st = self._state
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        self.generation += 1
+        try:
+            if table is not None:
+                LK.fold_rows(table, st.A, st.B, table.dtype.type(st.scale), st.slot_row, slots)
+            # pending gradients of freed slots are dropped: the rows left the adapter
+            self._clear_pending()
+            self._n_free = LK.evict_slots(st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.A, st.acc_a,
+                                          st.last_step, slots, self._free, self._n_free)
+        finally:
+            self.generation += 1
+        self.evicted_rows += int(slots.size)
+        self.version += 1
+
+    def _evict(self, n: int, table) -> np.ndarray:
+        slots = np.asarray(self.eviction.choose(self, int(n)), dtype=np.int64)
+        self._fold_and_free(slots, table)
+        return slots
+
+    def evict(self, n: int, table) -> np.ndarray:
+        """Fold the ``n`` coldest rows (by the eviction policy) into ``table`` and free
+        their slots. Returns the freed slots."""
+        V.check_table(table)
+        self._check_compatible(table)
+        return self._evict(V.check_positive_int("n", n, allow_none=False), table)
+
+    def fold_all(self, table) -> None:
+        """Merge every active row into ``table`` and reset A (B and its optimizer state
+        are kept). Afterwards the plain lookup of ``table`` equals the fused lookup before."""
+        V.check_table(table)
+        self._check_compatible(table)
+        _, slots = self.active_rows()
+        self._fold_and_free(slots, table)
+
+    def resize(self, capacity: int) -> None:
+        """Change the capacity: new arrays holding the active rows, swapped in at once.
+        Shrinking below the active count raises (evict first)."""
+        capacity = min(V.check_positive_int("capacity", capacity, allow_none=False), self.n_rows)
+        rows, slots = self.active_rows()
+        if rows.size > capacity:
+            raise ValueError(f"`capacity` {capacity} is below the {rows.size} active rows; call evict() first.")
+        self._adopt(rows, self._state.A[slots], self._state.B, self._state.acc_b, capacity=capacity,
+                    acc_a=self._state.acc_a[slots], last_step=self._state.last_step[slots])
+
+    def refactor(self, A_active, B, *, scale=None) -> None:
+        """Replace the factors of the active rows (same rows, in :meth:`active_rows`
+        order) by ``A_active`` (k x r') and ``B`` (r' x d): the rank controller's way to
+        change the rank. Optimizer state of A restarts; built aside and swapped."""
+        rows, slots = self.active_rows()
+        A_active = np.asarray(A_active)
+        B = np.asarray(B)
+        if A_active.ndim != 2 or A_active.shape[0] != rows.size:
+            raise ValueError(f"`A_active` must have one row per active row ({rows.size}); got shape {A_active.shape}.")
+        if B.ndim != 2 or B.shape != (A_active.shape[1], self.dim):
+            raise ValueError(f"`B` must have shape ({A_active.shape[1]}, {self.dim}); got {B.shape}.")
+        if scale is not None:
+            self.alpha = float(scale) * A_active.shape[1]
+        else:
+            self.alpha = self._state.scale * A_active.shape[1]  # keep s, whatever the rank
+        self._adopt(rows, A_active, B, None, capacity=self.capacity, last_step=self._state.last_step[slots])
+
+    def _adopt(self, rows, A_rows, B, acc_b, *, capacity, acc_a=None, last_step=None):
+        rank = A_rows.shape[1]
+        st = self._new_state(capacity, rank, np.ascontiguousarray(B, dtype=self.dtype), acc_b=acc_b)
+        k = rows.size
+        if k:
+            slots = np.arange(k, dtype=np.int64)
+            st.A[:k] = A_rows
+            st.slot_row[:k] = rows
+            if acc_a is not None:
+                st.acc_a[:k] = acc_a
+            if last_step is not None:
+                st.last_step[:k] = last_step
+            LK.rebuild_hash(st.slot_row, st.keys, st.vals, st.mask, st.bitmap)
+            self._free = np.arange(capacity - 1, k - 1, -1, dtype=np.int64)
+            self._free = np.concatenate([self._free, np.zeros(k, np.int64)])  # stack keeps capacity entries
+            self._n_free = capacity - k
+            del slots
+        self.generation += 1
+        self._alloc_pending(capacity, rank)
+        self._state = st
+        self.generation += 1
+        self.version += 1
+
+    # -- export / import --------------------------------------------------------------------------
+
+    def export(self) -> Factors:
+        """The active rows' ids and A rows, B, the scale and the version (copies)."""
+        st = self._state
+        rows, slots = self.active_rows()
+        return Factors(rows, st.A[slots].copy(), st.B.copy(), float(st.scale), int(self.version))
+
+    def apply_factors(self, factors: Factors, *, table=None) -> None:
+        """Merge imported factors.
+
+        With ``table``: fold their correction into the table (``table[rows] += s A B``),
+        leaving this adapter as it is (e.g. a peer's learning arriving at a replica).
+        Without: adopt them as this adapter's state (rows, A, B, scale), replacing it.
+        Mismatched factors raise and change nothing.
+        """
+        _check_factors(factors)
+        rows, A, B = factors.row_ids, factors.A, factors.B
+        if B.shape[1] != self.dim:
+            raise ValueError(f"`factors` do not fit a dim-{self.dim} adapter: row_ids {rows.shape}, A {A.shape}, B {B.shape}.")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise IndexError(f"`factors.row_ids` must be in [0, {self.n_rows}); got [{rows.min()}, {rows.max()}].")
+        if np.unique(rows).size != rows.size:
+            raise ValueError("`factors.row_ids` must be unique.")
+        if table is not None:
+            V.check_table(table)
+            self._check_compatible(table)
+            self.generation += 1
+            try:
+                table[rows] += (factors.scale * (A.astype(np.float64) @ B.astype(np.float64))).astype(table.dtype)
+            finally:
+                self.generation += 1
+            return
+        if rows.size > self.capacity:
+            raise ValueError(f"`factors` hold {rows.size} rows, more than the capacity {self.capacity}; resize() first.")
+        self.alpha = factors.scale * A.shape[1]
+        self._adopt(np.asarray(rows, np.int64), A.astype(self.dtype), B, None, capacity=self.capacity)
+
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}

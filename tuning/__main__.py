@@ -1,0 +1,5 @@
+"""``python -m lukern_tuning``: the same as ``lukern-tune``."""
+
+from .cli import main
+
+raise SystemExit(main())
