@@ -317,24 +317,23 @@ class LukernStrategy(Strategy):
         self.lr_a, self.lr_b = float(lr_a), float(lr_b)
         self.budget_pct = float(budget_pct)
         d = model.dim
-        per_slot, fixed = _adapter_cost(LoRAAdapter, d, self.rank, model.dtype)
         eligible = [t for t, n in enumerate(model.cat_sizes) if n >= min_rows_for_adapter]
-        budget = self.budget_pct / 100.0 * model.table_nbytes - fixed * len(eligible)
-        # Slots go where the traffic is: in proportion to each table's distinct ids in recent
-        # traffic (``activity``), not to its size (a 600-row user table can be the busiest).
+        budget = self.budget_pct / 100.0 * model.table_nbytes
+        # The budget is shared in proportion to each table's distinct ids in recent
+        # traffic (``activity``), not to its size: a 600-row user table can be the busiest.
         weight = np.array([float(activity[t]) if activity is not None else float(model.cat_sizes[t])
                            for t in eligible])
         weight = weight / weight.sum() if weight.sum() > 0 else np.full(len(eligible), 1.0 / max(len(eligible), 1))
         self.adapters = [None] * model.n_tables
         self.capacity = [0] * model.n_tables
-        slots = max(budget, 0.0) / per_slot
+        self._kw = dict(rank=self.rank, alpha=self.alpha, dtype=model.dtype, lr_a=self.lr_a, lr_b=self.lr_b,
+                        seed=model.seed)
         for t, w in zip(eligible, weight):
-            cap = min(int(slots * w), model.cat_sizes[t])
+            cap = _fit_capacity(LoRAAdapter, model.cat_sizes[t], d, budget * w, self._kw)
             if cap < 1:
                 continue
             self.capacity[t] = cap
-            self.adapters[t] = LoRAAdapter(model.cat_sizes[t], d, rank=self.rank, capacity=cap, alpha=self.alpha,
-                                           dtype=model.dtype, lr_a=self.lr_a, lr_b=self.lr_b)
+            self.adapters[t] = LoRAAdapter(model.cat_sizes[t], d, capacity=cap, **{**self._kw, "seed": model.seed + t})
         self.controllers = [None] * model.n_tables
         if rank_control:
             try:
@@ -346,7 +345,26 @@ class LukernStrategy(Strategy):
                     if a is not None:
                         self.controllers[t] = RankController(a, model.table(t))
         self._cache = None
-        self._lookup = None
+        self._warmup(LoRAAdapter)
+
+    def _warmup(self, cls):
+        """Compile the fused lookup and the trainer kernels now, on scratch copies, so that
+        JIT time is neither served nor charged to updating (a real node warms up too)."""
+        m = self.model
+        scratch = [None if a is None else cls(a.n_rows, a.dim, capacity=min(4, a.capacity), **self._kw)
+                   for a in self.adapters]
+        tables = [np.zeros_like(m.table(t)) for t in range(m.n_tables)]
+        from ..embedding import TableBatch
+
+        tb = TableBatch(tables)
+        n = 2
+        idx = np.zeros(n * m.n_tables, np.int64)
+        off = np.arange(n * m.n_tables + 1, dtype=np.int64)
+        tb.lookup(idx, off, adapters=scratch, unchecked=True)
+        for t, a in enumerate(scratch):
+            if a is not None:
+                a.train_step(tb.tables[t], np.zeros(n, np.int64), np.arange(n + 1, dtype=np.int64),
+                             np.ones((n, m.dim), m.dtype))
 
     def predict(self, batch, now):
         c = self.model.forward_cache(batch, adapters=self.adapters)
@@ -400,11 +418,21 @@ def _record(stats: WindowStats, decision):
         stats.rank_decisions.append(decision if isinstance(decision, (dict, str)) else str(decision))
 
 
-def _adapter_cost(cls, d, rank, dtype):
-    """(bytes per slot, fixed bytes) of an adapter, measured from two capacities so that the
-    budget follows whatever the adapter actually stores (hash, A, optimizer state, B)."""
-    a1 = cls(1024, d, rank=rank, capacity=64, dtype=dtype)
-    a2 = cls(1024, d, rank=rank, capacity=128, dtype=dtype)
-    per_slot = max((a2.nbytes - a1.nbytes) / 64.0, 1.0)
-    fixed = max(a1.nbytes - 64 * per_slot, 0.0)
-    return per_slot, fixed
+def _worst_nbytes(adapter) -> int:
+    """Bytes of an adapter once training has grown its pending-gradient buffer to capacity
+    (float64 rows of width rank): what the budget has to hold at every window."""
+    grown = adapter.capacity * adapter.rank * 8
+    return int(adapter.nbytes - adapter.nbytes_breakdown().get("pending_grad_a", 0) + grown)
+
+
+def _fit_capacity(cls, n_rows, dim, budget_bytes, kw) -> int:
+    """Largest capacity whose adapter stays within ``budget_bytes`` (0 if none does).
+    Bisection on the adapter's own byte count, so the budget follows whatever it stores."""
+    lo, hi = 0, int(n_rows)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _worst_nbytes(cls(n_rows, dim, capacity=mid, **kw)) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
