@@ -428,6 +428,44 @@ class DLRM:
             losses.append(total / max(count, 1))
         return losses
 
+    def fit_early_stopping(self, stream, start=0, stop=None, *, max_epochs=4, val_frac=0.1, batch_size=256, seed=0,
+                           progress=None):
+        """Train on ``start:stop`` until the log loss on its most recent ``val_frac`` stops
+        improving (at most ``max_epochs``), keep the best epoch, then learn the held-out
+        rows once, so the model has seen everything up to ``stop``.
+
+        Click models overfit their embeddings after one or two passes; the right count
+        depends on the log, so it is measured rather than fixed.
+
+        Returns ``{"epochs": best, "val_logloss": [...], "train_loss": [...]}``.
+        """
+        stop = len(stream) if stop is None else stop
+        split = stop - max(1, int(val_frac * (stop - start)))
+        if split <= start:
+            raise ValueError(f"too few rows ({stop - start}) to hold out {val_frac:.0%} for early stopping.")
+        val, train_loss, best, best_state = [], [], np.inf, None
+        for e in range(int(max_epochs)):
+            train_loss += self.fit(stream, start, split, epochs=1, batch_size=batch_size, seed=seed + e,
+                                   progress=progress)
+            ll = self.evaluate(stream, split, stop, batch_size=4 * batch_size)
+            val.append(ll)
+            if ll < best:
+                best, best_state = ll, self.copy()
+            else:
+                break
+        self.load_state(best_state)
+        self.fit(stream, split, stop, epochs=1, batch_size=batch_size, seed=seed + 1000, progress=progress)
+        return {"epochs": int(np.argmin(val)) + 1, "val_logloss": val, "train_loss": train_loss}
+
+    def evaluate(self, stream, start=0, stop=None, *, batch_size=1024) -> float:
+        """Mean log loss of the model on rows ``start:stop``."""
+        stop = len(stream) if stop is None else stop
+        total = 0.0
+        for a in range(start, stop, batch_size):
+            b = stream.batch(a, min(stop, a + batch_size))
+            total += bce_with_logits(self.forward(b)[0], b.labels) * len(b)
+        return total / max(stop - start, 1)
+
     # ------------------------------------------------------------------ persistence
 
     def save(self, path, *, optimizer=True):

@@ -40,7 +40,7 @@ class ReplayConfig:
     train_frac: float = 0.5
     batch_size: int = 256          # serving batch: rows scored per request batch
     train_batch: int = 1024        # rows per trainer step, for every strategy that learns
-    epochs: int = 2
+    epochs: int = 0                # initial training passes; 0: early stopping on the last 10% (max 4)
     dim: int = 64
     bottom: tuple = (32,)          # hidden widths of the bottom MLP
     top: tuple = (64, 32)          # hidden widths of the top MLP
@@ -244,7 +244,7 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
         "interrupted": False,
     }
     serve_batches = sum(-(-int(b - a) // cfg.batch_size) for a, b in zip(edges[:-1], edges[1:]))
-    train_batches = cfg.epochs * -(-n_train // cfg.batch_size)
+    train_batches = (cfg.epochs or 3) * -(-n_train // cfg.batch_size)
     bar = _progress(train_batches + serve_batches, progress)
     series = {}
     preds = {}
@@ -255,9 +255,15 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
             if bar is not None:
                 bar.set_description("initial training")
             t0 = time.perf_counter()
-            losses = m0.fit(stream, 0, n_train, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                            progress=(lambda k: bar.update(1)) if bar is not None else None)
-            report["initial_model"] = {"train_loss": losses, "train_s": time.perf_counter() - t0,
+            tick = (lambda k: bar.update(1)) if bar is not None else None
+            if cfg.epochs:
+                fit = {"epochs": cfg.epochs, "train_loss": m0.fit(stream, 0, n_train, epochs=cfg.epochs,
+                                                                   batch_size=cfg.batch_size, seed=cfg.seed,
+                                                                   progress=tick)}
+            else:
+                fit = m0.fit_early_stopping(stream, 0, n_train, batch_size=cfg.batch_size, seed=cfg.seed,
+                                            progress=tick)
+            report["initial_model"] = {**fit, "train_s": time.perf_counter() - t0,
                                        "table_bytes": m0.table_nbytes, "dense_bytes": m0.dense_nbytes}
             # ids seen at least twice per table over the last window's worth of training
             # rows: how many adapter slots each table can use

@@ -322,10 +322,10 @@ class LukernStrategy(Strategy):
     budget_pct : float
         Adapter memory budget as % of the tables; sets each adapter's capacity.
     demand : sequence of int, optional
-        Slots each table would like: the runner passes the number of ids seen at least
-        twice in the last window of traffic (a row seen once gains little from a slot).
-        The byte budget is water-filled: small demands are met in full, the rest is
-        shared equally among the larger ones (default demand: the table's rows).
+        How much each table wants slots: the runner passes the number of ids seen at
+        least twice in the last window of traffic (a row seen once gains little from a
+        slot). The byte budget is water-filled over the demands, then any leftover is
+        shared in proportion to them (default demand: the table's rows).
     prior_acc : bool
         Start the row-wise Adagrad accumulator of a newly admitted slot from its row's
         accumulator in the base model instead of zero. Without it a fresh slot's first
@@ -537,18 +537,34 @@ def _worst_nbytes(adapter) -> int:
 
 
 def _water_fill(cls, model, tables, demand, budget, kw) -> list:
-    """Bytes per table: meet the smallest demands in full, share the rest equally."""
-    need = []
+    """Bytes per table. First the demands, water-filled (the smallest are met in full,
+    the rest share equally: a busy 600-row user table must not starve behind a big item
+    table); then, if every demand is met, the leftover in proportion to demand, no table
+    above an adapter over all its rows."""
+    need, full = [], []
     for t, dm in zip(tables, demand):
-        dm = max(1, min(int(dm), model.cat_sizes[t]))
-        need.append(_worst_nbytes(cls(model.cat_sizes[t], model.dim, capacity=dm, **kw)))
+        n = model.cat_sizes[t]
+        need.append(_worst_nbytes(cls(n, model.dim, capacity=max(1, min(int(dm), n)), **kw)))
+        full.append(_worst_nbytes(cls(n, model.dim, capacity=n, **kw)))
     out = [0.0] * len(tables)
     left = float(budget)
     order = sorted(range(len(tables)), key=lambda i: need[i])
     for k, i in enumerate(order):
-        fair = left / (len(order) - k)
-        out[i] = min(need[i], fair)
+        out[i] = min(need[i], left / (len(order) - k))
         left -= out[i]
+    weight = [float(max(dm, 1)) for dm in demand]
+    open_ = {i for i in range(len(tables)) if out[i] < full[i]}
+    while open_ and left > 1e-9:
+        total = sum(weight[i] for i in open_)
+        capped = [i for i in open_ if out[i] + left * weight[i] / total >= full[i]]
+        if not capped:
+            for i in open_:
+                out[i] += left * weight[i] / total
+            break
+        for i in capped:
+            left -= full[i] - out[i]
+            out[i] = full[i]
+            open_.discard(i)
     return out
 
 
