@@ -433,8 +433,7 @@ class LoRAAdapter:
         w = weights if weights is not None else _EMPTY[self.dtype]
         m = 1 if mode == "mean" else 0
         P = np.empty((n_bags, self.rank), np.float64)
-        LK.lora_pool_range(indices, offsets, w, weights is not None, m, st.keys, st.vals, st.mask, st.bitmap,
-                           st.A, P, 0, n_bags)
+        LK.pool_by_slots(slots, offsets, w, weights is not None, m, st.A, P)
         s = st.scale
         B64 = st.B.astype(np.float64)
         U = s * (grad @ B64.T)  # u_b = s g_b B^T
