@@ -38,7 +38,8 @@ def _normalise(v):
 
 def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3000, new_items=6000,
                      n_categories=24, days=28.0, latent=8, zipf=1.1, novelty_days=3.0, user_zipf=0.9,
-                     walk=0.12, switch_per_day=0.03, gain=3.5, bias=-1.0, n_blocks=None) -> Stream:
+                     walk=0.12, switch_per_day=0.03, gain=3.5, bias=-1.0, n_blocks=None,
+                     start=1_704_067_200) -> Stream:
     """Generate a time-ordered synthetic stream (deterministic for a given ``seed``).
 
     Parameters
@@ -49,7 +50,7 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
     n_users, n_items, new_items, n_categories : int
         Users, items present at t=0, items born during the stream, item categories.
     days : float
-        Stream length in days (timestamps are seconds from 0).
+        Stream length in days (timestamps are Unix seconds from ``start``).
     latent : int
         Width of the hidden taste vectors.
     zipf, user_zipf : float
@@ -64,6 +65,8 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
         Scale of the taste match and the global logit offset.
     n_blocks : int, optional
         Time blocks of the simulation (drift steps); default one per 2 hours.
+    start : int
+        Unix time of the stream's start (default 2024-01-01 00:00 UTC, a midnight).
 
     Examples
     --------
@@ -145,6 +148,8 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
     order = np.argsort(t, kind="stable")
     t, users, items, logits = t[order], users[order], items[order], logits[order]
     labels = (rng.random(n_events) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    t = t + float(start)
+    birth = birth + float(start)
     hs, hc = _hour_features(t)
     age_days = np.maximum(t - birth[items], 0.0) / 86400.0
     dense = np.stack([hs, hc, (np.log1p(age_days) / 3.0).astype(np.float32), _log_count(_prior_counts(users)),

@@ -1,0 +1,438 @@
+"""Model-refresh strategies compared by the replay (DESIGN section 7).
+
+Every strategy serves one model and is run prequentially: :meth:`Strategy.predict` scores
+a batch (after applying any update that has *arrived* by the batch's time), then
+:meth:`Strategy.learn` sees its labels, and :meth:`Strategy.end_window` is called at each
+window boundary (where the shipping strategies send their update).
+
+- ``stale``: the initial model, never updated.
+- ``full``: every T windows the training side's model (trained continuously on the
+  stream, like a production retraining pipeline) is shipped whole.
+- ``delta``: every T windows all rows changed since the last shipment plus the MLP weights.
+- ``priority``: every T windows only the top ``p`` % of changed rows by update magnitude
+  ``||W_trainer[row] - W_served[row]||`` plus the MLP weights (QuickUpdate-style); rows
+  not sent keep their gap and compete again next time.
+- ``lukern``: the served model learns in place through row-sparse LoRA adapters on its
+  embedding tables, trained from the same labelled traffic on the serving node; nothing
+  is shipped.
+
+Shipments arrive ``bytes / bandwidth`` after they are sent, with the bandwidth model of
+:class:`Bandwidth`. CPU-seconds spent on updating are measured with
+:func:`time.process_time`: for the shipping strategies the training side's steps (its own
+forward and backward over every labelled batch) plus packing and applying the update; for
+lukern the adapter trainer's steps (backward from the kept serving activations, adapter
+optimizer, rank control).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dlrm import DLRM, _sigmoid
+
+__all__ = ["Bandwidth", "ClusterTrainer", "DeltaSync", "FullSync", "LukernStrategy", "PriorityDelta",
+           "Stale", "Strategy", "adapter_available"]
+
+#: bytes of one shipped row id (int64).
+ID_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Transfer time of a shipment, scaled to a production setting.
+
+    The replay's tables are tiny, so shipping them over any real link would be instant.
+    What matters is the *ratio* of sync time to table size in production: a table of
+    ``prod_table_bytes`` behind a link of ``prod_link_bps`` bits/s takes
+    ``prod_table_bytes * 8 / prod_link_bps`` seconds to ship whole. A shipment of
+    ``b`` bytes of a replay model whose tables hold ``table_bytes`` takes the same
+    fraction of that time: ``b / table_bytes * seconds_per_table``.
+
+    The default is DESIGN section 7's example: a 200 TB table over 100 GbE, so 10 % of it
+    (20 TB) takes 1,600 s (26.7 min) and the whole table 16,000 s (4.4 h). The link is
+    assumed to carry nothing else and to run at line rate (optimistic for shipping).
+
+    Examples
+    --------
+    >>> bw = Bandwidth()
+    >>> round(bw.seconds(10, table_bytes=100) / 60, 1)
+    26.7
+    """
+
+    prod_table_bytes: float = 200e12
+    prod_link_bps: float = 100e9
+
+    @property
+    def seconds_per_table(self) -> float:
+        return self.prod_table_bytes * 8.0 / self.prod_link_bps
+
+    def seconds(self, nbytes: float, *, table_bytes: float) -> float:
+        return float(nbytes) / float(table_bytes) * self.seconds_per_table
+
+    def describe(self) -> dict:
+        return {"prod_table_bytes": self.prod_table_bytes, "prod_link_bps": self.prod_link_bps,
+                "seconds_per_table": self.seconds_per_table,
+                "seconds_per_10pct": 0.1 * self.seconds_per_table}
+
+
+def adapter_available() -> bool:
+    """True when :class:`lukern.LoRAAdapter` can be imported."""
+    try:
+        from .. import LoRAAdapter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class WindowStats:
+    bytes_shipped: int = 0
+    update_cpu_s: float = 0.0
+    adapter_mem_pct: float | None = None
+    syncs_sent: int = 0
+    syncs_applied: int = 0
+    rank: list | None = None
+    rank_decisions: list = field(default_factory=list)
+    evictions: int | None = None
+
+
+class Strategy:
+    """Base class: serves ``self.model``; subclasses learn or receive updates."""
+
+    name = "strategy"
+
+    def __init__(self, model: DLRM):
+        self.model = model
+        self.stats = WindowStats()
+        self.total_bytes = 0
+        self.total_cpu = 0.0
+
+    def predict(self, batch, now: float) -> np.ndarray:
+        return _sigmoid(self.model.forward(batch)[0].astype(np.float64))
+
+    def learn(self, batch) -> None:
+        pass
+
+    def end_window(self, index: int, now: float) -> None:
+        pass
+
+    def take_stats(self) -> WindowStats:
+        """Stats of the window just finished; starts a new window."""
+        s = self.stats
+        self.total_bytes += s.bytes_shipped
+        self.total_cpu += s.update_cpu_s
+        self.stats = WindowStats()
+        return s
+
+    def settings(self) -> dict:
+        return {}
+
+
+class Stale(Strategy):
+    """The initial model, never updated."""
+
+    name = "stale"
+
+
+class ClusterTrainer:
+    """The training side shared by the shipping strategies: one model trained continuously
+    on every labelled batch (full training: MLPs by Adam, touched rows by Adagrad).
+
+    Each shipping strategy would run its own training pipeline in production; they would
+    all compute the same thing, so the replay runs it once and charges its CPU time to
+    each of them.
+    """
+
+    def __init__(self, model: DLRM):
+        self.model = model
+        self.cpu_window = 0.0
+        self.touched_since = {}  # strategy name -> bool mask of global rows changed since its last send
+
+    def register(self, name: str):
+        self.touched_since[name] = np.zeros(self.model.emb_buffer.shape[0], dtype=bool)
+
+    def learn(self, batch):
+        c0 = time.process_time()
+        _, rows = self.model.train_step(batch)
+        for mask in self.touched_since.values():
+            mask[rows] = True
+        self.cpu_window += time.process_time() - c0
+
+    def take_cpu(self) -> float:
+        c, self.cpu_window = self.cpu_window, 0.0
+        return c
+
+
+@dataclass
+class _Shipment:
+    arrival: float
+    rows: np.ndarray | None     # None: the whole model
+    values: np.ndarray | None
+    dense: dict
+    nbytes: int
+
+
+class _Shipping(Strategy):
+    """Common machinery: pending shipments that arrive after their transfer time.
+    Subclasses define ``_select() -> (rows or None for the whole table, row values)``."""
+
+    def __init__(self, model: DLRM, trainer: ClusterTrainer, *, every: int, bandwidth: Bandwidth):
+        super().__init__(model)
+        if every < 1:
+            raise ValueError(f"`every` (T, in windows) must be >= 1; got {every}.")
+        self.trainer = trainer
+        self.every = int(every)
+        self.bandwidth = bandwidth
+        self.pending: list[_Shipment] = []
+        self.syncs = []
+        trainer.register(self.name)
+
+    def _apply_due(self, now: float):
+        while self.pending and self.pending[0].arrival <= now:
+            c0 = time.process_time()
+            s = self.pending.pop(0)
+            if s.rows is None:
+                np.copyto(self.model.emb_buffer, s.values)
+            elif s.rows.size:
+                self.model.emb_buffer[s.rows] = s.values
+            for k, v in s.dense.items():
+                np.copyto(self.model.params[k], v)
+            self.stats.update_cpu_s += time.process_time() - c0
+            self.stats.syncs_applied += 1
+
+    def predict(self, batch, now):
+        self._apply_due(now)
+        return super().predict(batch, now)
+
+    def end_window(self, index, now):
+        if (index + 1) % self.every:
+            return
+        c0 = time.process_time()
+        rows, values = self._select()
+        dense = {k: v.copy() for k, v in self.trainer.model.params.items()}
+        dense_bytes = self.trainer.model.dense_nbytes
+        if rows is None:
+            nbytes = self.trainer.model.table_nbytes + dense_bytes
+        else:
+            nbytes = int(rows.size) * (ID_BYTES + values.shape[1] * values.itemsize) + dense_bytes
+        delay = self.bandwidth.seconds(nbytes, table_bytes=self.model.table_nbytes)
+        self.pending.append(_Shipment(now + delay, rows, values, dense, nbytes))
+        self.stats.update_cpu_s += time.process_time() - c0
+        self.stats.bytes_shipped += nbytes
+        self.stats.syncs_sent += 1
+        self.syncs.append({"window": index, "sent_t": now, "arrives_t": now + delay, "transfer_s": delay,
+                           "bytes": nbytes, "rows": None if rows is None else int(rows.size)})
+
+    def settings(self):
+        return {"every_windows": self.every}
+
+
+class FullSync(_Shipping):
+    """Ship the whole trained model every T windows."""
+
+    name = "full"
+
+    def _select(self):
+        self.trainer.touched_since[self.name][:] = False
+        return None, self.trainer.model.emb_buffer.copy()
+
+
+class DeltaSync(_Shipping):
+    """Ship every row changed since the last shipment, plus the MLP weights."""
+
+    name = "delta"
+
+    def _select(self):
+        mask = self.trainer.touched_since[self.name]
+        rows = np.flatnonzero(mask)
+        mask[:] = False
+        return rows, self.trainer.model.emb_buffer[rows].copy()
+
+
+class PriorityDelta(_Shipping):
+    """Ship the top ``pct`` % of changed rows by update magnitude, plus the MLP weights."""
+
+    name = "priority"
+
+    def __init__(self, model, trainer, *, every, bandwidth, pct=20.0):
+        if not 0 < pct <= 100:
+            raise ValueError(f"`pct` must be in (0, 100]; got {pct}.")
+        super().__init__(model, trainer, every=every, bandwidth=bandwidth)
+        self.pct = float(pct)
+        # rows changed on the trainer and not yet sent: they stay candidates until sent
+        self.candidates = trainer.touched_since[self.name]
+
+    def _select(self):
+        cand = np.flatnonzero(self.candidates)
+        if cand.size == 0:
+            return cand, np.zeros((0, self.model.dim), self.model.dtype)
+        gap = np.linalg.norm(self.trainer.model.emb_buffer[cand] - self.model.emb_buffer[cand], axis=1)
+        # Rows already shipped in flight count from the served copy; good enough at T >= 1 window.
+        k = max(1, int(np.ceil(cand.size * self.pct / 100.0)))
+        top = np.argpartition(-gap, k - 1)[:k] if k < cand.size else np.arange(cand.size)
+        rows = np.sort(cand[top])
+        self.candidates[rows] = False
+        return rows, self.trainer.model.emb_buffer[rows].copy()
+
+    def settings(self):
+        return {**super().settings(), "pct_of_changed_rows": self.pct}
+
+
+class LukernStrategy(Strategy):
+    """The served model learns in place: one row-sparse LoRA adapter per embedding table,
+    trained on the serving node from the labelled batches, MLP weights frozen, nothing
+    shipped.
+
+    The trainer reuses the serving forward's activations (:meth:`DLRM.backward_pooled`):
+    co-located, it needs no second forward pass.
+
+    Parameters
+    ----------
+    model : DLRM
+        The initial model (copied; evicted adapter rows are folded into its tables).
+    rank, alpha, lr_a, lr_b : adapter settings (see :class:`lukern.LoRAAdapter`).
+    budget_pct : float
+        Adapter memory budget as % of the tables; sets each adapter's capacity.
+    activity : sequence of int, optional
+        Distinct ids per table in recent traffic; the budget's slots are shared in
+        proportion (default: in proportion to table rows).
+    min_rows_for_adapter : int
+        Tables with fewer rows get no adapter (their few rows are learned well already).
+    rank_control : bool
+        Attach :class:`lukern.RankController` when it is available.
+    """
+
+    name = "lukern"
+
+    def __init__(self, model: DLRM, *, rank=4, alpha=None, lr_a=0.1, lr_b=0.01, budget_pct=1.0,
+                 rank_control=True, min_rows_for_adapter=64, activity=None):
+        super().__init__(model)
+        from .. import LoRAAdapter
+
+        self.rank = int(rank)
+        self.alpha = float(alpha) if alpha is not None else float(rank)
+        self.lr_a, self.lr_b = float(lr_a), float(lr_b)
+        self.budget_pct = float(budget_pct)
+        d = model.dim
+        eligible = [t for t, n in enumerate(model.cat_sizes) if n >= min_rows_for_adapter]
+        budget = self.budget_pct / 100.0 * model.table_nbytes
+        # The budget is shared in proportion to each table's distinct ids in recent
+        # traffic (``activity``), not to its size: a 600-row user table can be the busiest.
+        weight = np.array([float(activity[t]) if activity is not None else float(model.cat_sizes[t])
+                           for t in eligible])
+        weight = weight / weight.sum() if weight.sum() > 0 else np.full(len(eligible), 1.0 / max(len(eligible), 1))
+        self.adapters = [None] * model.n_tables
+        self.capacity = [0] * model.n_tables
+        self._kw = dict(rank=self.rank, alpha=self.alpha, dtype=model.dtype, lr_a=self.lr_a, lr_b=self.lr_b,
+                        seed=model.seed)
+        for t, w in zip(eligible, weight):
+            cap = _fit_capacity(LoRAAdapter, model.cat_sizes[t], d, budget * w, self._kw)
+            if cap < 1:
+                continue
+            self.capacity[t] = cap
+            self.adapters[t] = LoRAAdapter(model.cat_sizes[t], d, capacity=cap, **{**self._kw, "seed": model.seed + t})
+        self.controllers = [None] * model.n_tables
+        if rank_control:
+            try:
+                from .. import RankController
+            except ImportError:
+                RankController = None
+            if RankController is not None:
+                for t, a in enumerate(self.adapters):
+                    if a is not None:
+                        self.controllers[t] = RankController(a, model.table(t))
+        self._cache = None
+        self._warmup(LoRAAdapter)
+
+    def _warmup(self, cls):
+        """Compile the fused lookup and the trainer kernels now, on scratch copies, so that
+        JIT time is neither served nor charged to updating (a real node warms up too)."""
+        m = self.model
+        scratch = [None if a is None else cls(a.n_rows, a.dim, capacity=min(4, a.capacity), **self._kw)
+                   for a in self.adapters]
+        tables = [np.zeros_like(m.table(t)) for t in range(m.n_tables)]
+        from ..embedding import TableBatch
+
+        tb = TableBatch(tables)
+        n = 2
+        idx = np.zeros(n * m.n_tables, np.int64)
+        off = np.arange(n * m.n_tables + 1, dtype=np.int64)
+        tb.lookup(idx, off, adapters=scratch, unchecked=True)
+        for t, a in enumerate(scratch):
+            if a is not None:
+                a.train_step(tb.tables[t], np.zeros(n, np.int64), np.arange(n + 1, dtype=np.int64),
+                             np.ones((n, m.dim), m.dtype))
+
+    def predict(self, batch, now):
+        c = self.model.forward_cache(batch, adapters=self.adapters)
+        self._cache = c
+        return _sigmoid(c.logits.astype(np.float64))
+
+    def learn(self, batch):
+        c = self._cache
+        if c is None or c.n != len(batch):
+            raise RuntimeError("LukernStrategy.learn() must follow predict() on the same batch.")
+        c0 = time.process_time()
+        _, g = self.model.backward_pooled(c, batch.labels)
+        n, d = c.n, self.model.dim
+        off = np.arange(n + 1, dtype=np.int64)
+        for t, a in enumerate(self.adapters):
+            if a is None:
+                continue
+            idx = np.ascontiguousarray(batch.cat[:, t])
+            grad = np.ascontiguousarray(g[:, t * d:(t + 1) * d])
+            a.train_step(self.model.table(t), idx, off, grad)
+        for ctl in self.controllers:
+            if ctl is not None:
+                _record(self.stats, ctl.step())
+        self.stats.update_cpu_s += time.process_time() - c0
+        self._cache = None
+        self._note_memory()
+
+    def _note_memory(self):
+        pct = 100.0 * self.adapter_nbytes / self.model.table_nbytes
+        if self.stats.adapter_mem_pct is None or pct > self.stats.adapter_mem_pct:
+            self.stats.adapter_mem_pct = pct
+
+    @property
+    def adapter_nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.adapters if a is not None))
+
+    def take_stats(self):
+        self.stats.rank = [None if a is None else int(a.rank) for a in self.adapters]
+        if self.stats.adapter_mem_pct is None:
+            self._note_memory()
+        return super().take_stats()
+
+    def settings(self):
+        return {"rank": self.rank, "alpha": self.alpha, "lr_a": self.lr_a, "lr_b": self.lr_b,
+                "budget_pct": self.budget_pct, "capacity": self.capacity,
+                "rank_control": any(c is not None for c in self.controllers)}
+
+
+def _record(stats: WindowStats, decision):
+    if decision:
+        stats.rank_decisions.append(decision if isinstance(decision, (dict, str)) else str(decision))
+
+
+def _worst_nbytes(adapter) -> int:
+    """Bytes of an adapter once training has grown its pending-gradient buffer to capacity
+    (float64 rows of width rank): what the budget has to hold at every window."""
+    grown = adapter.capacity * adapter.rank * 8
+    return int(adapter.nbytes - adapter.nbytes_breakdown().get("pending_grad_a", 0) + grown)
+
+
+def _fit_capacity(cls, n_rows, dim, budget_bytes, kw) -> int:
+    """Largest capacity whose adapter stays within ``budget_bytes`` (0 if none does).
+    Bisection on the adapter's own byte count, so the budget follows whatever it stores."""
+    lo, hi = 0, int(n_rows)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _worst_nbytes(cls(n_rows, dim, capacity=mid, **kw)) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

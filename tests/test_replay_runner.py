@@ -1,0 +1,174 @@
+"""The replay loop, its metrics, the report and the ``lukern replay`` command."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lukern.cli import main
+from lukern.replay.dlrm import DLRM
+from lukern.replay.report import format_report, to_json
+from lukern.replay.runner import MEASURED_FIELDS, ReplayConfig, auc, bootstrap_ci, logloss, run_replay
+from lukern.replay.strategies import Bandwidth, ClusterTrainer, DeltaSync, PriorityDelta, adapter_available
+from lukern.replay.synthetic import synthetic_stream
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPING = ("stale", "full", "delta", "priority")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return synthetic_stream(n_events=6000, seed=3, n_users=300, n_items=200, new_items=400, days=4)
+
+
+def tiny_cfg(**kw):
+    base = dict(windows=3, epochs=1, batch_size=200, dim=8, bootstrap=50,
+                strategies=SHIPPING + (("lukern",) if adapter_available() else ()))
+    base.update(kw)
+    return ReplayConfig(**base)
+
+
+def strip_measured(x):
+    if isinstance(x, dict):
+        return {k: strip_measured(v) for k, v in x.items() if k not in MEASURED_FIELDS}
+    if isinstance(x, list):
+        return [strip_measured(v) for v in x]
+    return x
+
+
+def test_auc_against_pairwise_definition():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.random(300), 1)  # many ties
+    pos, neg = s[y == 1], s[y == 0]
+    want = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    assert auc(y, s) == pytest.approx(want, abs=1e-12)
+    assert np.isnan(auc(np.ones(4), np.arange(4.0)))
+    assert logloss([1, 0], [0.5, 0.5]) == pytest.approx(np.log(2))
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    m, lo, hi = bootstrap_ci([0.01, 0.02, 0.015, 0.03, float("nan")], n_boot=500, seed=1)
+    assert lo <= m <= hi and m == pytest.approx(0.01875)
+    assert np.isnan(bootstrap_ci([0.1])[1])
+
+
+def test_bandwidth_matches_the_production_example():
+    bw = Bandwidth()  # 200 TB over 100 GbE: 10 % takes > 26 min
+    assert bw.seconds(0.1, table_bytes=1.0) / 60 == pytest.approx(26.67, abs=0.01)
+
+
+def test_delta_and_priority_ship_rows_and_arrive_later(tiny):
+    m0 = DLRM(tiny.cat_sizes, tiny.n_dense, dim=8, seed=0)
+    trainer = ClusterTrainer(m0.copy())
+    bw = Bandwidth()
+    delta = DeltaSync(m0.copy(), trainer, every=1, bandwidth=bw)
+    prio = PriorityDelta(m0.copy(), trainer, every=1, bandwidth=bw, pct=10)
+    b = tiny.batch(0, 500)
+    trainer.learn(b)
+    touched = np.flatnonzero((trainer.model.emb_buffer != m0.emb_buffer).any(axis=1))
+    now = float(tiny.t[499])
+    delta.end_window(0, now)
+    prio.end_window(0, now)
+    sd, sp = delta.take_stats(), prio.take_stats()
+    row_bytes = 8 + 8 * 4
+    assert sd.bytes_shipped == touched.size * row_bytes + m0.dense_nbytes
+    k = int(np.ceil(touched.size * 0.1))
+    assert sp.bytes_shipped == k * row_bytes + m0.dense_nbytes
+    arrival = delta.pending[0].arrival
+    assert arrival == pytest.approx(now + bw.seconds(sd.bytes_shipped, table_bytes=m0.table_nbytes))
+    delta.predict(b, arrival - 1)  # not yet arrived: still the old model
+    np.testing.assert_array_equal(delta.model.emb_buffer, m0.emb_buffer)
+    delta.predict(b, arrival)
+    np.testing.assert_array_equal(delta.model.emb_buffer, trainer.model.emb_buffer)
+    prio.predict(b, prio.pending[0].arrival)
+    got = np.flatnonzero((prio.model.emb_buffer != m0.emb_buffer).any(axis=1))
+    gap = np.linalg.norm(trainer.model.emb_buffer[touched] - m0.emb_buffer[touched], axis=1)
+    np.testing.assert_array_equal(got, np.sort(touched[np.argsort(-gap)[:k]]))
+    assert prio.candidates.sum() == touched.size - k  # the rest wait for the next sync
+
+
+def test_replay_runs_and_is_deterministic(tiny):
+    r1 = run_replay(tiny, tiny_cfg(), progress=False)
+    r2 = run_replay(tiny, tiny_cfg(), progress=False)
+    assert r1["windows_done"] == 3 and not r1["interrupted"]
+    assert json.loads(to_json(strip_measured(r1))) == json.loads(to_json(strip_measured(r2)))
+    s = r1["strategies"]
+    assert s["stale"]["bytes_shipped"] == 0
+    assert s["full"]["bytes_shipped"] == 3 * (r1["initial_model"]["table_bytes"] + r1["initial_model"]["dense_bytes"])
+    assert 0 < s["priority"]["bytes_shipped"] < s["delta"]["bytes_shipped"] < s["full"]["bytes_shipped"]
+    for name in ("full", "delta", "priority"):
+        assert s[name]["update_cpu_s"] > 0
+        assert len(s[name]["windows"]["auc"]) == 3
+    text = format_report(r1)
+    assert "AUC per window" in text and "delta" in text
+    r3 = run_replay(tiny, tiny_cfg(seed=1), progress=False)
+    assert r3["strategies"]["delta"]["auc"] != s["delta"]["auc"]
+
+
+def test_interrupt_keeps_finished_windows(tiny):
+    def stop_after_two(report):
+        if report["windows_done"] == 2:
+            raise KeyboardInterrupt
+
+    r = run_replay(tiny, tiny_cfg(windows=4), progress=False, on_window=stop_after_two)
+    assert r["interrupted"] and r["windows_done"] == 2
+    assert all(len(v["windows"]["auc"]) == 2 for v in r["strategies"].values())
+    assert "interrupted" in format_report(r)
+
+
+def test_bad_config(tiny):
+    with pytest.raises(ValueError, match="strategies"):
+        run_replay(tiny, ReplayConfig(strategies=("stale", "magic")), progress=False)
+    with pytest.raises(ValueError, match="too few"):
+        run_replay(synthetic_stream(n_events=10, seed=0), ReplayConfig(windows=8), progress=False)
+
+
+def test_cli_writes_json_and_plot(tmp_path, capsys):
+    p = tmp_path / "ratings.csv"
+    rng = np.random.default_rng(0)
+    rows = [f"{rng.integers(0, 40)},{rng.integers(0, 80)},{rng.integers(1, 11) / 2},{1_000_000 + 60 * i}"
+            for i in range(3000)]
+    p.write_text("userId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "r.json"
+    png = tmp_path / "r.png"
+    code = main(["replay", "--data", str(p), "--json", str(out), "--plot", str(png), "--windows", "3",
+                 "--epochs", "1", "--dim", "8", "--no-progress", "--strategies", ",".join(SHIPPING)])
+    assert code == 0
+    rep = json.loads(out.read_text())
+    assert rep["stream"]["format"] == "movielens" and rep["windows_done"] == 3
+    for name in SHIPPING:
+        for key in ("auc", "logloss", "bytes_shipped", "update_cpu_s", "adapter_mem_pct_max", "windows"):
+            assert key in rep["strategies"][name]
+    assert png.exists() and png.stat().st_size > 1000
+    assert "strategy" in capsys.readouterr().out
+
+
+def test_cli_bad_input_exit_code(tmp_path, capsys):
+    p = tmp_path / "ratings.csv"
+    p.write_text("userId,movieId,rating,timestamp\n1,2,3\n")
+    assert main(["replay", "--data", str(p), "--no-progress"]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert main(["replay", "--data", str(tmp_path / "nope.csv"), "--format", "movielens"]) == 2
+
+
+def test_cli_sigint_writes_finished_windows(tmp_path):
+    out = tmp_path / "r.json"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "lukern.cli", "replay", "--events", "150000", "--windows", "40",
+                             "--epochs", "1", "--json", str(out), "--no-progress", "--strategies", "stale,delta"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    rep = json.loads(out.read_text())
+    assert rep["interrupted"] and 1 <= rep["windows_done"] < 40
+    assert "interrupted" in stdout
