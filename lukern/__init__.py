@@ -10,9 +10,14 @@ from . import memory
 from .lora import Factors, LeastRecentlyUsed, LoRAAdapter, SmallestNorm, load_factors, save_factors
 from .memory import empty_table
 from .plan import Plan, resolve_plan, thread_limit
+from .sharding import AccessCounter, Partition, ShardedTable, partition_rows
 from . import profile  # noqa: E402,F401  (installs the tuned-profile hook in lukern.plan)
 
 __all__ = sorted([
+    "AccessCounter",
+    "Partition",
+    "ShardedTable",
+    "partition_rows",
     "Factors",
     "LeastRecentlyUsed",
     "LoRAAdapter",

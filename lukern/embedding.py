@@ -104,6 +104,17 @@ def embedding_bag(table, indices, offsets, *, weights=None, mode="sum", out=None
     if n_bags == 0:
         return out
     if adapter is not None:
+        if K.bag_kernels(d, table.dtype, False).lora_bag_range is not None:
+            # one fused pass; repeated when a trainer mutation overlapped it
+            for _ in range(_FUSED_RETRIES):
+                g0 = adapter.generation
+                st = adapter._state  # read once: a consistent (hash, A, B)
+                lora = (st.keys, st.vals, st.mask, st.bitmap, st.A, st.B, table.dtype.type(st.scale))
+                _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size,
+                           driver, lora)
+                if g0 == adapter.generation and not g0 & 1:
+                    break
+            return out
         return _fused(adapter, lambda: _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d,
                                                   n_threads, chunk_size, driver),
                       indices, offsets, weights, mode, out)
@@ -139,18 +150,21 @@ def _fused(adapter, plain, indices, offsets, weights, mode, out):
     return out
 
 
-def _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver):
+def _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver,
+               lora=()):
+    """The lookup itself; ``lora`` holds the fused kernels' adapter arguments."""
     plan = resolve_plan("embedding_bag", n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
                         bucket=_bucket(d, n_bags, n_ids, table.dtype), n_items=n_bags)
     ks = K.bag_kernels(d, table.dtype, mode == "max")
     m = K.MODES[mode]
+    serial, parallel = (ks.lora_bag_range, ks.lora_bag_parallel) if lora else (ks.bag_range, ks.bag_parallel)
     if plan.driver == "serial":
-        ks.bag_range(table, indices, offsets, w, use_w, m, out, 0, n_bags)
+        serial(table, indices, offsets, w, use_w, m, out, 0, n_bags, *lora)
     elif plan.driver == "threads":
-        run_ranges(lambda b0, b1: ks.bag_range(table, indices, offsets, w, use_w, m, out, b0, b1),
+        run_ranges(lambda b0, b1: serial(table, indices, offsets, w, use_w, m, out, b0, b1, *lora),
                    split_by_work(offsets, plan.n_threads))
     else:
-        _run_prange(ks.bag_parallel, plan, (table, indices, offsets, w, use_w, m, out, plan.chunk_size))
+        _run_prange(parallel, plan, (table, indices, offsets, w, use_w, m, out, plan.chunk_size, *lora))
     return out
 
 

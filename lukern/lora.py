@@ -290,20 +290,20 @@ class LoRAAdapter:
     def _new_state(self, capacity, rank, B, acc_b=None):
         hcap = _pow2_at_least(2 * capacity)
         st = _State(
-            keys=np.full(hcap, -1, np.int64), vals=np.full(hcap, -1, np.int64), mask=hcap - 1,
+            keys=np.full(hcap, -1, np.int64), vals=np.full(hcap, -1, np.int32), mask=hcap - 1,
             bitmap=np.zeros((self.n_rows + 63) // 64, np.uint64),
             A=np.zeros((capacity, rank), self.dtype), B=B, scale=self.alpha / rank,
             slot_row=np.full(capacity, -1, np.int64), acc_a=np.zeros(capacity, self.dtype),
             acc_b=np.zeros((rank, self.dim), self.dtype) if acc_b is None else acc_b,
             last_step=np.full(capacity, -1, np.int64))
-        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # a stack: slot 0 on top
+        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int32)  # a stack: slot 0 on top
         self._n_free = capacity
         return st
 
     def _alloc_pending(self, capacity, rank):
-        self._local = np.full(capacity, -1, np.int64)
-        self._uniq = np.zeros(capacity, np.int64)
-        self._G = np.zeros((0, rank), np.float64)  # grows to the largest unique count seen
+        self._local = np.full(capacity, -1, np.int32)
+        self._uniq = np.zeros(capacity, np.int32)
+        self._G = np.zeros((0, rank), self.dtype)  # grows to the largest unique count seen
         self._n_u = 0
         self._dB = None
 
@@ -433,8 +433,7 @@ class LoRAAdapter:
         w = weights if weights is not None else _EMPTY[self.dtype]
         m = 1 if mode == "mean" else 0
         P = np.empty((n_bags, self.rank), np.float64)
-        LK.lora_pool_range(indices, offsets, w, weights is not None, m, st.keys, st.vals, st.mask, st.bitmap,
-                           st.A, P, 0, n_bags)
+        LK.pool_by_slots(slots, offsets, w, weights is not None, m, st.A, P)
         s = st.scale
         B64 = st.B.astype(np.float64)
         U = s * (grad @ B64.T)  # u_b = s g_b B^T
@@ -442,7 +441,7 @@ class LoRAAdapter:
         self._dB = dB if self._dB is None else self._dB + dB
         need = self._n_u + int(np.count_nonzero(slots >= 0))
         if self._G.shape[0] < min(need, self.capacity):
-            G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), self.rank), np.float64)
+            G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), self.rank), self.dtype)
             G[:self._n_u] = self._G[:self._n_u]
             self._G = G
         self._n_u = LK.scatter_grad_a(slots, offsets, w, weights is not None, m, U, self._local, self._uniq, self._G,
@@ -457,7 +456,7 @@ class LoRAAdapter:
         st = self._state
         uniq = self._uniq[:self._n_u]
         dB = np.zeros((self.rank, self.dim)) if self._dB is None else self._dB.copy()
-        return st.slot_row[uniq].copy(), self._G[:self._n_u].copy(), dB
+        return st.slot_row[uniq].copy(), self._G[:self._n_u].astype(np.float64), dB
 
     def step(self) -> bool:
         """Apply the optimizers to the accumulated gradients, then clear them.
@@ -588,8 +587,8 @@ class LoRAAdapter:
             if last_step is not None:
                 st.last_step[:k] = last_step
             LK.rebuild_hash(st.slot_row, st.keys, st.vals, st.mask, st.bitmap)
-            self._free = np.arange(capacity - 1, k - 1, -1, dtype=np.int64)
-            self._free = np.concatenate([self._free, np.zeros(k, np.int64)])  # stack keeps capacity entries
+            self._free = np.zeros(capacity, np.int32)  # the stack keeps capacity entries
+            self._free[:capacity - k] = np.arange(capacity - 1, k - 1, -1)
             self._n_free = capacity - k
             del slots
         self.generation += 1

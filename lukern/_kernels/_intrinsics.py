@@ -8,7 +8,7 @@ from numba.core import cgutils
 from numba import njit
 from numba.extending import intrinsic
 
-__all__ = ["prefetch", "prefetch_row"]
+__all__ = ["prefetch", "prefetch_elem", "prefetch_row"]
 
 
 @intrinsic
@@ -52,3 +52,29 @@ def prefetch_row(table, row):
     step = 64 // table.itemsize
     for c in range(0, table.shape[1], step):
         prefetch(table, row, c)
+
+
+@intrinsic
+def prefetch_elem(typingctx, arr, i):
+    """Software-prefetch the cache line holding ``arr[i]`` of a 1-D array."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(i, types.Integer)):
+        return None
+    sig = types.void(arr, i)
+
+    def codegen(context, builder, signature, args):
+        aryty, ity = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = context.cast(builder, args[1], ity, types.intp)
+        ptr = cgutils.get_item_pointer2(
+            context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
+            strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
+            inds=[idx], wraparound=False, boundscheck=False,
+        )
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._intrinsics import prefetch_elem
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -27,6 +29,14 @@ def _home(row, mask):
 @njit(nogil=True, inline="always", cache=True)
 def is_active(bitmap, row):
     return (bitmap[np.uint64(row) >> np.uint64(6)] >> (np.uint64(row) & np.uint64(63))) & np.uint64(1)
+
+
+@njit(nogil=True, inline="always", cache=True)
+def prefetch_probe(keys, vals, mask, row):
+    """Prefetch the hash lines where the probe for ``row`` starts."""
+    h = _home(row, mask)
+    prefetch_elem(keys, h)
+    prefetch_elem(vals, h)
 
 
 @njit(nogil=True, inline="always", cache=True)
@@ -101,6 +111,28 @@ def lora_pool_range(indices, offsets, weights, use_w, mode, keys, vals, mask, bi
                     w = weights[j] if use_w else 1.0
                     for q in range(r):
                         P[b, q] += w * A[sl, q]
+        if mode == 1 and e > s:
+            inv = 1.0 / (e - s)
+            for q in range(r):
+                P[b, q] *= inv
+
+
+@njit(nogil=True, cache=True)
+def pool_by_slots(slots, offsets, weights, use_w, mode, A, P):
+    """``P[b] = sum_j w_j A[slots[j]]`` (slot -1 adds nothing): the backward's pooling,
+    reusing the slots it just resolved instead of probing the hash again."""
+    r = A.shape[1]
+    for b in range(offsets.shape[0] - 1):
+        for q in range(r):
+            P[b, q] = 0
+        s = offsets[b]
+        e = offsets[b + 1]
+        for j in range(s, e):
+            sl = slots[j]
+            if sl >= 0:
+                w = weights[j] if use_w else 1.0
+                for q in range(r):
+                    P[b, q] += w * A[sl, q]
         if mode == 1 and e > s:
             inv = 1.0 / (e - s)
             for q in range(r):

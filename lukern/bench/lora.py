@@ -1,0 +1,168 @@
+"""LoRA comparison: the fused lookup against the plain one, and a training step (forward,
+backward, row-wise Adagrad) against PyTorch autograd and numpy, on the same inputs in
+one run. Prints medians and ratios, and the adapter's memory breakdown.
+
+    python -m lukern.bench lora            # 4M x 64 table, 5% rows active, r = 8
+    python -m lukern.bench lora --quick    # 400k rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from .. import LoRAAdapter, embedding_bag
+from ..memory import empty_table
+from .lookup import _batches, _median_times, _torch
+
+
+def _adapter_with_active(rows, dim, rank, active_share, rng, dtype=np.float32):
+    n_active = int(rows * active_share)
+    a = LoRAAdapter(rows, dim, rank=rank, capacity=n_active, dtype=dtype, lr_a=0.05, lr_b=0.01)
+    ids = rng.choice(rows, n_active, replace=False).astype(np.int64)
+    st = a._state
+    for start in range(0, n_active, 1 << 16):  # admit in chunks, then give A random rows
+        part = ids[start:start + (1 << 16)]
+        a.backward(part, np.array([0, part.size]), np.zeros((1, dim), dtype))
+        a.step()
+    st.A[:] = rng.standard_normal(st.A.shape).astype(dtype) * 0.01
+    return a
+
+
+def run_fused(rows, dim, rank, active_share, threads, repeats, seed=0):
+    rng = np.random.default_rng(seed)
+    table = empty_table(rows, dim)
+    table[:] = rng.standard_normal((rows, dim), dtype=np.float32)
+    a = _adapter_with_active(rows, dim, rank, active_share, rng)
+    out = np.empty((2048, dim), np.float32)
+    res = []
+    for dist in ("uniform", "zipf"):
+        batches = _batches(rng, rows, 2048, (20, 40), dist, 16)
+        for nt in threads:
+            med = _median_times({
+                "plain": lambda i, o, nt=nt: embedding_bag(table, i, o, out=out, n_threads=nt),
+                "fused": lambda i, o, nt=nt: embedding_bag(table, i, o, out=out, n_threads=nt, adapter=a),
+            }, batches, repeats)
+            hits = np.mean([np.isin(i, a.active_rows()[0]).mean() for i, _ in batches[:2]])
+            res.append({"dist": dist, "threads": nt, "plain_ms": med["plain"] * 1e3, "fused_ms": med["fused"] * 1e3,
+                        "fused_over_plain": med["fused"] / med["plain"], "ids_with_a_row": float(hits)})
+    return res, a, table
+
+
+def _numpy_step(W, A, B, acc_a, acc_b, slot_of, idx, off, G, s, lr_a, lr_b, eps=1e-8):
+    """The same LoRA step in plain numpy (dense A over all rows, gather/scatter by index)."""
+    seg = np.repeat(np.arange(len(off) - 1), np.diff(off))
+    sl = slot_of[idx]
+    P = np.zeros((len(off) - 1, A.shape[1]), np.float32)
+    np.add.at(P, seg, A[sl])
+    y = np.add.reduceat(W[idx], off[:-1], axis=0) + s * P @ B  # forward (bags non-empty)
+    U = s * G @ B.T
+    dA = np.zeros_like(A)
+    np.add.at(dA, sl, U[seg])
+    dB = s * P.T @ G
+    touched = np.unique(sl)
+    acc_a[touched] += (dA[touched] ** 2).mean(axis=1)
+    A[touched] -= lr_a * dA[touched] / (np.sqrt(acc_a[touched])[:, None] + eps)
+    acc_b += dB * dB
+    B -= lr_b * dB / (np.sqrt(acc_b) + eps)
+    return y
+
+
+def run_train_step(rows, dim, rank, repeats, seed=0):
+    """Forward + backward + row-wise Adagrad for one batch (2048 bags, 20-40 ids)."""
+    torch = _torch()
+    rng = np.random.default_rng(seed)
+    table = empty_table(rows, dim)
+    table[:] = rng.standard_normal((rows, dim), dtype=np.float32)
+    batches = _batches(rng, rows, 2048, (20, 40), "zipf", 8)
+    # room for every row the batches touch: the same computation as the dense-A peers
+    # (no eviction), with a realistic hash size (5% of the rows, or what the ring needs)
+    distinct = np.unique(np.concatenate([i for i, _ in batches])).size
+    a = LoRAAdapter(rows, dim, rank=rank, capacity=max(rows // 20, int(distinct * 1.25)), lr_a=0.05, lr_b=0.01)
+    grads = {id(i): rng.standard_normal((2048, dim)).astype(np.float32) * 0.01 for i, _ in batches}
+    out = np.empty((2048, dim), np.float32)
+
+    def lukern_step(i, o):
+        y = embedding_bag(table, i, o, out=out, adapter=a, n_threads=1)  # forward
+        a.train_step(table, i, o, grads[id(i)])  # backward + optimizer
+        return y
+
+    contenders = {"lukern": lukern_step}
+    # numpy: dense slot map is allowed here (it is the naive baseline)
+    slot_of = np.arange(rows) % (rows // 20)
+    A_np = np.zeros((rows // 20, rank), np.float32)
+    B_np = (rng.standard_normal((rank, dim)) / np.sqrt(dim)).astype(np.float32)
+    acc_a = np.zeros(rows // 20, np.float32)
+    acc_b = np.zeros((rank, dim), np.float32)
+    contenders["numpy"] = lambda i, o: _numpy_step(table, A_np, B_np, acc_a, acc_b, slot_of, i, o, grads[id(i)],
+                                                   1.0, 0.05, 0.01)
+    if torch is not None:
+        torch.set_num_threads(1)
+        tW = torch.from_numpy(table)
+        tA = torch.nn.Parameter(torch.zeros((rows, rank)))  # the LoRA rows, sparse gradients
+        tB = torch.nn.Parameter(torch.from_numpy(B_np.copy()))
+        embA = torch.nn.Embedding.from_pretrained(tA.data, freeze=False, sparse=True)
+        opt_a = torch.optim.Adagrad([embA.weight], lr=0.05)
+        opt_b = torch.optim.Adagrad([tB], lr=0.01)
+        tb = {id(i): (torch.from_numpy(i), torch.from_numpy(o), torch.from_numpy(grads[id(i)])) for i, o in batches}
+
+        def torch_step(i, o):
+            ti, to, tg = tb[id(i)]
+            base = torch.nn.functional.embedding_bag(ti, tW, to, mode="sum", include_last_offset=True)
+            pa = torch.nn.functional.embedding_bag(ti, embA.weight, to, mode="sum", include_last_offset=True,
+                                                   sparse=True)
+            y = base + pa @ tB
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+            y.backward(tg)
+            opt_a.step()
+            opt_b.step()
+            return y
+
+        contenders["torch"] = torch_step
+    med = _median_times(contenders, batches, repeats)
+    return {k: v * 1e3 for k, v in med.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lukern.bench lora", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=4_000_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--active", type=float, default=0.05, help="share of rows with an A row")
+    p.add_argument("--threads", type=int, nargs="+", default=(1, 2))
+    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.rows, a.repeats = 400_000, 15
+    print(f"fused lookup: {a.rows} x {a.dim} float32, r = {a.rank}, {a.active:.0%} of rows active, batch 2048, "
+          f"pooling 20-40; medians of {a.repeats}")
+    fused, adapter, table = run_fused(a.rows, a.dim, a.rank, a.active, tuple(a.threads), a.repeats)
+    print(f"{'ids':8} {'thr':>3} {'plain ms':>9} {'fused ms':>9} {'fused/plain':>11} {'ids with A row':>15}")
+    for r in fused:
+        print(f"{r['dist']:8} {r['threads']:>3} {r['plain_ms']:>9.3f} {r['fused_ms']:>9.3f} "
+              f"{r['fused_over_plain']:>10.2f}x {r['ids_with_a_row']:>14.1%}")
+    print(f"\nmemory, {adapter.n_active} active rows ({adapter.n_active / a.rows:.1%}):")
+    parts = adapter.nbytes_breakdown()
+    for k, v in parts.items():
+        print(f"  {k:16} {v / 2**20:9.2f} MiB")
+    print(f"  {'total':16} {adapter.nbytes / 2**20:9.2f} MiB = {adapter.nbytes / table.nbytes:.2%} of the table")
+    del table, adapter
+    steps = run_train_step(a.rows, a.dim, a.rank, max(10, a.repeats // 2))
+    print("\ntraining step (forward + backward + row-wise Adagrad), 1 thread, Zipf ids:")
+    for k, v in steps.items():
+        print(f"  {k:7} {v:9.2f} ms" + ("" if k == "lukern" else f"   lukern is {v / steps['lukern']:.1f}x faster"))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"fused": fused, "train_step_ms": steps}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
