@@ -366,11 +366,12 @@ class LukernStrategy(Strategy):
         if demand is None:
             demand = model.cat_sizes
         budget = self.budget_pct / 100.0 * model.table_nbytes
-        shares = _water_fill(LoRAAdapter, model, eligible, [int(demand[t]) for t in eligible], budget, self._kw)
+        shares = _water_fill(LoRAAdapter, model, eligible, [int(demand[t]) for t in eligible], budget, self._kw,
+                             train_batch)
         self.adapters = [None] * model.n_tables
         self.capacity = [0] * model.n_tables
         for t, share in zip(eligible, shares):
-            cap = _fit_capacity(LoRAAdapter, model.cat_sizes[t], d, share, self._kw)
+            cap = _fit_capacity(LoRAAdapter, model.cat_sizes[t], d, share, self._kw, train_batch)
             if cap < 1:
                 continue
             self.capacity[t] = cap
@@ -529,14 +530,17 @@ def _record(stats: WindowStats, decision):
         stats.rank_decisions.append(decision if isinstance(decision, (dict, str)) else str(decision))
 
 
-def _worst_nbytes(adapter) -> int:
-    """Bytes of an adapter once training has grown its pending-gradient buffer to capacity
-    (float64 rows of width rank): what the budget has to hold at every window."""
-    grown = adapter.capacity * adapter.rank * 8
-    return int(adapter.nbytes - adapter.nbytes_breakdown().get("pending_grad_a", 0) + grown)
+def _worst_nbytes(adapter, max_batch=None) -> int:
+    """Bytes of an adapter once training has grown its pending gradients to their largest
+    (A's buffer at one row per distinct id of a step, at most capacity; B's at rank x dim
+    in float64): what the budget has to hold at every window."""
+    parts = adapter.nbytes_breakdown()
+    rows = adapter.capacity if max_batch is None else min(adapter.capacity, int(max_batch))
+    grown = rows * adapter.rank * np.dtype(adapter.dtype).itemsize + adapter.rank * adapter.dim * 8
+    return int(adapter.nbytes - parts.get("pending_grad_a", 0) - parts.get("pending_grad_b", 0) + grown)
 
 
-def _water_fill(cls, model, tables, demand, budget, kw) -> list:
+def _water_fill(cls, model, tables, demand, budget, kw, max_batch=None) -> list:
     """Bytes per table. First the demands, water-filled (the smallest are met in full,
     the rest share equally: a busy 600-row user table must not starve behind a big item
     table); then, if every demand is met, the leftover in proportion to demand, no table
@@ -544,8 +548,8 @@ def _water_fill(cls, model, tables, demand, budget, kw) -> list:
     need, full = [], []
     for t, dm in zip(tables, demand):
         n = model.cat_sizes[t]
-        need.append(_worst_nbytes(cls(n, model.dim, capacity=max(1, min(int(dm), n)), **kw)))
-        full.append(_worst_nbytes(cls(n, model.dim, capacity=n, **kw)))
+        need.append(_worst_nbytes(cls(n, model.dim, capacity=max(1, min(int(dm), n)), **kw), max_batch))
+        full.append(_worst_nbytes(cls(n, model.dim, capacity=n, **kw), max_batch))
     out = [0.0] * len(tables)
     left = float(budget)
     order = sorted(range(len(tables)), key=lambda i: need[i])
@@ -568,13 +572,13 @@ def _water_fill(cls, model, tables, demand, budget, kw) -> list:
     return out
 
 
-def _fit_capacity(cls, n_rows, dim, budget_bytes, kw) -> int:
+def _fit_capacity(cls, n_rows, dim, budget_bytes, kw, max_batch=None) -> int:
     """Largest capacity whose adapter stays within ``budget_bytes`` (0 if none does).
     Bisection on the adapter's own byte count, so the budget follows whatever it stores."""
     lo, hi = 0, int(n_rows)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _worst_nbytes(cls(n_rows, dim, capacity=mid, **kw)) <= budget_bytes:
+        if _worst_nbytes(cls(n_rows, dim, capacity=mid, **kw), max_batch) <= budget_bytes:
             lo = mid
         else:
             hi = mid - 1
