@@ -142,9 +142,10 @@ def test_bad_batches_and_arguments(small):
 
 
 def test_synthetic_is_seeded_and_drifts():
-    a = synthetic_stream(n_events=20_000, seed=5)
-    b = synthetic_stream(n_events=20_000, seed=5)
-    c = synthetic_stream(n_events=20_000, seed=6)
+    kw = dict(n_events=20_000, n_users=3000, n_items=1500, new_items=3000, days=7)
+    a = synthetic_stream(seed=5, **kw)
+    b = synthetic_stream(seed=5, **kw)
+    c = synthetic_stream(seed=6, **kw)
     np.testing.assert_array_equal(a.cat, b.cat)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert not np.array_equal(a.cat, c.cat)

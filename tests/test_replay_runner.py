@@ -126,7 +126,8 @@ def test_bad_config(tiny):
     with pytest.raises(ValueError, match="strategies"):
         run_replay(tiny, ReplayConfig(strategies=("stale", "magic")), progress=False)
     with pytest.raises(ValueError, match="too few"):
-        run_replay(synthetic_stream(n_events=10, seed=0), ReplayConfig(windows=8), progress=False)
+        run_replay(synthetic_stream(n_events=10, seed=0, n_users=10, n_items=10, new_items=0, days=1),
+                   ReplayConfig(windows=8), progress=False)
 
 
 def test_cli_writes_json_and_plot(tmp_path, capsys):
