@@ -48,7 +48,9 @@ def add_replay_parser(sub) -> argparse.ArgumentParser:
                         "loop, adds inference P50/P99 with the trainer on and off")
     g.add_argument("--windows", type=int, default=d.windows, help="evaluation windows over the served part")
     g.add_argument("--train-frac", type=float, default=d.train_frac, help="share of the stream for the initial model")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="serving batch (rows scored together)")
+    g.add_argument("--train-batch", type=int, default=d.train_batch,
+                   help="rows per trainer step, for the training side and lukern alike")
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of initial training")
     g.add_argument("--dim", type=int, default=d.dim, help="embedding width")
     g.add_argument("--strategies", default=",".join(ALL_STRATEGIES), help="comma-separated subset to run")
@@ -85,6 +87,7 @@ def _config(args):
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     return ReplayConfig(windows=args.windows, train_frac=args.train_frac, batch_size=args.batch_size,
+                        train_batch=args.train_batch,
                         epochs=args.epochs, dim=args.dim, seed=args.seed, every=args.every,
                         priority_pct=args.priority_pct, prod_table_tb=args.prod_table_tb,
                         prod_link_gbps=args.prod_link_gbps, rows_per_second=args.rows_per_second, rank=args.rank,

@@ -126,6 +126,8 @@ def format_report(report: dict) -> str:
             br = c.get("bytes_ratio")
             br_s = "inf" if br == float("inf") else (_f(br, ".1f") + "x" if br is not None else "-")
             cr = c.get("cpu_ratio")
+            if not strategies[other]["update_cpu_s"]:
+                cr = None  # the other strategy does not update: no ratio
             lines.append(f"  vs {other:<9} {c['auc_diff']:+.4f}   per window {_f(c['window_auc_diff_mean'], '+.4f')} "
                          f"[{_f(c['ci95'][0], '+.4f')}, {_f(c['ci95'][1], '+.4f')}]   bytes {br_s}   "
                          f"CPU {(_f(cr, '.1f') + 'x') if cr is not None else '-'}")

@@ -38,9 +38,12 @@ class ReplayConfig:
 
     windows: int = 10
     train_frac: float = 0.5
-    batch_size: int = 256
-    epochs: int = 2
-    dim: int = 16
+    batch_size: int = 256          # serving batch: rows scored per request batch
+    train_batch: int = 1024        # rows per trainer step, for every strategy that learns
+    epochs: int = 0                # initial training passes; 0: early stopping on the last 10% (max 4)
+    dim: int = 64
+    bottom: tuple = (32,)          # hidden widths of the bottom MLP
+    top: tuple = (64, 32)          # hidden widths of the top MLP
     seed: int = 0
     every: int = 1                 # T, in windows
     priority_pct: float = 20.0
@@ -49,10 +52,15 @@ class ReplayConfig:
     rows_per_second: float = 75.0  # clock of streams without one (Criteo's ~45M rows / 7 days)
     rank: int = 4
     alpha: float | None = None
-    lr_a: float = 0.1
-    lr_b: float = 0.01
+    lr_a: float = 0.3
+    lr_b: float = 0.001
     budget_pct: float = 1.0
     rank_control: bool = True
+    optimizer_a: str = "rowwise_adagrad"
+    optimizer_b: str = "adagrad"
+    eviction: str = "lru"
+    init_b: str = "gradients"
+    prior_acc: bool = True
     lr_emb: float = 0.05
     lr_dense: float = 1e-3
     strategies: tuple = ALL_STRATEGIES
@@ -64,9 +72,9 @@ class ReplayConfig:
             raise ValueError(f"`windows` must be >= 1; got {self.windows}.")
         if not 0.0 < self.train_frac < 1.0:
             raise ValueError(f"`train_frac` must be in (0, 1); got {self.train_frac}.")
-        if self.batch_size < 1 or self.epochs < 0 or self.every < 1:
-            raise ValueError(f"`batch_size` and `every` must be >= 1 and `epochs` >= 0; got "
-                             f"{self.batch_size}, {self.every}, {self.epochs}.")
+        if self.batch_size < 1 or self.train_batch < 1 or self.epochs < 0 or self.every < 1:
+            raise ValueError(f"`batch_size`, `train_batch` and `every` must be >= 1 and `epochs` >= 0; got "
+                             f"{self.batch_size}, {self.train_batch}, {self.every}, {self.epochs}.")
         unknown = [s for s in self.strategies if s not in ALL_STRATEGIES]
         if unknown or not self.strategies:
             raise ValueError(f"`strategies` must be a non-empty subset of {ALL_STRATEGIES}; got {list(self.strategies)}.")
@@ -145,7 +153,7 @@ def _single_threaded():
             yield
 
 
-def _make_strategies(cfg: ReplayConfig, m0: DLRM, activity=None):
+def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None):
     bw = Bandwidth(cfg.prod_table_tb * 1e12, cfg.prod_link_gbps * 1e9)
     out = {}
     trainer = None
@@ -155,7 +163,7 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, activity=None):
             out[name] = Stale(m0.copy())
         elif name in ("full", "delta", "priority"):
             if trainer is None:
-                trainer = ClusterTrainer(m0.copy())
+                trainer = ClusterTrainer(m0.copy(), train_batch=cfg.train_batch)
             if name == "full":
                 out[name] = FullSync(m0.copy(), trainer, every=cfg.every, bandwidth=bw)
             elif name == "delta":
@@ -168,7 +176,9 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, activity=None):
                 continue
             out[name] = LukernStrategy(m0.copy(), rank=cfg.rank, alpha=cfg.alpha, lr_a=cfg.lr_a, lr_b=cfg.lr_b,
                                        budget_pct=cfg.budget_pct, rank_control=cfg.rank_control,
-                                       activity=activity)
+                                       demand=demand, prior_acc=cfg.prior_acc, optimizer_a=cfg.optimizer_a,
+                                       optimizer_b=cfg.optimizer_b, eviction=cfg.eviction,
+                                       train_batch=cfg.train_batch)
     return out, trainer, bw, pending
 
 
@@ -234,28 +244,41 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
         "interrupted": False,
     }
     serve_batches = sum(-(-int(b - a) // cfg.batch_size) for a, b in zip(edges[:-1], edges[1:]))
-    train_batches = cfg.epochs * -(-n_train // cfg.batch_size)
+    train_batches = (cfg.epochs or 3) * -(-n_train // cfg.batch_size)
     bar = _progress(train_batches + serve_batches, progress)
     series = {}
     preds = {}
     try:
         with _single_threaded():
-            m0 = DLRM(stream.cat_sizes, stream.n_dense, dim=cfg.dim, seed=cfg.seed, lr_emb=cfg.lr_emb,
-                      lr_dense=cfg.lr_dense)
+            m0 = DLRM(stream.cat_sizes, stream.n_dense, dim=cfg.dim, bottom=cfg.bottom, top=cfg.top, seed=cfg.seed,
+                      lr_emb=cfg.lr_emb, lr_dense=cfg.lr_dense)
             if bar is not None:
                 bar.set_description("initial training")
             t0 = time.perf_counter()
-            losses = m0.fit(stream, 0, n_train, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                            progress=(lambda k: bar.update(1)) if bar is not None else None)
-            report["initial_model"] = {"train_loss": losses, "train_s": time.perf_counter() - t0,
+            tick = (lambda k: bar.update(1)) if bar is not None else None
+            if cfg.epochs:
+                fit = {"epochs": cfg.epochs, "train_loss": m0.fit(stream, 0, n_train, epochs=cfg.epochs,
+                                                                   batch_size=cfg.batch_size, seed=cfg.seed,
+                                                                   progress=tick)}
+            else:
+                fit = m0.fit_early_stopping(stream, 0, n_train, batch_size=cfg.batch_size, seed=cfg.seed,
+                                            progress=tick)
+            report["initial_model"] = {**fit, "train_s": time.perf_counter() - t0,
                                        "table_bytes": m0.table_nbytes, "dense_bytes": m0.dense_nbytes}
-            # distinct ids per table over the last window's worth of training rows: where the
-            # adapter slots will be needed
+            # ids seen at least twice per table over the last window's worth of training
+            # rows: how many adapter slots each table can use
             w_rows = int(edges[1] - edges[0])
             recent = stream.cat[max(0, n_train - w_rows):n_train]
-            activity = [int(np.unique(recent[:, t]).size) for t in range(stream.n_cat)]
-            strategies, trainer, bw, pending = _make_strategies(cfg, m0, activity)
+            demand = [int((np.unique(recent[:, t], return_counts=True)[1] >= 2).sum()) for t in range(stream.n_cat)]
+            strategies, trainer, bw, pending = _make_strategies(cfg, m0, demand)
             report["pending"] = pending
+            if "lukern" in strategies and cfg.init_b == "gradients":
+                c0 = time.process_time()
+                init = strategies["lukern"].init_directions(stream.batches(cfg.batch_size, max(0, n_train - w_rows),
+                                                                           n_train))
+                strategies["lukern"].stats.update_cpu_s += time.process_time() - c0
+                report["lukern_init"] = {"b_from": "gradients of the last training window",
+                                         "energy_captured": init}
             report["bandwidth"] = bw.describe()
             for name, s in strategies.items():
                 series[name] = {k: [] for k in ("auc", "logloss", "bytes_shipped", "update_cpu_s",
@@ -280,6 +303,10 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
                     if bar is not None:
                         bar.update(1)
                 now = float(t_clock[a1 - 1])
+                for s in strategies.values():
+                    s.flush()
+                if trainer is not None:
+                    trainer.flush()
                 for s in strategies.values():
                     s.end_window(w, now)
                 train_cpu = trainer.take_cpu() if trainer is not None else 0.0

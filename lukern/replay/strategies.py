@@ -116,6 +116,9 @@ class Strategy:
     def learn(self, batch) -> None:
         pass
 
+    def flush(self) -> None:
+        """Train on labelled rows still buffered (called at every window end)."""
+
     def end_window(self, index: int, now: float) -> None:
         pass
 
@@ -139,24 +142,38 @@ class Stale(Strategy):
 
 class ClusterTrainer:
     """The training side shared by the shipping strategies: one model trained continuously
-    on every labelled batch (full training: MLPs by Adam, touched rows by Adagrad).
+    on the labelled stream in mini-batches of ``train_batch`` rows (full training: MLPs by
+    Adam, touched rows by row-wise Adagrad).
 
     Each shipping strategy would run its own training pipeline in production; they would
     all compute the same thing, so the replay runs it once and charges its CPU time to
     each of them.
     """
 
-    def __init__(self, model: DLRM):
+    def __init__(self, model: DLRM, *, train_batch: int = 1024):
         self.model = model
+        self.train_batch = int(train_batch)
         self.cpu_window = 0.0
         self.touched_since = {}  # strategy name -> bool mask of global rows changed since its last send
+        self._buffer = []
+        self._buffered = 0
 
     def register(self, name: str):
         self.touched_since[name] = np.zeros(self.model.emb_buffer.shape[0], dtype=bool)
 
     def learn(self, batch):
+        self._buffer.append(batch)
+        self._buffered += len(batch)
+        if self._buffered >= self.train_batch:
+            self.flush()
+
+    def flush(self):
+        if not self._buffer:
+            return
         c0 = time.process_time()
-        _, rows = self.model.train_step(batch)
+        b = _concat(self._buffer)
+        self._buffer, self._buffered = [], 0
+        _, rows = self.model.train_step(b)
         for mask in self.touched_since.values():
             mask[rows] = True
         self.cpu_window += time.process_time() - c0
@@ -164,6 +181,14 @@ class ClusterTrainer:
     def take_cpu(self) -> float:
         c, self.cpu_window = self.cpu_window, 0.0
         return c
+
+
+def _concat(batches):
+    from .streams import Batch
+
+    if len(batches) == 1:
+        return batches[0]
+    return Batch(*(np.concatenate([getattr(b, f) for b in batches]) for f in ("t", "dense", "cat", "labels")))
 
 
 @dataclass
@@ -296,19 +321,30 @@ class LukernStrategy(Strategy):
     rank, alpha, lr_a, lr_b : adapter settings (see :class:`lukern.LoRAAdapter`).
     budget_pct : float
         Adapter memory budget as % of the tables; sets each adapter's capacity.
-    activity : sequence of int, optional
-        Distinct ids per table in recent traffic; the budget's slots are shared in
-        proportion (default: in proportion to table rows).
+    demand : sequence of int, optional
+        How much each table wants slots: the runner passes the number of ids seen at
+        least twice in the last window of traffic (a row seen once gains little from a
+        slot). The byte budget is water-filled over the demands, then any leftover is
+        shared in proportion to them (default demand: the table's rows).
+    prior_acc : bool
+        Start the row-wise Adagrad accumulator of a newly admitted slot from its row's
+        accumulator in the base model instead of zero. Without it a fresh slot's first
+        steps have full normalised size whatever the row's history, which on rare-label
+        logs (TalkingData) makes lukern worse than stale; with it lukern beats delta there.
     min_rows_for_adapter : int
         Tables with fewer rows get no adapter (their few rows are learned well already).
     rank_control : bool
         Attach :class:`lukern.RankController` when it is available.
+    train_batch : int
+        Rows per trainer step (the training side uses the same mini-batches).
     """
 
     name = "lukern"
 
     def __init__(self, model: DLRM, *, rank=4, alpha=None, lr_a=0.1, lr_b=0.01, budget_pct=1.0,
-                 rank_control=True, min_rows_for_adapter=64, activity=None):
+                 rank_control=True, min_rows_for_adapter=64, demand=None, optimizer_a="rowwise_adagrad",
+                 optimizer_b="adagrad", eviction="lru", prior_acc=True,
+                 train_batch=1024):
         super().__init__(model)
         from .. import LoRAAdapter
 
@@ -317,23 +353,31 @@ class LukernStrategy(Strategy):
         self.lr_a, self.lr_b = float(lr_a), float(lr_b)
         self.budget_pct = float(budget_pct)
         d = model.dim
+        from .. import LeastRecentlyUsed, SmallestNorm
+
+        policies = {"lru": LeastRecentlyUsed, "smallest_norm": SmallestNorm}
+        if eviction not in policies:
+            raise ValueError(f"`eviction` must be one of {sorted(policies)}; got {eviction!r}.")
+        self.optimizer_a, self.optimizer_b, self.eviction = optimizer_a, optimizer_b, eviction
+        self._kw = dict(rank=self.rank, alpha=self.alpha, dtype=model.dtype, lr_a=self.lr_a, lr_b=self.lr_b,
+                        seed=model.seed, optimizer_a=optimizer_a, optimizer_b=optimizer_b,
+                        eviction=policies[eviction]())
         eligible = [t for t, n in enumerate(model.cat_sizes) if n >= min_rows_for_adapter]
+        if demand is None:
+            demand = model.cat_sizes
         budget = self.budget_pct / 100.0 * model.table_nbytes
-        # The budget is shared in proportion to each table's distinct ids in recent
-        # traffic (``activity``), not to its size: a 600-row user table can be the busiest.
-        weight = np.array([float(activity[t]) if activity is not None else float(model.cat_sizes[t])
-                           for t in eligible])
-        weight = weight / weight.sum() if weight.sum() > 0 else np.full(len(eligible), 1.0 / max(len(eligible), 1))
+        shares = _water_fill(LoRAAdapter, model, eligible, [int(demand[t]) for t in eligible], budget, self._kw)
         self.adapters = [None] * model.n_tables
         self.capacity = [0] * model.n_tables
-        self._kw = dict(rank=self.rank, alpha=self.alpha, dtype=model.dtype, lr_a=self.lr_a, lr_b=self.lr_b,
-                        seed=model.seed)
-        for t, w in zip(eligible, weight):
-            cap = _fit_capacity(LoRAAdapter, model.cat_sizes[t], d, budget * w, self._kw)
+        for t, share in zip(eligible, shares):
+            cap = _fit_capacity(LoRAAdapter, model.cat_sizes[t], d, share, self._kw)
             if cap < 1:
                 continue
             self.capacity[t] = cap
             self.adapters[t] = LoRAAdapter(model.cat_sizes[t], d, capacity=cap, **{**self._kw, "seed": model.seed + t})
+        # Row-wise Adagrad history of every base row (the training pipeline's accumulators
+        # ship with the model): a newly admitted slot starts from its row's history.
+        self.prior_acc = model.emb_acc.copy() if prior_acc else None
         self.controllers = [None] * model.n_tables
         if rank_control:
             try:
@@ -345,7 +389,42 @@ class LukernStrategy(Strategy):
                     if a is not None:
                         self.controllers[t] = RankController(a, model.table(t))
         self._cache = None
+        self.train_batch = int(train_batch)
+        self._pending, self._n_pending = [], 0
         self._warmup(LoRAAdapter)
+
+    def init_directions(self, batches) -> list:
+        """Start each adapter's B at the top-r directions of recent embedding gradients.
+
+        A LoRA update of row i is ``s * A_i @ B``: it can only move the row inside B's
+        row space. A random B captures about r/d of a gradient's energy, and B only turns
+        once A is non-zero, so early learning is slow. The gradients d loss / d pooled of
+        the served model on recent labelled traffic (computed once, from the training
+        side's last window: the node has served and logged it) have a few dominant
+        directions; their top-r eigenvectors make B point where updates are needed.
+        The corrections stay zero (A is zero), so served values do not change.
+        Returns, per table, the share of gradient energy inside B's span (None: no adapter).
+        """
+        d = self.model.dim
+        grams = [np.zeros((d, d)) for _ in self.adapters]
+        for b in batches:
+            _, g = self.model.grad_pooled(b, b.labels)
+            for t, a in enumerate(self.adapters):
+                if a is not None:
+                    gt = g[:, t * d:(t + 1) * d].astype(np.float64)
+                    grams[t] += gt.T @ gt
+        captured = []
+        for t, a in enumerate(self.adapters):
+            if a is None:
+                captured.append(None)
+                continue
+            w, v = np.linalg.eigh(grams[t])
+            top = v[:, ::-1][:, :a.rank].T  # (r, d), orthonormal rows like B's default scale
+            total = float(w.sum())
+            captured.append(float(w[::-1][:a.rank].sum() / total) if total > 0 else 0.0)
+            a.refactor(np.zeros((a.n_active, a.rank), a.dtype), np.ascontiguousarray(top, dtype=a.dtype))
+        self.init_captured = captured
+        return captured
 
     def _warmup(self, cls):
         """Compile the fused lookup and the trainer kernels now, on scratch copies, so that
@@ -363,8 +442,12 @@ class LukernStrategy(Strategy):
         tb.lookup(idx, off, adapters=scratch, unchecked=True)
         for t, a in enumerate(scratch):
             if a is not None:
-                a.train_step(tb.tables[t], np.zeros(n, np.int64), np.arange(n + 1, dtype=np.int64),
-                             np.ones((n, m.dim), m.dtype))
+                # more distinct ids than slots: the eviction and folding path compiles too
+                k = min(a.n_rows, 2 * a.capacity + 2)
+                a.train_step(tb.tables[t], np.arange(k, dtype=np.int64), np.arange(k + 1, dtype=np.int64),
+                             np.ones((k, m.dim), m.dtype))
+                a.train_step(tb.tables[t], np.arange(k, dtype=np.int64)[::-1].copy(),
+                             np.arange(k + 1, dtype=np.int64), np.ones((k, m.dim), m.dtype))
 
     def predict(self, batch, now):
         c = self.model.forward_cache(batch, adapters=self.adapters)
@@ -372,25 +455,52 @@ class LukernStrategy(Strategy):
         return _sigmoid(c.logits.astype(np.float64))
 
     def learn(self, batch):
+        """Keep the labels with the serving forward's activations; train every
+        ``train_batch`` rows (the same mini-batches as the training side)."""
         c = self._cache
         if c is None or c.n != len(batch):
             raise RuntimeError("LukernStrategy.learn() must follow predict() on the same batch.")
+        self._cache = None
+        self._pending.append((c, batch))
+        self._n_pending += len(batch)
+        if self._n_pending >= self.train_batch:
+            self.flush()
+
+    def flush(self):
+        if not self._pending:
+            return
         c0 = time.process_time()
-        _, g = self.model.backward_pooled(c, batch.labels)
-        n, d = c.n, self.model.dim
+        caches, batches = zip(*self._pending)
+        self._pending, self._n_pending = [], 0
+        # d loss / d pooled from the activations the serving forwards kept: a co-located
+        # trainer never runs a second forward pass.
+        labels = np.concatenate([b.labels for b in batches]) if len(batches) > 1 else batches[0].labels
+        cat = np.concatenate([b.cat for b in batches]) if len(batches) > 1 else batches[0].cat
+        _, g = self.model.backward_pooled(self.model.concat_caches(caches), labels, table_major=True)
+        n = cat.shape[0]
         off = np.arange(n + 1, dtype=np.int64)
+        idx_all = np.ascontiguousarray(cat.T)
         for t, a in enumerate(self.adapters):
             if a is None:
                 continue
-            idx = np.ascontiguousarray(batch.cat[:, t])
-            grad = np.ascontiguousarray(g[:, t * d:(t + 1) * d])
-            a.train_step(self.model.table(t), idx, off, grad)
+            if a.backward(idx_all[t], off, g[t], table=self.model.table(t)):
+                if self.prior_acc is not None:
+                    self._seed_fresh_slots(t, a)
+                a.step()
         for ctl in self.controllers:
             if ctl is not None:
                 _record(self.stats, ctl.step())
         self.stats.update_cpu_s += time.process_time() - c0
-        self._cache = None
         self._note_memory()
+
+    def _seed_fresh_slots(self, t, a):
+        # LoRAAdapter has no public hook for a per-row starting accumulator yet, so the
+        # slots admitted by this backward (accumulator still 0) are seeded here, between
+        # backward() and step(), from the base rows' history.
+        st = a._state
+        fresh = np.flatnonzero((st.acc_a == 0) & (st.slot_row >= 0))
+        if fresh.size:
+            st.acc_a[fresh] = self.prior_acc[self.model.row_offsets[t] + st.slot_row[fresh]]
 
     def _note_memory(self):
         pct = 100.0 * self.adapter_nbytes / self.model.table_nbytes
@@ -409,6 +519,7 @@ class LukernStrategy(Strategy):
 
     def settings(self):
         return {"rank": self.rank, "alpha": self.alpha, "lr_a": self.lr_a, "lr_b": self.lr_b,
+                "optimizer_a": self.optimizer_a, "optimizer_b": self.optimizer_b, "eviction": self.eviction,
                 "budget_pct": self.budget_pct, "capacity": self.capacity,
                 "rank_control": any(c is not None for c in self.controllers)}
 
@@ -423,6 +534,38 @@ def _worst_nbytes(adapter) -> int:
     (float64 rows of width rank): what the budget has to hold at every window."""
     grown = adapter.capacity * adapter.rank * 8
     return int(adapter.nbytes - adapter.nbytes_breakdown().get("pending_grad_a", 0) + grown)
+
+
+def _water_fill(cls, model, tables, demand, budget, kw) -> list:
+    """Bytes per table. First the demands, water-filled (the smallest are met in full,
+    the rest share equally: a busy 600-row user table must not starve behind a big item
+    table); then, if every demand is met, the leftover in proportion to demand, no table
+    above an adapter over all its rows."""
+    need, full = [], []
+    for t, dm in zip(tables, demand):
+        n = model.cat_sizes[t]
+        need.append(_worst_nbytes(cls(n, model.dim, capacity=max(1, min(int(dm), n)), **kw)))
+        full.append(_worst_nbytes(cls(n, model.dim, capacity=n, **kw)))
+    out = [0.0] * len(tables)
+    left = float(budget)
+    order = sorted(range(len(tables)), key=lambda i: need[i])
+    for k, i in enumerate(order):
+        out[i] = min(need[i], left / (len(order) - k))
+        left -= out[i]
+    weight = [float(max(dm, 1)) for dm in demand]
+    open_ = {i for i in range(len(tables)) if out[i] < full[i]}
+    while open_ and left > 1e-9:
+        total = sum(weight[i] for i in open_)
+        capped = [i for i in open_ if out[i] + left * weight[i] / total >= full[i]]
+        if not capped:
+            for i in open_:
+                out[i] += left * weight[i] / total
+            break
+        for i in capped:
+            left -= full[i] - out[i]
+            out[i] = full[i]
+            open_.discard(i)
+    return out
 
 
 def _fit_capacity(cls, n_rows, dim, budget_bytes, kw) -> int:

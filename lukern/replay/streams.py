@@ -362,6 +362,26 @@ def _prior_counts(ids: np.ndarray) -> np.ndarray:
     return out
 
 
+def _trailing_counts(ids: np.ndarray, t: np.ndarray, window: float) -> np.ndarray:
+    """For rows in time order: how many earlier rows carry the same id within the last
+    ``window`` seconds (a windowed counter, as feature stores keep: its distribution does
+    not grow with the age of the log the way a running total does)."""
+    n = ids.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64)
+    _, inv = np.unique(ids, return_inverse=True)
+    inv = inv.reshape(-1).astype(np.float64)
+    t0 = t - t.min()
+    span = float(t0.max()) + float(window) + 1.0
+    key = inv * span + t0
+    order = np.lexsort((np.arange(n), key))  # by id, then time, then row
+    sk = key[order]
+    left = np.searchsorted(sk, sk - window, side="left")
+    out = np.empty(n, np.int64)
+    out[order] = np.arange(n) - left
+    return out
+
+
 def _log_count(c):
     return (np.log1p(c) / 5.0).astype(np.float32)
 

@@ -3,27 +3,33 @@
 The generative story, in stream time (``days`` days of traffic):
 
 - **Items** belong to a category and carry a latent taste vector near their category's
-  centre plus a quality bias. A catalogue exists at t=0; **new items keep appearing**
-  (births spread over the whole stream), each arriving with a burst of popularity that
-  decays with age (half-life ``novelty_days``), so the head of the power-law popularity
-  curve **shifts** to items the initial model never saw.
+  centre plus an *appeal* (a logit offset). A catalogue exists at t=0; **new items keep
+  appearing** (births spread over the whole stream), each arriving with a burst of
+  popularity that decays with age (half-life ``novelty_days``), so the head of the
+  power-law popularity curve **shifts** to items the initial model never saw.
+- **Appeal drifts**: every item's appeal takes a random walk (``appeal_walk`` per
+  square-root day): items go in and out of fashion, the per-row effect a served model
+  loses first.
 - **Popularity** is power-law: every item has a Zipf weight (exponent ``zipf``) times its
   novelty factor; events pick items by that weight.
 - **Users** have a power-law activity and a taste vector built from a few favourite
-  categories. **Interests move**: every user's taste takes a random-walk step each time
-  block, and users occasionally switch to a new favourite category.
-- **Labels**: ``P(click) = sigmoid(gain * <user, item> + quality + user bias + bias)``.
+  categories. **Interests move**: every user's taste takes a small random-walk step each
+  time block, and users occasionally switch to a new favourite category.
+- **Labels**: ``P(click) = sigmoid(gain * <user, item> + appeal + user bias + bias)``.
 
-Features: tables ``user``, ``item``, ``category`` (closed vocabularies: rows exist for
-items not yet born, as a hashed production table would have); dense: hour of day (sin,
-cos), log item age, and causal log-counts of the user's and the item's earlier events.
+Tables are shaped like production ones: far more rows (50k users, 26k items) than any
+one window touches (a few thousand), most of them cold. Features: tables ``user``,
+``item``, ``category`` (closed vocabularies: rows exist for items not yet born, as a
+hashed production table would have); dense: hour of day (sin, cos), log item age, and
+log-counts of the user's and the item's events in the previous 24 hours (windowed
+counters, as a feature store keeps).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .streams import Stream, _hour_features, _log_count, _prior_counts
+from .streams import Stream, _hour_features, _log_count, _trailing_counts
 
 __all__ = ["DEFAULT_EVENTS", "synthetic_stream"]
 
@@ -36,9 +42,9 @@ def _normalise(v):
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3000, new_items=6000,
+def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=50_000, n_items=20_000, new_items=6000,
                      n_categories=24, days=28.0, latent=8, zipf=1.1, novelty_days=3.0, user_zipf=0.9,
-                     walk=0.12, switch_per_day=0.03, gain=3.5, bias=-1.0, n_blocks=None,
+                     walk=0.05, switch_per_day=0.03, gain=3.5, bias=-1.0, appeal_walk=0.3, n_blocks=None,
                      start=1_704_067_200) -> Stream:
     """Generate a time-ordered synthetic stream (deterministic for a given ``seed``).
 
@@ -63,6 +69,9 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
         Probability per user and day of switching to a new favourite category.
     gain, bias : float
         Scale of the taste match and the global logit offset.
+    appeal_walk : float
+        Random-walk step per square-root day of every item's appeal (its logit offset):
+        items go in and out of fashion.
     n_blocks : int, optional
         Time blocks of the simulation (drift steps); default one per 2 hours.
     start : int
@@ -127,6 +136,8 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
             new_fav = rng.choice(n_categories, size=int(switch.sum()), p=cat_pop / cat_pop.sum())
             user_vec[switch] = 0.4 * user_vec[switch] + 0.9 * centres[new_fav]
         user_vec = _normalise(user_vec)
+        if appeal_walk:
+            item_q += appeal_walk * np.sqrt(block_days) * rng.standard_normal(n_all)
         if k == 0:
             continue
         tb = np.sort(rng.uniform(edges[b], edges[b + 1], k))
@@ -152,11 +163,13 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
     birth = birth + float(start)
     hs, hc = _hour_features(t)
     age_days = np.maximum(t - birth[items], 0.0) / 86400.0
-    dense = np.stack([hs, hc, (np.log1p(age_days) / 3.0).astype(np.float32), _log_count(_prior_counts(users)),
-                      _log_count(_prior_counts(items))], axis=1).astype(np.float32)
+    day = 86400.0
+    dense = np.stack([hs, hc, (np.log1p(age_days) / 3.0).astype(np.float32),
+                      _log_count(_trailing_counts(users, t, day)), _log_count(_trailing_counts(items, t, day))],
+                     axis=1).astype(np.float32)
     cat = np.stack([users, items, item_cat[items]], axis=1).astype(np.int64)
     return Stream(name=f"synthetic(seed={seed}, n={n_events})", format="synthetic", t=t, dense=dense, cat=cat,
                   labels=labels, cat_names=["user", "item", "category"],
                   cat_sizes=[int(n_users), n_all, int(n_categories)],
-                  dense_names=["hour_sin", "hour_cos", "log_item_age", "log_prior_user", "log_prior_item"],
+                  dense_names=["hour_sin", "hour_cos", "log_item_age", "log_user_events_24h", "log_item_events_24h"],
                   hashed=[False, False, False], was_sorted=True, source="synthetic")
