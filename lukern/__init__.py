@@ -10,10 +10,17 @@ from . import memory
 from .lora import Factors, LeastRecentlyUsed, LoRAAdapter, SmallestNorm, load_factors, save_factors
 from .memory import empty_table
 from .plan import Plan, resolve_plan, thread_limit
+from .rank import GatheredRows, GradientWindow, LowRankRows, RankController, probe_rank, randomized_svd
 from . import profile  # noqa: E402,F401  (installs the tuned-profile hook in lukern.plan)
 
 __all__ = sorted([
     "Factors",
+    "GatheredRows",
+    "GradientWindow",
+    "LowRankRows",
+    "RankController",
+    "probe_rank",
+    "randomized_svd",
     "LeastRecentlyUsed",
     "LoRAAdapter",
     "Plan",
