@@ -503,7 +503,8 @@ class GradientWindow:
     def top_directions(self, k, exclude=None):
         """The ``k`` top right singular vectors of the window with the row space of
         ``exclude`` projected out: ``(directions (k x dim), share)`` where ``share[i]`` is
-        the part of the window's energy direction ``i`` carries."""
+        the part of the window's energy direction ``i`` carries. Directions without
+        energy are left out, so fewer than ``k`` may come back."""
         k = V.check_positive_int("k", k, allow_none=False)
         W = self.rows()
         total = float(np.einsum("ij,ij->", W, W))
@@ -515,6 +516,7 @@ class GradientWindow:
         G = R.T @ R
         lam, Wv = np.linalg.eigh((G + G.T) * 0.5)
         order = np.argsort(lam)[::-1][:k]
+        order = order[lam[order] > 1e-12 * total]  # no direction without energy
         dirs = Wv[:, order].T
         dirs *= _fix_signs(dirs.T)[:, None]
         return np.ascontiguousarray(dirs), np.maximum(lam[order], 0.0) / total
