@@ -10,13 +10,16 @@ from . import memory
 from .lora import Factors, LeastRecentlyUsed, LoRAAdapter, SmallestNorm, load_factors, save_factors
 from .memory import empty_table
 from .plan import Plan, resolve_plan, thread_limit
+from .sched import LiveUpdater, ServingLoad
 from . import profile  # noqa: E402,F401  (installs the tuned-profile hook in lukern.plan)
 
 __all__ = sorted([
     "Factors",
     "LeastRecentlyUsed",
+    "LiveUpdater",
     "LoRAAdapter",
     "Plan",
+    "ServingLoad",
     "SmallestNorm",
     "load_factors",
     "save_factors",
