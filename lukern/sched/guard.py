@@ -85,11 +85,12 @@ class FastGuard:
 
 @dataclass
 class Knobs:
-    """What the slow controller sets: trainer threads, rows per chunk, steps per second
+    """What the slow controller sets: trainer threads, seconds of work per chunk (the
+    trainer converts it to rows from the measured cost per row), steps per second
     (``None``: unlimited)."""
 
     n_threads: int
-    chunk_rows: int
+    chunk_s: float
     max_rate: float | None
 
 
@@ -98,7 +99,7 @@ class SlowController:
     and move the knobs with hysteresis:
 
     - slack = (target - p99) / target below ``low`` (default 0.1): back off at once
-      (halve the step rate, halve the chunk, drop a thread);
+      (halve the step rate, halve the chunk time, drop a thread);
     - slack above ``high`` (default 0.3) for ``patience`` consecutive periods: grow by one
       notch (rate x 1.25, chunk x 1.25, one thread more);
     - in between: hold. The dead band plus the patience keeps the knobs from flapping.
@@ -113,8 +114,9 @@ class SlowController:
     """
 
     def __init__(self, target_p99: float | None = None, *, period: float = 0.25, low: float = 0.1, high: float = 0.3,
-                 patience: int = 3, n_threads: int = 1, max_threads: int = 1, chunk_rows: int = 256,
-                 min_chunk: int = 16, max_chunk: int = 4096, max_rate: float | None = None, min_rate: float = 1.0,
+                 patience: int = 3, n_threads: int = 1, max_threads: int = 1, chunk_s: float = 1e-3,
+                 min_chunk: float = 0.25e-3, max_chunk: float = 4e-3, max_rate: float | None = None,
+                 min_rate: float = 1.0,
                  start_rate: float = 100.0, clock=time.perf_counter):
         if target_p99 is not None and not target_p99 > 0:
             raise ValueError(f"`target_p99` must be a latency in seconds > 0; got {target_p99!r}.")
@@ -124,9 +126,9 @@ class SlowController:
             raise ValueError(f"need low < high for the hysteresis band; got {low!r}, {high!r}.")
         self.target_p99 = target_p99
         self.period, self.low, self.high, self.patience = float(period), float(low), float(high), int(patience)
-        self.max_threads, self.min_chunk, self.max_chunk = int(max_threads), int(min_chunk), int(max_chunk)
+        self.max_threads, self.min_chunk, self.max_chunk = int(max_threads), float(min_chunk), float(max_chunk)
         self.min_rate, self.start_rate = float(min_rate), float(start_rate)
-        self.knobs = Knobs(int(n_threads), int(chunk_rows), max_rate)
+        self.knobs = Knobs(int(n_threads), float(chunk_s), max_rate)
         self.clock = clock
         self._last = clock()
         self._good = 0
@@ -152,7 +154,7 @@ class SlowController:
             self._good = 0
             self.backoffs += 1
             rate = k.max_rate if k.max_rate is not None else self.start_rate
-            self.knobs = Knobs(max(1, k.n_threads - 1), max(self.min_chunk, k.chunk_rows // 2),
+            self.knobs = Knobs(max(1, k.n_threads - 1), max(self.min_chunk, k.chunk_s / 2),
                                max(self.min_rate, rate / 2))
         elif slack > self.high:
             self._good += 1
@@ -161,7 +163,7 @@ class SlowController:
                 self.growths += 1
                 rate = None if k.max_rate is None else k.max_rate * 1.25
                 self.knobs = Knobs(min(self.max_threads, k.n_threads + 1),
-                                   min(self.max_chunk, int(k.chunk_rows * 1.25) + 1), rate)
+                                   min(self.max_chunk, k.chunk_s * 1.25), rate)
         else:
             self._good = 0
         return self.knobs

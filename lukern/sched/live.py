@@ -95,8 +95,9 @@ class LiveUpdater:
     n_threads, max_threads : int
         Kernel threads the trainer's lookups use (the controller moves it up to
         ``max_threads``).
-    chunk_rows : int, optional
-        Rows per forward chunk; default calibrated to about ``chunk_ms`` on the first step.
+    chunk_ms : float
+        Target work per chunk in milliseconds (rows per chunk follow from the measured
+        cost per row; the slow controller moves the target between 0.25 and 4 ms).
     max_rate : float, optional
         Steps per second cap (the controller sets one when latency slack runs out).
     switch_interval : float, optional
@@ -108,7 +109,7 @@ class LiveUpdater:
     def __init__(self, tables, loss_grad, *, adapters=None, adapter_kwargs=None, batch_size: int = 256,
                  buffer_size: int = 65536, target_p99: float | None = None, load: ServingLoad | None = None,
                  qos: str = "auto", pause: bool = True, pin: bool = True, topology=None, n_threads: int = 1,
-                 max_threads: int = 1, chunk_rows: int | None = None, chunk_ms: float = 1.0,
+                 max_threads: int = 1, chunk_ms: float = 1.0,
                  max_rate: float | None = None, switch_interval: float | None = None, period: float = 0.25,
                  clock=time.perf_counter):
         if isinstance(tables, TableBatch):
@@ -135,7 +136,7 @@ class LiveUpdater:
         self.switch_interval = switch_interval
         self.chunk_ms = float(chunk_ms)
         self.clock = clock
-        self._chunk_calibrated = chunk_rows is not None
+        self._row_cost = None  # seconds per row of the forward (EMA), for rows per chunk
 
         # placement: the node holding most tables, and its CPUs
         self.cpus = None
@@ -167,13 +168,12 @@ class LiveUpdater:
 
         self.guard = FastGuard(self.load.busy, enabled=self.pause, clock=clock)
         self.controller = SlowController(target_p99, period=period, n_threads=n_threads, max_threads=max_threads,
-                                         chunk_rows=chunk_rows or 64, max_rate=max_rate, clock=clock)
+                                         chunk_s=self.chunk_ms * 1e-3, max_rate=max_rate, clock=clock)
 
         # the ring of recorded samples (allocated on the first record: its shape follows the data)
         self._lock = threading.Lock()
         self._data = threading.Condition(self._lock)
-        self._ids = self._labels = self._extra = None
-        self._pool = 1
+        self._ring = None  # dict of per-sample columns: ids (n, T, L), labels, [extra], [pooled]
         self._head = 0  # index of the oldest pending sample
         self._count = 0
         self._recorded = self._dropped = 0
@@ -197,7 +197,7 @@ class LiveUpdater:
         """``with updater.serving():`` around one inference request (load signal)."""
         return self.load.request()
 
-    def record(self, batch, labels, *, extra=None) -> None:
+    def record(self, batch, labels, *, extra=None, pooled=None) -> None:
         """Queue labelled samples for training.
 
         Parameters
@@ -206,11 +206,15 @@ class LiveUpdater:
             ``.cat`` (and ``.dense``, used as ``extra``) such as a replay batch.
         labels : array (n,), finite.
         extra : float array (n, k), optional
-            Per-sample side input handed to ``loss_grad`` (e.g. dense features). Either
-            every record carries it or none does.
+            Per-sample side input handed to ``loss_grad`` (e.g. dense features).
+        pooled : array (n, sum(d_t)), optional
+            The adapted pooled embeddings the serving forward already computed. The
+            trainer then skips its own forward (learning costs a backward, not a second
+            forward); the gradient is taken at the slightly older adapter state.
 
-        Raises ``ValueError`` / ``IndexError`` (nothing queued) for bad shapes, non-finite
-        labels or ids out of range. Safe to call from several threads.
+        Either every record carries ``extra`` (``pooled``) or none does. Raises
+        ``TypeError`` / ``ValueError`` / ``IndexError`` (nothing queued) for bad dtypes,
+        shapes, non-finite labels or ids out of range. Safe to call from several threads.
         """
         if hasattr(batch, "cat"):
             if extra is None and getattr(batch, "dense", None) is not None and batch.dense.ndim == 2 \
@@ -223,7 +227,7 @@ class LiveUpdater:
         if ids.ndim not in (2, 3) or ids.shape[1] != self.n_tables:
             raise ValueError(f"`batch` must have shape (n, {self.n_tables}) or (n, {self.n_tables}, pooling); "
                              f"got {ids.shape}.")
-        n = n_in = ids.shape[0]
+        n = ids.shape[0]
         y = np.asarray(labels, dtype=np.float64)
         if y.shape != (n,):
             raise ValueError(f"`labels` must have shape ({n},) to match `batch`; got {y.shape}.")
@@ -245,28 +249,39 @@ class LiveUpdater:
             extra = np.asarray(extra)
             if extra.ndim != 2 or extra.shape[0] != n:
                 raise ValueError(f"`extra` must have shape ({n}, k); got {extra.shape}.")
+        if pooled is not None:
+            pooled = np.asarray(pooled)
+            if pooled.shape != (n, self.col_offsets[-1]):
+                raise ValueError(f"`pooled` must have shape ({n}, {self.col_offsets[-1]}); got {pooled.shape}.")
         if n == 0:
             return
         pool = ids.shape[2] if ids.ndim == 3 else 1
+        cols = {"ids": ids.reshape(n, self.n_tables, pool), "labels": y}
+        if extra is not None:
+            cols["extra"] = extra
+        if pooled is not None:
+            cols["pooled"] = pooled
         with self._lock:
-            if self._ids is None:
+            if self._ring is None:
                 cap = self.buffer_size
-                self._pool = pool
-                self._ids = np.zeros((cap, self.n_tables, pool), np.int64)
-                self._labels = np.zeros(cap, np.float64)
+                self._ring = {"ids": np.zeros((cap, self.n_tables, pool), np.int64),
+                              "labels": np.zeros(cap, np.float64)}
                 if extra is not None:
-                    self._extra = np.zeros((cap, extra.shape[1]), extra.dtype if extra.dtype.kind == "f" else np.float64)
-            if pool != self._pool:
-                raise ValueError(f"`batch` pooling must stay {self._pool} (the ring's layout); got {pool}.")
-            if (extra is None) != (self._extra is None) or (extra is not None and extra.shape[1] != self._extra.shape[1]):
-                want = "no `extra`" if self._extra is None else f"`extra` of width {self._extra.shape[1]}"
-                raise ValueError(f"every record must carry {want} (the first record fixed it).")
-            cap = self._ids.shape[0]
-            ids3 = ids.reshape(n, self.n_tables, pool)
+                    self._ring["extra"] = np.zeros((cap, extra.shape[1]),
+                                                   extra.dtype if extra.dtype.kind == "f" else np.float64)
+                if pooled is not None:
+                    self._ring["pooled"] = np.zeros((cap, self.col_offsets[-1]), self.dtype)
+            ring = self._ring
+            if set(cols) != set(ring) or any(v.shape[1:] != ring[k].shape[1:] for k, v in cols.items()):
+                want = {k: v.shape[1:] for k, v in ring.items()}
+                got = {k: v.shape[1:] for k, v in cols.items()}
+                raise ValueError(f"every record must carry the same fields as the first (per-sample shapes {want}); "
+                                 f"got {got}.")
+            cap = self.buffer_size
+            n_in = n
             if n > cap:  # only the newest cap samples can be kept
                 self._dropped += n - cap
-                ids3, y = ids3[n - cap:], y[n - cap:]
-                extra = extra[n - cap:] if extra is not None else None
+                cols = {k: v[n - cap:] for k, v in cols.items()}
                 n = cap
             over = self._count + n - cap
             if over > 0:  # drop the oldest pending samples
@@ -275,33 +290,31 @@ class LiveUpdater:
                 self._dropped += over
             start = (self._head + self._count) % cap
             k = min(n, cap - start)
-            self._ids[start:start + k] = ids3[:k]
-            self._labels[start:start + k] = y[:k]
-            if extra is not None:
-                self._extra[start:start + k] = extra[:k]
-            if k < n:
-                self._ids[:n - k] = ids3[k:]
-                self._labels[:n - k] = y[k:]
-                if extra is not None:
-                    self._extra[:n - k] = extra[k:]
+            for name, v in cols.items():
+                ring[name][start:start + k] = v[:k]
+                if k < n:
+                    ring[name][:n - k] = v[k:]
             self._count += n
             self._recorded += n_in
             self._data.notify()
 
     def _pop(self, n):
-        """Take up to n oldest pending samples (copies), or None."""
+        """Take up to n oldest pending samples (copies) as a dict of columns, or None."""
         with self._lock:
             if self._count == 0:
                 return None
             n = min(n, self._count)
-            cap = self._ids.shape[0]
-            sel = (self._head + np.arange(n)) % cap
-            ids, y = self._ids[sel], self._labels[sel]
-            extra = self._extra[sel] if self._extra is not None else None
-            self._head = (self._head + n) % cap
+            cap = self.buffer_size
+            h = self._head
+            if h + n <= cap:
+                out = {k: v[h:h + n].copy() for k, v in self._ring.items()}
+            else:
+                sel = (h + np.arange(n)) % cap
+                out = {k: v[sel] for k, v in self._ring.items()}
+            self._head = (h + n) % cap
             self._count -= n
             self._busy_step = True  # under the lock, so flush() never sees "empty and idle" mid-handover
-            return ids, y, extra
+            return out
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -375,7 +388,7 @@ class LiveUpdater:
             "steps": self.steps, "samples": self.samples, "recorded": recorded, "dropped": dropped,
             "pending": pending, "loss_errors": self.loss_errors, "rejected": self.rejected,
             "paused_s": self.guard.paused_time, "pauses": self.guard.pauses,
-            "threads": k.n_threads if self.running else 0, "chunk_rows": k.chunk_rows, "max_rate": k.max_rate,
+            "threads": k.n_threads if self.running else 0, "chunk_ms": k.chunk_s * 1e3, "max_rate": k.max_rate,
             "qos": self.qos_level, "node": self.node, "cpus": self.cpus, "last_loss": self.last_loss,
             "running": self.running,
         }
@@ -432,7 +445,7 @@ class LiveUpdater:
                 if batch is None:
                     continue
                 try:
-                    self._step(*batch)
+                    self._step(batch)
                 finally:
                     self._busy_step = False
         finally:
@@ -452,27 +465,30 @@ class LiveUpdater:
         k = self.controller.knobs
         r0 = 0
         while r0 < n:
-            rows = k.chunk_rows if self._chunk_calibrated else min(32, n)
-            r1 = min(n, r0 + rows)
+            rows = 32 if self._row_cost is None else int(k.chunk_s / self._row_cost)
+            r1 = min(n, r0 + max(8, rows))
             idx, off = self._lookup_args(ids[r0:r1])
             t0 = time.perf_counter()
             self.tables.lookup(idx, off, out=pooled[r0:r1], adapters=self.adapters, unchecked=True,
                                n_threads=k.n_threads)
-            if not self._chunk_calibrated:
-                per_row = (time.perf_counter() - t0) / (r1 - r0)
-                c = int(min(4096, max(16, self.chunk_ms * 1e-3 / max(per_row, 1e-9))))
-                self.controller.knobs.chunk_rows = c
-                self.controller.max_chunk = max(self.controller.max_chunk, 4 * c)
-                self._chunk_calibrated = True
+            per_row = max((time.perf_counter() - t0) / (r1 - r0), 1e-9)
+            # an EMA, capped so that one slow chunk (first call, preemption) cannot
+            # shrink the chunks for long
+            self._row_cost = per_row if self._row_cost is None else \
+                0.8 * self._row_cost + 0.2 * min(per_row, 4 * self._row_cost)
             r0 = r1
             if r0 < n:
                 self.guard.check()
         return pooled
 
-    def _step(self, ids, y, extra):
+    def _step(self, cols):
+        ids, y, extra = cols["ids"], cols["labels"], cols.get("extra")
         n, _, L = ids.shape
-        pooled = self._forward(ids)
-        self.guard.check()
+        if "pooled" in cols:
+            pooled = cols["pooled"]
+        else:
+            pooled = self._forward(ids)
+            self.guard.check()
         labels = y.astype(self.dtype)
         try:
             out = self.loss_grad(pooled, labels) if extra is None else self.loss_grad(pooled, labels, extra)
