@@ -12,6 +12,7 @@ from .lora import Factors, LeastRecentlyUsed, LoRAAdapter, SmallestNorm, load_fa
 from .memory import empty_table
 from .plan import Plan, resolve_plan, thread_limit
 from .rank import GatheredRows, GradientWindow, LowRankRows, RankController, probe_rank, randomized_svd
+from .sched import LiveUpdater, ServingLoad
 from .sharding import AccessCounter, Partition, ShardedTable, partition_rows
 
 __all__ = [
@@ -20,11 +21,13 @@ __all__ = [
     "GatheredRows",
     "GradientWindow",
     "LeastRecentlyUsed",
+    "LiveUpdater",
     "LoRAAdapter",
     "LowRankRows",
     "Partition",
     "Plan",
     "RankController",
+    "ServingLoad",
     "ShardedTable",
     "SmallestNorm",
     "TableBatch",
