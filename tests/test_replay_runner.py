@@ -181,18 +181,20 @@ needs_adapter = pytest.mark.skipif(not adapter_available(), reason="lukern.LoRAA
 @needs_adapter
 def test_water_fill_meets_small_demands_first():
     import lukern
-    from lukern.replay.strategies import _water_fill, _worst_nbytes
+    from lukern.rank import adapter_bytes
+    from lukern.replay.strategies import _fit_capacity, _water_fill
 
     m = DLRM([600, 20000, 5000], 2, dim=16)
-    kw = dict(rank=4)
-    budget = 0.01 * m.table_nbytes
-    out = _water_fill(lukern.LoRAAdapter, m, [0, 1, 2], [40, 3000, 3000], budget, kw)
-    small = _worst_nbytes(lukern.LoRAAdapter(600, 16, capacity=40, **kw))
-    assert out[0] >= small  # the busy small table gets at least its demand
+    probes = {t: lukern.LoRAAdapter(n, 16, rank=4, capacity=1) for t, n in enumerate(m.cat_sizes)}
+    budget = 0.03 * m.table_nbytes
+    out = _water_fill(probes, m, [0, 1, 2], [40, 3000, 3000], budget)
+    assert out[0] >= adapter_bytes(probes[0], 40, 4)  # the busy small table gets at least its demand
     assert sum(out) <= budget * (1 + 1e-9)
     assert out[1] == pytest.approx(out[2])
-    big = _water_fill(lukern.LoRAAdapter, m, [0, 1, 2], [40, 3000, 3000], 10 * m.table_nbytes, kw)
-    assert big[0] == _worst_nbytes(lukern.LoRAAdapter(600, 16, capacity=600, **kw))  # capped at a full adapter
+    big = _water_fill(probes, m, [0, 1, 2], [40, 3000, 3000], 10 * m.table_nbytes)
+    assert big[0] == adapter_bytes(probes[0], 600, 4)  # capped at an adapter over all its rows
+    cap = _fit_capacity(probes[1], 20000, out[1])
+    assert adapter_bytes(probes[1], cap, 4) <= out[1] < adapter_bytes(probes[1], cap + 1, 4)
 
 
 @needs_adapter
@@ -201,7 +203,8 @@ def test_lukern_learns_in_place_within_budget(tiny):
 
     m0 = DLRM(tiny.cat_sizes, tiny.n_dense, dim=8, seed=0)
     m0.fit(tiny, 0, 3000, epochs=1, batch_size=200)
-    s = LukernStrategy(m0, rank=2, budget_pct=20.0, train_batch=400, demand=[50, 50, 5])  # tiny tables
+    s = LukernStrategy(m0, rank=2, budget_pct=20.0, train_batch=400, demand=[50, 50, 5],  # tiny tables
+                       rank_control=False)
     assert s.adapter_nbytes <= 0.2 * m0.table_nbytes
     b = tiny.batch(3000, 3200)
     base = m0.predict(b)
@@ -231,7 +234,7 @@ def test_b_starts_at_the_gradient_directions(tiny):
     from lukern.replay.strategies import LukernStrategy
 
     m0 = DLRM(tiny.cat_sizes, tiny.n_dense, dim=8, seed=0)
-    s = LukernStrategy(m0, rank=2, budget_pct=5.0, demand=[50, 50, 5])
+    s = LukernStrategy(m0, rank=2, budget_pct=5.0, demand=[50, 50, 5], rank_control=False)
     batches = list(tiny.batches(500, 0, 1000))
     captured = s.init_directions(batches)
     for t, a in enumerate(s.adapters):
@@ -247,3 +250,32 @@ def test_b_starts_at_the_gradient_directions(tiny):
         np.testing.assert_allclose(B @ B.T, np.eye(2), atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(top.T @ B.T), np.sqrt(2), atol=1e-4)  # same span
         assert captured[t] == pytest.approx(w[-2:].sum() / w.sum(), rel=1e-6)
+
+
+@needs_adapter
+def test_rank_control_keeps_served_values_and_budget(tiny):
+    from lukern.replay.strategies import LukernStrategy
+
+    m0 = DLRM(tiny.cat_sizes, tiny.n_dense, dim=8, seed=0)
+    m0.fit(tiny, 0, 3000, epochs=1, batch_size=200)
+    s = LukernStrategy(m0, rank=4, budget_pct=30.0, train_batch=200, demand=[80, 80, 5], rank_every=2,
+                       rank_energy=0.9, min_rank=1)
+    assert any(c is not None for c in s.controllers)
+    probe = tiny.batch(4500, 4700)
+    for a in range(3000, 4400, 200):
+        b = tiny.batch(a, a + 200)
+        s.predict(b, 0.0)
+        before = s.predict(probe, 0.0)
+        s.predict(b, 0.0)
+        s.learn(b)
+    st = s.take_stats()
+    decisions = [d for d in st.rank_decisions if d.get("actions")]
+    assert decisions, "the controller decided nothing in 7 steps"
+    for d in decisions:
+        assert d["bytes_after"] <= d["limit_bytes"]
+        assert {"table", "old_rank", "new_rank", "actions"} <= set(d)
+    for t, a in enumerate(s.adapters):
+        if a is not None:
+            assert a.nbytes <= s.controllers[t].limit_bytes
+            np.testing.assert_allclose(np.linalg.norm(a.B.astype(np.float64), axis=1), 1.0, rtol=1e-5)
+    assert np.isfinite(before).all()

@@ -71,6 +71,13 @@ def add_replay_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--lr-b", type=float, default=d.lr_b, help="learning rate of the shared factor B")
     g.add_argument("--budget-pct", type=float, default=d.budget_pct, help="adapter memory budget, %% of the tables")
     g.add_argument("--no-rank-control", action="store_true", help="fixed rank (no lukern.RankController)")
+    g = p.add_argument_group("replicas (lukern.distributed)")
+    g.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="also split the stream over N replicas: isolated vs exchanging compact factors")
+    g.add_argument("--exchange-every", type=int, default=1, metavar="T", help="replicas exchange every T windows")
+    g.add_argument("--split", choices=("user", "random"), default="user", help="how rows are assigned to replicas")
+    g.add_argument("--backend", choices=("inproc", "ray"), default="inproc",
+                   help="replicas in this process, or as Ray actors on a local Ray (pip install 'lukern[ray]')")
     p.set_defaults(func=run_command)
     return p
 
@@ -86,6 +93,28 @@ def _config(args):
                         prod_link_gbps=args.prod_link_gbps, rows_per_second=args.rows_per_second, rank=args.rank,
                         alpha=args.alpha, lr_a=args.lr_a, lr_b=args.lr_b, budget_pct=args.budget_pct,
                         rank_control=not args.no_rank_control, strategies=strategies)
+
+
+def _run_replicas(stream, cfg, args):
+    from ..distributed.replay import print_replicated, run_replicated
+
+    def run():
+        return run_replicated(stream, cfg, replicas=args.replicas, exchange_every=args.exchange_every,
+                              split=args.split, backend=args.backend)
+
+    try:
+        if args.backend == "ray":
+            from ..distributed.ray_backend import RayCluster
+
+            with RayCluster(num_cpus=max(2, args.replicas)):
+                rep = run()
+        else:
+            rep = run()
+    except (ImportError, ValueError) as e:
+        print(f"lukern replay: error: {e}", file=sys.stderr)
+        return None
+    print_replicated(rep)
+    return rep
 
 
 def run_command(args) -> int:
@@ -143,6 +172,10 @@ def run_command(args) -> int:
         print(f"lukern replay: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
+    if args.replicas and not report.get("interrupted"):
+        report["replicas"] = _run_replicas(stream, cfg, args)
+        if report["replicas"] is None:
+            return 2
     if args.json:
         write_json(report, args.json)
         print(f"report: {os.path.abspath(args.json)}", file=sys.stderr)

@@ -1,0 +1,285 @@
+"""Serving with the co-located trainer: does inference tail latency move? (issue 6)
+
+Open-loop Poisson arrivals at a fraction of the measured serving capacity; each request
+is a 26-table fused lookup (TableBatch.lookup with LoRA adapters) plus a small numpy MLP,
+served by ``--workers`` threads (default 2, one per core of the reference machine).
+Latency = completion time - scheduled arrival time, so queueing counts. Arms, in one run:
+
+- ``off``:       50 % load, no trainer (the baseline)
+- ``on``:        50 % load, LiveUpdater (QoS ladder's best level + pausing guard)
+- ``misbehave``: 50 % load, trainer at normal priority, guard disabled
+- ``idle``:      no serving; trainer samples/s with a full queue (0 % load)
+- ``on90``:      90 % load with the trainer (samples/s at high load)
+
+    python -m lukern.bench serving                 # 20 s per arm
+    python -m lukern.bench serving --duration 5    # a quick look
+
+Bars (issue 6): P99 on/off <= 1.10, P50 on/off <= 1.05, trainer trains >= 50 % of the
+samples fed at 50 % load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+
+from .. import LoRAAdapter, TableBatch
+from ..sched import LiveUpdater, ServingLoad
+from ..testing import zipf_ids
+
+
+class Model:
+    """26 tables (d = 16) + MLP 416 -> 64 -> 1; the trainer's loss is logistic on a fixed
+    linear read-out of the pooled embeddings (cheap numpy, like a real model's top)."""
+
+    def __init__(self, n_tables=26, rows=20000, dim=16, hidden=64, rank=8, seed=0):
+        rng = np.random.default_rng(seed)
+        self.n_tables, self.rows, self.dim = n_tables, rows, dim
+        self.tables = TableBatch([(0.1 * rng.standard_normal((rows, dim))).astype(np.float32)
+                                  for _ in range(n_tables)])
+        self.adapters = [LoRAAdapter(rows, dim, rank=rank, capacity=rows // 8, lr_a=0.02, lr_b=0.002)
+                         for _ in range(n_tables)]
+        k = n_tables * dim
+        self.W1 = (rng.standard_normal((k, hidden)) / np.sqrt(k)).astype(np.float32)
+        self.b1 = np.zeros(hidden, np.float32)
+        self.W2 = (rng.standard_normal((hidden, 1)) / np.sqrt(hidden)).astype(np.float32)
+        self.w_read = (rng.standard_normal(k) / np.sqrt(k)).astype(np.float32)
+        self.hidden_score = [rng.standard_normal(rows).astype(np.float32) for _ in range(n_tables)]
+
+    def make_requests(self, n_requests, batch, seed=1):
+        rng = np.random.default_rng(seed)
+        reqs = []
+        for _ in range(n_requests):
+            ids = np.stack([zipf_ids(rng, batch, self.rows) for _ in range(self.n_tables)], axis=1)
+            score = sum(self.hidden_score[t][ids[:, t]] for t in range(self.n_tables)) / np.sqrt(self.n_tables)
+            y = (rng.random(batch) < 1 / (1 + np.exp(-2 * score))).astype(np.float64)
+            idx = np.ascontiguousarray(ids.T).reshape(-1)
+            off = np.arange(idx.size + 1, dtype=np.int64)
+            reqs.append((ids, idx, off, y))
+        return reqs
+
+    def serve(self, idx, off, out):
+        """Returns (click probabilities, pooled embeddings) of one request."""
+        pooled = self.tables.lookup(idx, off, out=out, adapters=self.adapters, unchecked=True, n_threads=1)
+        h = np.maximum(pooled @ self.W1 + self.b1, 0)
+        return 1 / (1 + np.exp(-(h @ self.W2))), pooled
+
+    def loss_grad(self, pooled, labels):
+        z = pooled @ self.w_read
+        p = 1 / (1 + np.exp(-z))
+        loss = float(np.mean(np.logaddexp(0, z) - labels * z))
+        g = ((p - labels) / len(labels)).astype(np.float32)
+        return loss, g[:, None] * self.w_read[None, :]
+
+
+def _service_time(model, reqs, outs, seconds=1.0):
+    """Median single-request service time (warm)."""
+    ts = []
+    end = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < end or len(ts) < 50:
+        _, idx, off, _ = reqs[i % len(reqs)]
+        t0 = time.perf_counter()
+        model.serve(idx, off, outs[0])
+        ts.append(time.perf_counter() - t0)
+        i += 1
+    return float(np.median(ts))
+
+
+def _capacity(model, reqs, batch, workers, seconds=2.0):
+    """Closed-loop requests/s with ``workers`` threads back to back."""
+    counts = [0] * workers
+    stop = time.perf_counter() + seconds
+
+    def run(w):
+        out = np.empty((batch, model.n_tables * model.dim), np.float32)
+        i = w
+        while time.perf_counter() < stop:
+            _, idx, off, _ = reqs[i % len(reqs)]
+            model.serve(idx, off, out)
+            counts[w] += 1
+            i += workers
+
+    th = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
+    t0 = time.perf_counter()
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def _serve_open_loop(model, reqs, batch, rate, duration, workers, load, updater=None, seed=2, reuse_pooled=True):
+    """Poisson arrivals at ``rate``/s for ``duration`` s; returns latencies (s)."""
+    rng = np.random.default_rng(seed)
+    n = int(rate * duration * 1.2) + 10
+    arrivals = np.cumsum(rng.exponential(1 / rate, n))
+    arrivals = arrivals[arrivals < duration]
+    lat = np.full(arrivals.size, np.nan)
+    svc = np.full(arrivals.size, np.nan)
+    nxt = [0]
+    lock = threading.Lock()
+    t_start = time.perf_counter() + 0.05
+
+    def run():
+        out = np.empty((batch, model.n_tables * model.dim), np.float32)
+        while True:
+            with lock:
+                k = nxt[0]
+                nxt[0] += 1
+            if k >= arrivals.size:
+                return
+            due = t_start + arrivals[k]
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            ids, idx, off, y = reqs[k % len(reqs)]
+            t0 = time.perf_counter()
+            with load.request():
+                _, pooled = model.serve(idx, off, out)
+            t1 = time.perf_counter()
+            lat[k] = t1 - due
+            svc[k] = t1 - t0
+            if updater is not None:
+                updater.record(ids, y, pooled=pooled if reuse_pooled else None)
+
+    th = [threading.Thread(target=run, name=f"serve-{w}") for w in range(workers)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    return lat, svc
+
+
+def _arm(name, model, reqs, args, rate, updater_kw):
+    load = ServingLoad()
+    up = None
+    if updater_kw is not None:
+        up = LiveUpdater(model.tables, model.loss_grad, adapters=model.adapters, load=load,
+                         batch_size=args.train_batch, buffer_size=args.buffer, **updater_kw)
+        up.start()
+    t0 = time.perf_counter()
+    lat, svc = _serve_open_loop(model, reqs, args.batch, rate, args.duration, args.workers, load, up)
+    wall = time.perf_counter() - t0
+    res = {"arm": name, "rate_rps": rate, "requests": int(lat.size), "p50_ms": float(np.percentile(lat, 50) * 1e3),
+           "p99_ms": float(np.percentile(lat, 99) * 1e3), "mean_ms": float(lat.mean() * 1e3),
+           "svc_p50_ms": float(np.percentile(svc, 50) * 1e3), "svc_p99_ms": float(np.percentile(svc, 99) * 1e3)}
+    if up is not None:
+        st = up.stats()  # counted before stop(): what kept up with the traffic
+        up.stop()
+        res.update({"fed": st["recorded"], "trained": st["samples"], "trained_share": st["samples"] / max(1, st["recorded"]),
+                    "samples_per_s": st["samples"] / wall, "dropped": st["dropped"], "paused_s": st["paused_s"],
+                    "steps": st["steps"], "qos": st["qos"], "loss": st["last_loss"], "loss_errors": st["loss_errors"]})
+    return res
+
+
+def _idle_arm(model, reqs, args, duration):
+    """No serving: trainer samples/s with the queue kept full."""
+    up = LiveUpdater(model.tables, model.loss_grad, adapters=model.adapters, batch_size=args.train_batch,
+                     buffer_size=args.buffer)
+    big_ids = np.concatenate([r[0] for r in reqs[:64]])
+    big_y = np.concatenate([r[3] for r in reqs[:64]])
+    up.record(big_ids, big_y)
+    up.start()
+    t0 = time.perf_counter()
+    s0 = up.stats()["samples"]
+    while time.perf_counter() - t0 < duration:
+        if up.stats()["pending"] < big_ids.shape[0]:
+            up.record(big_ids, big_y)
+        time.sleep(0.01)
+    st = up.stats()
+    wall = time.perf_counter() - t0
+    up.stop()
+    return {"arm": "idle", "rate_rps": 0.0, "samples_per_s": (st["samples"] - s0) / wall, "steps": st["steps"],
+            "qos": st["qos"], "loss": st["last_loss"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lukern.bench serving", description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per arm (default 20)")
+    p.add_argument("--load", type=float, default=0.5, help="offered load as a share of capacity (default 0.5)")
+    p.add_argument("--workers", type=int, default=2, help="serving threads (default 2)")
+    p.add_argument("--batch", type=int, default=64, help="samples per request (default 64)")
+    p.add_argument("--train-batch", type=int, default=256, help="samples per trainer step (default 256)")
+    p.add_argument("--buffer", type=int, default=65536, help="trainer ring capacity in samples")
+    p.add_argument("--rows", type=int, default=20000, help="rows per table (26 tables, d = 16)")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="sys.setswitchinterval while the well-behaved trainer runs (default: leave it)")
+    p.add_argument("--arms", default="off,on,misbehave,idle,on90", help="comma-separated arms to run")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    args = p.parse_args(argv)
+    # BLAS pools busy-wait and oversubscribe the cores when several serving threads call
+    # matmul; a serving process pins them to one thread, so does this benchmark.
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        return _main(args)
+
+
+def _main(args):
+
+    model = Model(rows=args.rows)
+    reqs = model.make_requests(256, args.batch)
+    outs = [np.empty((args.batch, model.n_tables * model.dim), np.float32)]
+    # warm every kernel the arms use (fused lookup, backward, step) before timing anything
+    warm = LiveUpdater(model.tables, model.loss_grad, adapters=model.adapters, batch_size=args.train_batch, pin=False,
+                       qos="none")
+    warm.record(reqs[0][0], reqs[0][3])
+    with warm:
+        warm.flush(timeout=120)
+    svc = _service_time(model, reqs, outs)
+    cap = _capacity(model, reqs, args.batch, args.workers)
+    rate = args.load * cap
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    head = {"service_ms": svc * 1e3, "capacity_rps": cap, "workers": args.workers, "batch": args.batch,
+            "load": args.load, "rate_rps": rate, "duration_s": args.duration, "fed_samples_per_s": rate * args.batch}
+    if not args.json:
+        print(f"service time {svc * 1e3:.3f} ms/request (batch {args.batch}, 26 tables, d 16, fused LoRA + MLP); "
+              f"capacity {cap:.0f} req/s with {args.workers} workers; offered {rate:.0f} req/s "
+              f"({args.load:.0%}), {rate * args.batch:.0f} labelled samples/s fed")
+    results = []
+    good = {"switch_interval": args.switch_interval}
+    bad = {"qos": "none", "pause": False}
+    for a in arms:
+        if a == "off":
+            r = _arm("off", model, reqs, args, rate, None)
+        elif a == "on":
+            r = _arm("on", model, reqs, args, rate, good)
+        elif a == "misbehave":
+            r = _arm("misbehave", model, reqs, args, rate, bad)
+        elif a == "idle":
+            r = _idle_arm(model, reqs, args, min(args.duration, 10.0))
+        elif a == "on90":
+            r = _arm("on90", model, reqs, args, 0.9 * cap, good)
+        else:
+            print(f"unknown arm {a!r}", file=sys.stderr)
+            return 2
+        results.append(r)
+        if not args.json:
+            print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+                  flush=True)
+    by = {r["arm"]: r for r in results}
+    verdict = {}
+    if "off" in by and "on" in by:
+        verdict = {"p99_ratio": by["on"]["p99_ms"] / by["off"]["p99_ms"],
+                   "p50_ratio": by["on"]["p50_ms"] / by["off"]["p50_ms"],
+                   "trained_share": by["on"]["trained_share"]}
+        verdict["bars_met"] = bool(verdict["p99_ratio"] <= 1.10 and verdict["p50_ratio"] <= 1.05
+                                   and verdict["trained_share"] >= 0.5)
+        if "misbehave" in by:
+            verdict["misbehave_p99_ratio"] = by["misbehave"]["p99_ms"] / by["off"]["p99_ms"]
+            verdict["misbehave_p50_ratio"] = by["misbehave"]["p50_ms"] / by["off"]["p50_ms"]
+    if args.json:
+        print(json.dumps({"setup": head, "arms": results, "verdict": verdict}, indent=1))
+    elif verdict:
+        print("verdict: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in verdict.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,533 @@
+"""``LiveUpdater``: the co-located trainer that keeps LoRA adapters fresh from live traffic
+without moving inference tail latency (DESIGN section 5, issue 6).
+
+The serving side calls :meth:`LiveUpdater.record` with the categorical ids and labels of
+served samples (a bounded ring: when full, the oldest samples are dropped and counted)
+and keeps calling the fused lookup with the same adapters. One trainer thread, pinned
+to the NUMA node that holds the tables and run at the QoS level probed at start
+(SCHED_IDLE here), takes mini-batches from the ring and for each:
+
+1. pools the batch's embeddings *with* the adapters (TableBatch lookup), in chunks of
+   about 1 ms of work;
+2. calls the model's ``loss_grad(pooled, labels[, extra]) -> (loss, d loss/d pooled)``;
+3. runs each adapter's backward (one table per chunk), then every adapter's ``step()``.
+
+Between chunks the fast guard pauses while inference has requests in flight; every
+``period`` the slow controller moves chunk size, step rate and threads against the
+user's P99 target. The heavy work is in nogil Numba kernels; the Python glue per step is
+a few calls per table, so a trainer that holds the GIL does so in short stretches
+(``switch_interval`` shortens the longest wait inference can see, process-wide).
+
+A step is committed adapter by adapter only after every backward succeeded; a loss
+callback that raises, or returns a non-finite or misshaped gradient, is logged,
+counted and leaves every adapter untouched.
+
+Examples
+--------
+>>> import numpy as np, lukern
+>>> tb = lukern.TableBatch([np.zeros((50, 4), np.float32), np.zeros((30, 4), np.float32)])
+>>> w = np.ones(8, np.float32)
+>>> def loss_grad(pooled, labels):
+...     err = pooled @ w - labels
+...     return float((err ** 2).mean()), (2 * err[:, None] * w[None, :] / len(err)).astype(np.float32)
+>>> with lukern.LiveUpdater(tb, loss_grad, batch_size=4, pin=False) as up:
+...     up.record(np.array([[1, 2], [3, 4], [5, 6], [7, 8]]), np.ones(4))
+...     up.flush(timeout=30)
+True
+>>> up.stats()["samples"]
+4
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+import numpy as np
+
+from ..embedding import TableBatch
+from ..lora import LoRAAdapter
+from . import qos as _qos
+from .guard import FastGuard, SlowController
+from .load import ServingLoad
+from .placement import first_touch, node_of_array, pin_thread, trainer_cpus, trainer_node
+
+__all__ = ["LiveUpdater"]
+
+log = logging.getLogger("lukern.sched")
+
+
+class LiveUpdater:
+    """Owns the trainer thread for the tables of one NUMA node and their LoRA adapters.
+
+    Parameters
+    ----------
+    tables : TableBatch or sequence of 2-D arrays
+        The served tables (float32/float64). With a sequence they are packed into one
+        :class:`~lukern.TableBatch` (a copy): serve from ``updater.tables`` then.
+    loss_grad : callable
+        ``loss_grad(pooled, labels) -> (loss, grad)`` with ``pooled`` (n, sum(d_t)) the
+        adapted pooled embeddings of the batch and ``grad`` their loss gradient, same
+        shape. When samples were recorded with ``extra`` (e.g. dense features) it is
+        called as ``loss_grad(pooled, labels, extra)``.
+    adapters : sequence of LoRAAdapter or None, optional
+        One per table (None: that table is not trained). Default: one adapter per table,
+        built with ``adapter_kwargs`` on a thread pinned to the trainer's node so their
+        arrays are first touched there.
+    batch_size : int
+        Samples per mini-batch step.
+    buffer_size : int
+        Capacity of the ring of recorded samples.
+    target_p99 : float, optional
+        The inference P99 budget in seconds the slow controller steers against.
+    load : ServingLoad, optional
+        The load signal (default: a new one, see :meth:`serving`).
+    qos : {"auto", "sched_idle", "nice", "cgroup", "cooperative", "none"}
+        CPU priority of the trainer thread; "auto" takes the ladder's best level (plus
+        resctrl when usable); "none" runs at normal priority.
+    pause : bool
+        False disables the fast guard (a misbehaving trainer, for benchmarks).
+    pin : bool
+        Pin the trainer to the CPUs of the node holding most tables.
+    topology : lukern.topology.Topology, optional
+    n_threads, max_threads : int
+        Kernel threads the trainer's lookups use (the controller moves it up to
+        ``max_threads``).
+    chunk_ms : float
+        Target work per chunk in milliseconds (rows per chunk follow from the measured
+        cost per row; the slow controller moves the target between 0.25 and 4 ms).
+    max_rate : float, optional
+        Steps per second cap (the controller sets one when latency slack runs out).
+    switch_interval : float, optional
+        ``sys.setswitchinterval`` while running (process-wide; restored by stop()).
+    period : float
+        Slow controller period in seconds.
+    """
+
+    def __init__(self, tables, loss_grad, *, adapters=None, adapter_kwargs=None, batch_size: int = 256,
+                 buffer_size: int = 65536, target_p99: float | None = None, load: ServingLoad | None = None,
+                 qos: str = "auto", pause: bool = True, pin: bool = True, topology=None, n_threads: int = 1,
+                 max_threads: int = 1, chunk_ms: float = 1.0,
+                 max_rate: float | None = None, switch_interval: float | None = None, period: float = 0.25,
+                 clock=time.perf_counter):
+        if isinstance(tables, TableBatch):
+            self.tables = tables
+        else:
+            self.tables = TableBatch(list(tables))
+        if not callable(loss_grad):
+            raise TypeError(f"`loss_grad` must be callable (pooled, labels) -> (loss, grad); got {type(loss_grad).__name__}.")
+        for name, v in (("batch_size", batch_size), ("buffer_size", buffer_size), ("n_threads", n_threads),
+                        ("max_threads", max_threads)):
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
+        choices = ("auto", "none") + _qos.LEVELS
+        if qos not in choices:
+            raise ValueError(f"`qos` must be one of {', '.join(choices)}; got {qos!r}.")
+        self.loss_grad = loss_grad
+        self.n_tables = self.tables.n_tables
+        self.n_rows = np.asarray(self.tables.n_rows, np.int64)
+        self.col_offsets = [int(c) for c in self.tables.col_offsets]
+        self.dtype = self.tables.dtype
+        self.batch_size, self.buffer_size = int(batch_size), int(buffer_size)
+        self.load = load if load is not None else ServingLoad()
+        self.qos_request, self.pause, self.pin = qos, bool(pause), bool(pin)
+        self.switch_interval = switch_interval
+        self.chunk_ms = float(chunk_ms)
+        self.clock = clock
+        self._row_cost = None  # seconds per row of the forward (EMA), for rows per chunk
+
+        # placement: the node holding most tables, and its CPUs
+        self.cpus = None
+        self.node = None
+        if pin:
+            if topology is None:
+                from ..topology import read_topology
+                topology = read_topology()
+            self.node = trainer_node(topology, [node_of_array(t) for t in self.tables.tables])
+            self.cpus = trainer_cpus(topology, self.node)
+
+        if adapters is None:
+            kw = dict(adapter_kwargs or {})
+
+            def build():
+                return [LoRAAdapter(int(self.n_rows[t]), int(self.tables.dims[t]), dtype=self.dtype, **kw)
+                        for t in range(self.n_tables)]
+
+            adapters = first_touch(build, self.cpus) if self.cpus else build()
+        adapters = list(adapters)
+        if len(adapters) != self.n_tables:
+            raise ValueError(f"`adapters` must hold one adapter or None per table ({self.n_tables}); got {len(adapters)}.")
+        for t, a in enumerate(adapters):
+            if a is not None and (a.n_rows, a.dim, a.dtype) != (int(self.n_rows[t]), int(self.tables.dims[t]), self.dtype):
+                raise ValueError(f"`adapters[{t}]` is for a ({a.n_rows} x {a.dim}, {a.dtype}) table; table {t} is "
+                                 f"({int(self.n_rows[t])} x {int(self.tables.dims[t])}, {self.dtype}).")
+        self.adapters = adapters
+        self._trained = [t for t, a in enumerate(adapters) if a is not None]
+
+        self.guard = FastGuard(self.load.busy, enabled=self.pause, clock=clock)
+        self.controller = SlowController(target_p99, period=period, n_threads=n_threads, max_threads=max_threads,
+                                         chunk_s=self.chunk_ms * 1e-3, max_rate=max_rate, clock=clock)
+
+        # the ring of recorded samples (allocated on the first record: its shape follows the data)
+        self._lock = threading.Lock()
+        self._data = threading.Condition(self._lock)
+        self._ring = None  # dict of per-sample columns: ids (n, T, L), labels, [extra], [pooled]
+        self._head = 0  # index of the oldest pending sample
+        self._count = 0
+        self._recorded = self._dropped = 0
+
+        self._thread = None
+        self._stop = threading.Event()
+        self._idle = threading.Condition(threading.Lock())
+        self._busy_step = False
+        self._old_switch = None
+        self.steps = self.samples = self.loss_errors = self.rejected = 0
+        self.last_loss = None
+        self.last_error = None
+        self.qos_level = None
+        self.qos_applied = None
+        self.ladder = None
+        self.starts = 0
+
+    # ------------------------------------------------------------------ serving side
+
+    def serving(self):
+        """``with updater.serving():`` around one inference request (load signal)."""
+        return self.load.request()
+
+    def record(self, batch, labels, *, extra=None, pooled=None) -> None:
+        """Queue labelled samples for training.
+
+        Parameters
+        ----------
+        batch : int array (n, n_tables) or (n, n_tables, pooling), or an object with
+            ``.cat`` (and ``.dense``, used as ``extra``) such as a replay batch.
+        labels : array (n,), finite.
+        extra : float array (n, k), optional
+            Per-sample side input handed to ``loss_grad`` (e.g. dense features).
+        pooled : array (n, sum(d_t)), optional
+            The adapted pooled embeddings the serving forward already computed. The
+            trainer then skips its own forward (learning costs a backward, not a second
+            forward); the gradient is taken at the slightly older adapter state.
+
+        Either every record carries ``extra`` (``pooled``) or none does. Raises
+        ``TypeError`` / ``ValueError`` / ``IndexError`` (nothing queued) for bad dtypes,
+        shapes, non-finite labels or ids out of range. Safe to call from several threads.
+        """
+        if hasattr(batch, "cat"):
+            if extra is None and getattr(batch, "dense", None) is not None and batch.dense.ndim == 2 \
+                    and batch.dense.shape[1] > 0:
+                extra = batch.dense
+            batch = batch.cat
+        ids = np.asarray(batch)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"`batch` ids must be integers; got dtype {ids.dtype}.")
+        if ids.ndim not in (2, 3) or ids.shape[1] != self.n_tables:
+            raise ValueError(f"`batch` must have shape (n, {self.n_tables}) or (n, {self.n_tables}, pooling); "
+                             f"got {ids.shape}.")
+        n = ids.shape[0]
+        y = np.asarray(labels, dtype=np.float64)
+        if y.shape != (n,):
+            raise ValueError(f"`labels` must have shape ({n},) to match `batch`; got {y.shape}.")
+        if n and not np.isfinite(y).all():
+            bad = int(np.flatnonzero(~np.isfinite(y))[0])
+            raise ValueError(f"`labels` must be finite; labels[{bad}] = {y[bad]}. Drop unlabelled samples before "
+                             "recording them.")
+        if n:
+            lo = ids.min(axis=0)
+            hi = ids.max(axis=0)
+            if ids.ndim == 3:
+                lo, hi = lo.min(axis=1), hi.max(axis=1)
+            bad = np.flatnonzero((lo < 0) | (hi >= self.n_rows))
+            if bad.size:
+                t = int(bad[0])
+                raise IndexError(f"`batch[:, {t}]` ids must be in [0, {int(self.n_rows[t])}); got "
+                                 f"{int(lo[t])}..{int(hi[t])}.")
+        if extra is not None:
+            extra = np.asarray(extra)
+            if extra.ndim != 2 or extra.shape[0] != n:
+                raise ValueError(f"`extra` must have shape ({n}, k); got {extra.shape}.")
+        if pooled is not None:
+            pooled = np.asarray(pooled)
+            if pooled.shape != (n, self.col_offsets[-1]):
+                raise ValueError(f"`pooled` must have shape ({n}, {self.col_offsets[-1]}); got {pooled.shape}.")
+        if n == 0:
+            return
+        pool = ids.shape[2] if ids.ndim == 3 else 1
+        cols = {"ids": ids.reshape(n, self.n_tables, pool), "labels": y}
+        if extra is not None:
+            cols["extra"] = extra
+        if pooled is not None:
+            cols["pooled"] = pooled
+        with self._lock:
+            if self._ring is None:
+                cap = self.buffer_size
+                self._ring = {"ids": np.zeros((cap, self.n_tables, pool), np.int64),
+                              "labels": np.zeros(cap, np.float64)}
+                if extra is not None:
+                    self._ring["extra"] = np.zeros((cap, extra.shape[1]),
+                                                   extra.dtype if extra.dtype.kind == "f" else np.float64)
+                if pooled is not None:
+                    self._ring["pooled"] = np.zeros((cap, self.col_offsets[-1]), self.dtype)
+            ring = self._ring
+            if set(cols) != set(ring) or any(v.shape[1:] != ring[k].shape[1:] for k, v in cols.items()):
+                want = {k: v.shape[1:] for k, v in ring.items()}
+                got = {k: v.shape[1:] for k, v in cols.items()}
+                raise ValueError(f"every record must carry the same fields as the first (per-sample shapes {want}); "
+                                 f"got {got}.")
+            cap = self.buffer_size
+            n_in = n
+            if n > cap:  # only the newest cap samples can be kept
+                self._dropped += n - cap
+                cols = {k: v[n - cap:] for k, v in cols.items()}
+                n = cap
+            over = self._count + n - cap
+            if over > 0:  # drop the oldest pending samples
+                self._head = (self._head + over) % cap
+                self._count -= over
+                self._dropped += over
+            start = (self._head + self._count) % cap
+            k = min(n, cap - start)
+            for name, v in cols.items():
+                ring[name][start:start + k] = v[:k]
+                if k < n:
+                    ring[name][:n - k] = v[k:]
+            self._count += n
+            self._recorded += n_in
+            self._data.notify()
+
+    def _pop(self, n):
+        """Take up to n oldest pending samples (copies) as a dict of columns, or None."""
+        with self._lock:
+            if self._count == 0:
+                return None
+            n = min(n, self._count)
+            cap = self.buffer_size
+            h = self._head
+            if h + n <= cap:
+                out = {k: v[h:h + n].copy() for k, v in self._ring.items()}
+            else:
+                sel = (h + np.arange(n)) % cap
+                out = {k: v[sel] for k, v in self._ring.items()}
+            self._head = (h + n) % cap
+            self._count -= n
+            self._busy_step = True  # under the lock, so flush() never sees "empty and idle" mid-handover
+            return out
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "LiveUpdater":
+        """Start the trainer thread (no-op when running). Probes the QoS ladder once."""
+        if self.running:
+            return self
+        if self.ladder is None and self.qos_request in ("auto", "resctrl", "cgroup"):
+            self.ladder = _qos.probe_ladder()
+        self._stop.clear()
+        self.guard.reset()
+        if self.switch_interval is not None:
+            self._old_switch = sys.getswitchinterval()
+            sys.setswitchinterval(self.switch_interval)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lukern-trainer", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        self.starts += 1
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the trainer: a running step finishes (without pausing) and is committed,
+        then the thread is joined. Samples still queued stay queued for the next start()."""
+        t = self._thread
+        if t is None:
+            return
+        self._stop.set()
+        self.guard.wake()
+        with self._lock:
+            self._data.notify_all()
+        t.join(timeout)
+        if t.is_alive():
+            raise TimeoutError(f"the trainer thread did not stop within {timeout} s.")
+        self._thread = None
+        if self._old_switch is not None:
+            sys.setswitchinterval(self._old_switch)
+            self._old_switch = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued sample has been trained on (True) or the timeout ran out."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                done = self._count == 0
+            if done and not self._busy_step:
+                return True
+            if not self.running or (end is not None and time.monotonic() > end):
+                return False
+            time.sleep(0.001)
+
+    def stats(self) -> dict:
+        """Counters: steps, samples trained, recorded, dropped, pending, loss errors,
+        rejected gradients, paused seconds, current threads, chunk rows, step-rate cap,
+        QoS level, last loss."""
+        k = self.controller.knobs
+        with self._lock:
+            pending, recorded, dropped = self._count, self._recorded, self._dropped
+        return {
+            "steps": self.steps, "samples": self.samples, "recorded": recorded, "dropped": dropped,
+            "pending": pending, "loss_errors": self.loss_errors, "rejected": self.rejected,
+            "paused_s": self.guard.paused_time, "pauses": self.guard.pauses,
+            "threads": k.n_threads if self.running else 0, "chunk_ms": k.chunk_s * 1e3, "max_rate": k.max_rate,
+            "qos": self.qos_level, "node": self.node, "cpus": self.cpus, "last_loss": self.last_loss,
+            "running": self.running,
+        }
+
+    # ------------------------------------------------------------------ the trainer thread
+
+    def _setup_thread(self):
+        tid = threading.get_native_id()
+        self.load.exclude_tids.add(tid)
+        if self.cpus:
+            pin_thread(self.cpus)
+        req = self.qos_request
+        level = _qos.cpu_level(self.ladder) if req == "auto" else req
+        applied = []
+        if req == "auto" and self.ladder is not None and self.ladder.level("resctrl").usable:
+            try:
+                applied.append(_qos.apply(self.ladder.level("resctrl"), tid))
+            except OSError as exc:
+                log.warning("lukern trainer: resctrl group not applied (%s)", exc)
+        if level not in ("none", "cooperative"):
+            try:
+                applied.append(_qos.apply(self.ladder.level(level) if level in ("cgroup", "resctrl") else level, tid))
+            except (OSError, ValueError) as exc:
+                log.warning("lukern trainer: QoS level %s not applied (%s); pausing only", level, exc)
+                level = "cooperative"
+        self.qos_level = "+".join([a["level"] for a in applied if a["level"] == "resctrl"] + [level])
+        self.qos_applied = applied
+        return tid
+
+    def _run(self):
+        tid = None
+        try:
+            tid = self._setup_thread()
+        finally:
+            self._ready.set()
+        try:
+            next_time = self.clock()
+            while not self._stop.is_set():
+                self.guard.check()
+                if self.controller.due():
+                    self.controller.update(self.load.p99())
+                rate = self.controller.knobs.max_rate
+                if rate:
+                    now = self.clock()
+                    if now < next_time:
+                        self._stop.wait(next_time - now)
+                        continue
+                    next_time = max(next_time + 1.0 / rate, now)
+                with self._lock:
+                    if self._count == 0:
+                        self._data.wait(0.05)
+                        continue
+                batch = self._pop(self.batch_size)
+                if batch is None:
+                    continue
+                try:
+                    self._step(batch)
+                finally:
+                    self._busy_step = False
+        finally:
+            if tid is not None:
+                self.load.exclude_tids.discard(tid)
+
+    def _lookup_args(self, ids):
+        """(indices, offsets) of ids (n, T, L) in the TableBatch layout (table-major)."""
+        n, T, L = ids.shape
+        idx = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(-1)
+        off = np.arange(0, n * T * L + 1, L, dtype=np.int64)
+        return idx, off
+
+    def _forward(self, ids):
+        n = ids.shape[0]
+        pooled = np.empty((n, self.col_offsets[-1]), self.dtype)
+        k = self.controller.knobs
+        r0 = 0
+        while r0 < n:
+            rows = 32 if self._row_cost is None else int(k.chunk_s / self._row_cost)
+            r1 = min(n, r0 + max(8, rows))
+            idx, off = self._lookup_args(ids[r0:r1])
+            t0 = time.perf_counter()
+            self.tables.lookup(idx, off, out=pooled[r0:r1], adapters=self.adapters, unchecked=True,
+                               n_threads=k.n_threads)
+            per_row = max((time.perf_counter() - t0) / (r1 - r0), 1e-9)
+            # an EMA, capped so that one slow chunk (first call, preemption) cannot
+            # shrink the chunks for long
+            self._row_cost = per_row if self._row_cost is None else \
+                0.8 * self._row_cost + 0.2 * min(per_row, 4 * self._row_cost)
+            r0 = r1
+            if r0 < n:
+                self.guard.check()
+        return pooled
+
+    def _step(self, cols):
+        ids, y, extra = cols["ids"], cols["labels"], cols.get("extra")
+        n, _, L = ids.shape
+        if "pooled" in cols:
+            pooled = cols["pooled"]
+        else:
+            pooled = self._forward(ids)
+            self.guard.check()
+        labels = y.astype(self.dtype)
+        try:
+            out = self.loss_grad(pooled, labels) if extra is None else self.loss_grad(pooled, labels, extra)
+            loss, grad = out
+            grad = np.asarray(grad)
+        except Exception as exc:  # the model's bug must not kill the trainer
+            self.loss_errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if self.loss_errors <= 3 or self.loss_errors % 1000 == 0:
+                log.exception("lukern trainer: loss_grad raised (%d so far); batch skipped, adapters untouched",
+                              self.loss_errors)
+            return
+        if grad.shape != pooled.shape or not np.isfinite(grad).all():
+            self.rejected += 1
+            self.last_error = (f"loss_grad returned grad of shape {grad.shape} (want {pooled.shape})"
+                               if grad.shape != pooled.shape else "loss_grad returned a non-finite gradient")
+            if self.rejected <= 3:
+                log.warning("lukern trainer: %s; batch skipped, adapters untouched", self.last_error)
+            return
+        grad = grad.astype(self.dtype, copy=False)
+        off = np.arange(0, n * L + 1, L, dtype=np.int64)
+        touched = []
+        try:
+            for t in self._trained:
+                a = self.adapters[t]
+                c0, c1 = self.col_offsets[t], self.col_offsets[t + 1]
+                a.backward(np.ascontiguousarray(ids[:, t, :]).reshape(-1), off, grad[:, c0:c1],
+                           table=self.tables.tables[t])
+                touched.append(a)
+                self.guard.check()
+        except Exception as exc:
+            for a in touched:
+                a._clear_pending()  # uncommitted gradients of this batch: discard them
+            self.loss_errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("lukern trainer: adapter backward failed; batch skipped")
+            return
+        for a in touched:
+            a.step()
+        self.steps += 1
+        self.samples += n
+        self.last_loss = float(loss)

@@ -1,0 +1,293 @@
+"""lukern.LiveUpdater: lifecycle, the ring, failure handling, concurrency and that the
+trainer learns what the numpy reference says it should."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import lukern
+from lukern.sched import LiveUpdater, ServingLoad
+
+N_ROWS = (40, 30, 20)
+D = 4
+
+
+def make_tables(seed=0):
+    rng = np.random.default_rng(seed)
+    return lukern.TableBatch([rng.standard_normal((n, D)).astype(np.float32) for n in N_ROWS])
+
+
+W = np.linspace(-1, 1, len(N_ROWS) * D).astype(np.float32)
+
+
+def squared_loss(pooled, labels):
+    err = pooled @ W - labels
+    return float((err ** 2).mean()), (2 * err[:, None] * W[None, :] / len(err)).astype(np.float32)
+
+
+def ids_batch(rng, n):
+    return np.stack([rng.integers(0, r, n) for r in N_ROWS], axis=1)
+
+
+def updater(**kw):
+    kw.setdefault("pin", False)
+    kw.setdefault("batch_size", 16)
+    kw.setdefault("adapter_kwargs", {"rank": 2, "capacity": 16, "optimizer_a": "sgd", "optimizer_b": "sgd",
+                                     "lr_a": 0.1, "lr_b": 0.01})
+    return LiveUpdater(make_tables(), kw.pop("loss_grad", squared_loss), **kw)
+
+
+def trainer_threads():
+    return [t for t in threading.enumerate() if t.name == "lukern-trainer"]
+
+
+def test_one_step_matches_a_manual_step():
+    rng = np.random.default_rng(1)
+    ids, y = ids_batch(rng, 16), rng.standard_normal(16)
+    up = updater()
+    ref = updater()  # same seeds: identical adapters
+    up.record(ids, y)
+    with up:
+        assert up.flush(timeout=30)
+    # the reference step by hand with the public adapter API
+    idx = np.ascontiguousarray(ids.T).reshape(-1)
+    off = np.arange(idx.size + 1)
+    pooled = ref.tables.lookup(idx, off, adapters=ref.adapters)
+    _, g = squared_loss(pooled, y.astype(np.float32))
+    for t, a in enumerate(ref.adapters):
+        c0, c1 = ref.col_offsets[t], ref.col_offsets[t + 1]
+        a.train_step(ref.tables.tables[t], np.ascontiguousarray(ids[:, t]), np.arange(17), g[:, c0:c1])
+    for a, b in zip(up.adapters, ref.adapters):
+        np.testing.assert_allclose(a.dense_delta(), b.dense_delta(), rtol=1e-5, atol=1e-7)
+    st = up.stats()
+    assert st["steps"] == 1 and st["samples"] == 16 and st["recorded"] == 16 and st["pending"] == 0
+
+
+def test_training_reduces_the_loss():
+    rng = np.random.default_rng(2)
+    ids = ids_batch(rng, 512)
+    y = (rng.standard_normal(512) * 0.1 + 1.0)
+    up = updater(batch_size=64)
+    idx = np.ascontiguousarray(ids.T).reshape(-1)
+    off = np.arange(idx.size + 1)
+    before = squared_loss(up.tables.lookup(idx, off, adapters=up.adapters), y)[0]
+    with up:
+        for _ in range(4):
+            up.record(ids, y)
+            up.flush(timeout=60)
+    after = squared_loss(up.tables.lookup(idx, off, adapters=up.adapters), y)[0]
+    assert after < 0.8 * before
+
+
+def test_ring_drops_oldest_and_counts():
+    up = updater(buffer_size=10)
+    rng = np.random.default_rng(3)
+    a, b = ids_batch(rng, 8), ids_batch(rng, 8)
+    up.record(a, np.zeros(8))
+    up.record(b, np.ones(8))
+    st = up.stats()
+    assert st["recorded"] == 16 and st["dropped"] == 6 and st["pending"] == 10
+    got = up._pop(10)
+    np.testing.assert_array_equal(got["ids"][:, :, 0], np.concatenate([a[6:], b]))
+    np.testing.assert_array_equal(got["labels"], [0, 0] + [1] * 8)
+    up.record(ids_batch(rng, 25), np.ones(25))  # larger than the ring: the newest 10 kept
+    assert up.stats()["dropped"] == 6 + 15 and up.stats()["pending"] == 10
+
+
+@pytest.mark.parametrize("labels, exc, match", [
+    (np.array([0.0, np.nan, 1.0, 0.0]), ValueError, "finite"),
+    (np.array([0.0, np.inf, 1.0, 0.0]), ValueError, "finite"),
+    (np.zeros(3), ValueError, "shape"),
+])
+def test_bad_labels_rejected_nothing_queued(labels, exc, match):
+    up = updater()
+    with pytest.raises(exc, match=match):
+        up.record(ids_batch(np.random.default_rng(0), 4), labels)
+    assert up.stats()["recorded"] == 0 and up.stats()["pending"] == 0
+
+
+def test_bad_ids_rejected():
+    up = updater()
+    ids = ids_batch(np.random.default_rng(0), 4)
+    ids[2, 1] = N_ROWS[1]
+    with pytest.raises(IndexError, match=r"batch\[:, 1\]"):
+        up.record(ids, np.zeros(4))
+    with pytest.raises(ValueError, match="shape"):
+        up.record(ids[:, :2], np.zeros(4))
+    with pytest.raises(TypeError, match="integers"):
+        up.record(ids.astype(np.float32), np.zeros(4))
+    assert up.stats()["pending"] == 0
+
+
+def test_record_fields_must_stay_the_same():
+    up = updater()
+    rng = np.random.default_rng(0)
+    up.record(ids_batch(rng, 4), np.zeros(4))
+    with pytest.raises(ValueError, match="same fields"):
+        up.record(ids_batch(rng, 4), np.zeros(4), extra=np.zeros((4, 2)))
+
+
+def test_extra_and_pooled_are_handed_over():
+    seen = []
+
+    def loss_grad(pooled, labels, extra):
+        seen.append((pooled.copy(), extra.copy()))
+        return 0.0, np.zeros_like(pooled)
+
+    up = updater(loss_grad=loss_grad)
+    rng = np.random.default_rng(0)
+    pooled = rng.standard_normal((4, len(N_ROWS) * D)).astype(np.float32)
+    up.record(ids_batch(rng, 4), np.zeros(4), extra=np.arange(8.0).reshape(4, 2), pooled=pooled)
+    with up:
+        up.flush(timeout=30)
+    np.testing.assert_array_equal(seen[0][0], pooled)  # no second forward: the recorded one
+    np.testing.assert_array_equal(seen[0][1], np.arange(8.0).reshape(4, 2))
+
+
+def test_loss_callback_that_raises_is_counted_and_adapters_untouched(caplog):
+    calls = []
+
+    def bad(pooled, labels):
+        calls.append(1)
+        raise RuntimeError("model bug")
+
+    up = updater(loss_grad=bad)
+    before = [a.dense_delta() for a in up.adapters]
+    rng = np.random.default_rng(0)
+    with caplog.at_level(logging.ERROR, logger="lukern.sched"):
+        with up:
+            for _ in range(3):
+                up.record(ids_batch(rng, 16), np.zeros(16))
+                up.flush(timeout=30)
+    st = up.stats()
+    assert st["loss_errors"] == 3 and st["steps"] == 0 and len(calls) == 3
+    assert "model bug" in up.last_error and "loss_grad raised" in caplog.text
+    for a, b in zip(up.adapters, before):
+        np.testing.assert_array_equal(a.dense_delta(), b)
+        assert a.step_count == 0
+
+
+@pytest.mark.parametrize("grad", ["nan", "shape"])
+def test_bad_gradient_rejected_adapters_untouched(grad):
+    def lg(pooled, labels):
+        g = np.zeros_like(pooled)
+        if grad == "nan":
+            g[0, 0] = np.nan
+            return 0.0, g
+        return 0.0, g[:, :3]
+
+    up = updater(loss_grad=lg)
+    up.record(ids_batch(np.random.default_rng(0), 16), np.zeros(16))
+    with up:
+        up.flush(timeout=30)
+    assert up.stats()["rejected"] == 1 and all(a.step_count == 0 for a in up.adapters)
+
+
+def test_record_from_several_threads():
+    up = updater(buffer_size=100_000, batch_size=64)
+    per, n_threads = 50, 4
+
+    def feed(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(per):
+            up.record(ids_batch(rng, 8), np.ones(8))
+
+    with up:
+        th = [threading.Thread(target=feed, args=(s,)) for s in range(n_threads)]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join()
+        assert up.flush(timeout=60)
+    st = up.stats()
+    assert st["recorded"] == per * n_threads * 8 == st["samples"] and st["dropped"] == 0
+
+
+def test_start_stop_many_times_without_leaking_threads():
+    base = len(threading.enumerate())
+    up = updater()
+    rng = np.random.default_rng(0)
+    for i in range(15):
+        up.start()
+        up.start()  # idempotent
+        assert len(trainer_threads()) == 1 and up.stats()["running"]
+        up.record(ids_batch(rng, 4), np.zeros(4))
+        up.stop()
+        up.stop()  # idempotent
+        assert not trainer_threads() and not up.stats()["running"]
+    assert len(threading.enumerate()) == base
+    with up:  # anything left queued is trained after the next start
+        assert up.flush(timeout=30)
+    assert up.stats()["samples"] == 60
+
+
+def test_stop_while_a_step_runs_commits_it():
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(pooled, labels):
+        entered.set()
+        release.wait(5)
+        return squared_loss(pooled, labels)
+
+    up = updater(loss_grad=slow)
+    up.record(ids_batch(np.random.default_rng(0), 16), np.ones(16))
+    up.start()
+    assert entered.wait(30)
+    stopper = threading.Thread(target=up.stop)
+    stopper.start()
+    time.sleep(0.05)
+    assert stopper.is_alive()  # stop() waits for the step in flight
+    release.set()
+    stopper.join(10)
+    assert not stopper.is_alive() and not trainer_threads()
+    assert up.stats()["steps"] == 1 and all(a.step_count == 1 for a in up.adapters)
+
+
+def test_guard_pauses_while_requests_are_in_flight():
+    load = ServingLoad()
+    up = updater(load=load)
+    rng = np.random.default_rng(0)
+    with up:
+        with load.request():  # inference busy: the trainer must not step
+            up.record(ids_batch(rng, 16), np.ones(16))
+            time.sleep(0.2)
+            assert up.stats()["steps"] == 0
+        assert up.flush(timeout=30)
+    st = up.stats()
+    assert st["steps"] == 1 and st["pauses"] >= 1 and st["paused_s"] > 0
+
+
+def test_stats_report_qos_and_placement():
+    up = updater(pin=True, qos="auto")
+    with up:
+        st = up.stats()
+        assert st["qos"] in ("sched_idle", "cgroup", "nice", "cooperative") and st["threads"] == 1
+        assert st["cpus"] and st["node"] is not None
+    assert up.stats()["threads"] == 0
+
+
+def test_constructor_validation():
+    with pytest.raises(TypeError, match="loss_grad"):
+        LiveUpdater(make_tables(), None)
+    with pytest.raises(ValueError, match="qos"):
+        LiveUpdater(make_tables(), squared_loss, qos="turbo", pin=False)
+    with pytest.raises(ValueError, match="adapters"):
+        LiveUpdater(make_tables(), squared_loss, adapters=[None], pin=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        LiveUpdater(make_tables(), squared_loss, batch_size=0, pin=False)
+
+
+def test_untrained_tables_and_exported_name():
+    assert lukern.LiveUpdater is LiveUpdater
+    tb = make_tables()
+    ad = [lukern.LoRAAdapter(N_ROWS[0], D, rank=2), None, None]
+    up = LiveUpdater(tb, squared_loss, adapters=ad, pin=False, batch_size=8)
+    up.record(ids_batch(np.random.default_rng(0), 8), np.ones(8))
+    with up:
+        up.flush(timeout=30)
+    assert ad[0].step_count == 1
