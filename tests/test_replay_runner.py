@@ -279,3 +279,40 @@ def test_rank_control_keeps_served_values_and_budget(tiny):
             assert a.nbytes <= s.controllers[t].limit_bytes
             np.testing.assert_allclose(np.linalg.norm(a.B.astype(np.float64), axis=1), 1.0, rtol=1e-5)
     assert np.isfinite(before).all()
+
+
+needs_live = pytest.mark.skipif(not adapter_available() or not hasattr(__import__("lukern"), "LiveUpdater"),
+                                reason="lukern.LiveUpdater not in this build")
+
+
+@needs_live
+def test_live_mode_reports_latency_on_and_off(tiny, tmp_path):
+    from lukern.replay.live import run_live
+
+    r = run_live(tiny, tiny_cfg(strategies=("stale", "lukern"), train_batch=400, budget_pct=20.0),
+                 progress=False)
+    lk = r["strategies"]["lukern"]
+    assert r["mode"] == "live" and r["windows_done"] == 3
+    for key in ("p50_ms", "p99_ms"):
+        assert lk[key]["on"] > 0 and lk[key]["off"] > 0
+    live = r["live"]
+    n_served = sum(w["rows"] for w in r["windows"])
+    assert live["trainer"]["recorded"] == n_served and live["trainer"]["samples"] == n_served
+    assert live["on"]["requests"] == live["off"]["requests"] > 0
+    assert lk["update_cpu_s"] > 0 and lk["auc"] > r["strategies"]["stale"]["auc"] - 0.05
+    assert "live inference latency" in format_report(r)
+
+
+def test_cli_live_mode(tmp_path, capsys):
+    import lukern
+
+    out = tmp_path / "live.json"
+    code = main(["replay", "--mode", "live", "--events", "6000", "--windows", "2", "--epochs", "1", "--dim", "8",
+                 "--train-batch", "400", "--budget-pct", "20", "--no-progress", "--strategies", "stale,lukern",
+                 "--json", str(out)])
+    if not hasattr(lukern, "LiveUpdater"):
+        assert code == 2 and "LiveUpdater" in capsys.readouterr().err
+        return
+    assert code == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["strategies"]["lukern"]["p99_ms"]) == {"on", "off"}

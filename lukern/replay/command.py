@@ -71,6 +71,12 @@ def add_replay_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--lr-b", type=float, default=d.lr_b, help="learning rate of the shared factor B")
     g.add_argument("--budget-pct", type=float, default=d.budget_pct, help="adapter memory budget, %% of the tables")
     g.add_argument("--no-rank-control", action="store_true", help="fixed rank (no lukern.RankController)")
+    g.add_argument("--no-prior-acc", dest="prior_acc", action="store_false",
+                   help="start new adapter slots from zero Adagrad history, not their rows' history (ablation)")
+    g.add_argument("--qos", default=d.qos, choices=("auto", "none", "sched_idle", "nice", "cgroup", "cooperative"),
+                   help="live mode: CPU priority of the trainer thread")
+    g.add_argument("--target-p99-ms", type=float, default=None,
+                   help="live mode: inference P99 the trainer's controller steers against")
     g = p.add_argument_group("replicas (lukern.distributed)")
     g.add_argument("--replicas", type=int, default=0, metavar="N",
                    help="also split the stream over N replicas: isolated vs exchanging compact factors")
@@ -92,7 +98,8 @@ def _config(args):
                         priority_pct=args.priority_pct, prod_table_tb=args.prod_table_tb,
                         prod_link_gbps=args.prod_link_gbps, rows_per_second=args.rows_per_second, rank=args.rank,
                         alpha=args.alpha, lr_a=args.lr_a, lr_b=args.lr_b, budget_pct=args.budget_pct,
-                        rank_control=not args.no_rank_control, strategies=strategies)
+                        rank_control=not args.no_rank_control, strategies=strategies, qos=args.qos,
+                        target_p99_ms=args.target_p99_ms, prior_acc=args.prior_acc)
 
 
 def _run_replicas(stream, cfg, args):

@@ -238,8 +238,14 @@ class DLRM:
             pooled = self.tables.lookup(idx, off, unchecked=True)
         else:
             pooled = self.tables.lookup(idx, off, adapters=list(adapters), unchecked=True)
+        rows = idx + np.repeat(self.row_offsets[:-1], n)
+        return self._forward_pooled(pooled, batch.dense, rows)
+
+    def _forward_pooled(self, pooled, dense, rows=None) -> ForwardCache:
+        """Everything after the lookup: bottom MLP, interaction, top MLP."""
+        n = pooled.shape[0]
         p = self.params
-        h = batch.dense.astype(self.dtype, copy=False) if self.n_dense else np.ones((n, 1), self.dtype)
+        h = dense.astype(self.dtype, copy=False) if self.n_dense else np.ones((n, 1), self.dtype)
         bottom_acts = [h]
         for i in range(self.n_bottom):
             h = np.maximum(h @ p[f"bottom{i}.W"] + p[f"bottom{i}.b"], 0)
@@ -254,8 +260,20 @@ class DLRM:
             h = h @ p[f"top{i}.W"] + p[f"top{i}.b"]
             if i < self.n_top - 1:
                 h = np.maximum(h, 0)
-        rows = idx + np.repeat(self.row_offsets[:-1], n)
+        rows = np.zeros(0, np.int64) if rows is None else rows
         return ForwardCache(n, bottom_acts[0], bottom_acts, pooled, z, top_acts, h[:, 0], rows)
+
+    def loss_grad_pooled(self, pooled, labels, dense):
+        """``(loss, d loss / d pooled)`` for given pooled embeddings ``(n, n_tables * dim)``
+        and dense features: the ``loss_grad`` callback of :class:`lukern.LiveUpdater`
+        (records carry the dense features as ``extra``)."""
+        pooled = np.asarray(pooled)
+        if pooled.ndim != 2 or pooled.shape[1] != self.n_tables * self.dim:
+            raise ValueError(f"`pooled` must have shape (n, {self.n_tables * self.dim}); got {pooled.shape}.")
+        dense = np.asarray(dense)
+        if dense.shape != (pooled.shape[0], self.n_dense):
+            raise ValueError(f"`dense` must have shape ({pooled.shape[0]}, {self.n_dense}); got {dense.shape}.")
+        return self.backward_pooled(self._forward_pooled(pooled.astype(self.dtype, copy=False), dense), labels)
 
     def forward(self, batch, *, adapters=None):
         """Logits ``(n,)`` and pooled embeddings ``(n, n_tables * dim)`` of ``batch``."""

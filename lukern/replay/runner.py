@@ -57,6 +57,8 @@ class ReplayConfig:
     budget_pct: float = 1.0
     rank_control: bool = True
     rank_energy: float = 0.999
+    qos: str = "auto"              # live mode: the trainer thread's CPU priority
+    target_p99_ms: float | None = None  # live mode: inference P99 the trainer steers against
     min_rank: int = 2
     optimizer_a: str = "rowwise_adagrad"
     optimizer_b: str = "adagrad"
@@ -170,7 +172,7 @@ def initial_model(stream, cfg: ReplayConfig, n_train: int, *, progress=None):
     return m0, info
 
 
-def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None):
+def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None, live=False):
     bw = Bandwidth(cfg.prod_table_tb * 1e12, cfg.prod_link_gbps * 1e9)
     out = {}
     trainer = None
@@ -191,13 +193,19 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None)
             if not adapter_available():
                 pending.append("lukern (lukern.LoRAAdapter is not available in this build)")
                 continue
-            out[name] = LukernStrategy(m0.copy(), rank=cfg.rank, alpha=cfg.alpha, lr_a=cfg.lr_a, lr_b=cfg.lr_b,
-                                       budget_pct=cfg.budget_pct, rank_control=cfg.rank_control,
-                                       demand=demand, prior_acc=cfg.prior_acc, optimizer_a=cfg.optimizer_a,
-                                       optimizer_b=cfg.optimizer_b, eviction=cfg.eviction,
-                                       train_batch=cfg.train_batch,
-                                       rank_every=max(1, (window_rows or cfg.train_batch) // cfg.train_batch),
-                                       rank_energy=cfg.rank_energy, min_rank=cfg.min_rank)
+            kw = dict(rank=cfg.rank, alpha=cfg.alpha, lr_a=cfg.lr_a, lr_b=cfg.lr_b, budget_pct=cfg.budget_pct,
+                      rank_control=cfg.rank_control, demand=demand, optimizer_a=cfg.optimizer_a,
+                      optimizer_b=cfg.optimizer_b, eviction=cfg.eviction, train_batch=cfg.train_batch,
+                      rank_energy=cfg.rank_energy, min_rank=cfg.min_rank)
+            if live:
+                from .live import LiveLukern
+
+                out[name] = LiveLukern(m0.copy(), prior_acc=cfg.prior_acc, rank_every=1, qos=cfg.qos,
+                                       target_p99_ms=cfg.target_p99_ms, **kw)
+            else:
+                out[name] = LukernStrategy(m0.copy(), prior_acc=cfg.prior_acc,
+                                           rank_every=max(1, (window_rows or cfg.train_batch) // cfg.train_batch),
+                                           **kw)
     return out, trainer, bw, pending
 
 
@@ -223,8 +231,10 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
         tqdm bar on stderr.
     on_window : callable(report_so_far), optional
         Called after every window (the CLI uses it to keep the JSON current).
-    mode : "sim"
-        Recorded in the report (live mode wraps this loop, see :mod:`lukern.replay.live`).
+    mode : "sim" or "live"
+        ``live``: lukern's adapters are trained by a :class:`lukern.LiveUpdater` thread
+        and the report adds inference latency with the trainer on and off
+        (see :mod:`lukern.replay.live`).
 
     Examples
     --------
@@ -267,6 +277,7 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
     bar = _progress(train_batches + serve_batches, progress)
     series = {}
     preds = {}
+    strategies = {}
     try:
         with _single_threaded():
             if bar is not None:
@@ -281,7 +292,7 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
             w_rows = int(edges[1] - edges[0])
             recent = stream.cat[max(0, n_train - w_rows):n_train]
             demand = [int((np.unique(recent[:, t], return_counts=True)[1] >= 2).sum()) for t in range(stream.n_cat)]
-            strategies, trainer, bw, pending = _make_strategies(cfg, m0, demand, w_rows)
+            strategies, trainer, bw, pending = _make_strategies(cfg, m0, demand, w_rows, live=mode == "live")
             if "lukern" in strategies and strategies["lukern"].rank_control_note:
                 pending.append(f"rank control: {strategies['lukern'].rank_control_note}")
             report["pending"] = pending
@@ -350,8 +361,33 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
     finally:
         if bar is not None:
             bar.close()
+        live = strategies.get("lukern") if mode == "live" else None
+        if live is not None:
+            live.stop()
+    if live is not None and series:
+        _live_latency(report, stream, live, edges, cfg)
     report["elapsed_s"] = time.perf_counter() - start
     return report
+
+
+def _live_latency(report, stream, live, edges, cfg):
+    """Serve the same requests again with the trainer stopped; record P50/P99 on and off."""
+    from .live import latency_summary
+
+    k = report.get("windows_done", 0)
+    spans = [(a, min(int(edges[w + 1]), a + cfg.batch_size)) for w in range(k)
+             for a in range(int(edges[w]), int(edges[w + 1]), cfg.batch_size)]
+    on = latency_summary(live.latencies[:len(spans)])
+    with _single_threaded():
+        off = latency_summary(live.serve_again(stream, spans))
+    stats = live.updater.stats()
+    report["live"] = {"on": on, "off": off, "trainer": {k_: stats[k_] for k_ in (
+        "steps", "samples", "recorded", "dropped", "pauses", "paused_s", "qos", "node", "cpus", "loss_errors",
+        "rejected")}}
+    lk = report["strategies"].get("lukern")
+    if lk is not None:
+        lk["p50_ms"] = {"on": on["p50_ms"], "off": off["p50_ms"]}
+        lk["p99_ms"] = {"on": on["p99_ms"], "off": off["p99_ms"]}
 
 
 def _summarise(report, stream, edges, series, preds, strategies, cfg):
