@@ -8,6 +8,7 @@ between processes (a cold compile of one set takes ~1.3 s; a cached load a few m
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -54,6 +55,7 @@ def with_slp(dispatcher):
     return dispatcher
 
 
+@functools.lru_cache(maxsize=1)
 def _kernels_digest() -> str:
     """Hash of lukern's kernel sources: generated modules import them, and numba's cache
     checks only the generated file's own stamp, so a new lukern gets a new folder."""
