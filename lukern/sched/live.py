@@ -116,6 +116,12 @@ class LiveUpdater:
         ``sys.setswitchinterval`` while running (process-wide; restored by stop()).
     period : float
         Slow controller period in seconds.
+    pause_in_flight : int, optional
+        The fast guard pauses while at least this many requests are in flight. Default:
+        1 in thread mode (the GIL is shared with inference, so any request counts); in
+        process mode the number of CPUs the trainer may use, i.e. pause only when
+        inference could occupy every one of them (SCHED_IDLE already yields the CPU, the
+        pause also spares caches and memory bandwidth).
     mode : {"thread", "process"}
         "thread": the trainer is a thread of this process. "process": the sidecar mode,
         the trainer runs in a forked child (its own GIL: its Python glue never delays
@@ -134,7 +140,7 @@ class LiveUpdater:
                  max_threads: int = 1, chunk_ms: float = 1.0,
                  max_rate: float | None = None, switch_interval: float | None = None, period: float = 0.25,
                  mode: str = "thread", publish_every: float = 0.2, pooling: int = 1, extra_width: int = 0,
-                 record_pooled: bool = False, clock=time.perf_counter):
+                 record_pooled: bool = False, pause_in_flight: int | None = None, clock=time.perf_counter):
         if isinstance(tables, TableBatch):
             self.tables = tables
         else:
@@ -194,23 +200,23 @@ class LiveUpdater:
         self.adapters = adapters
         self._trained = [t for t, a in enumerate(adapters) if a is not None]
 
-        self.guard = FastGuard(self.load.busy, enabled=self.pause, clock=clock)
+        if pause_in_flight is None:
+            pause_in_flight = 1 if mode == "thread" else len(self.cpus or os.sched_getaffinity(0))
+        if int(pause_in_flight) < 1:
+            raise ValueError(f"`pause_in_flight` must be >= 1; got {pause_in_flight!r}.")
+        self.pause_in_flight = int(pause_in_flight)
+        self.guard = FastGuard(self._busy, enabled=self.pause, clock=clock)
         self.controller = SlowController(target_p99, period=period, n_threads=n_threads, max_threads=max_threads,
                                          chunk_s=self.chunk_ms * 1e-3, max_rate=max_rate, clock=clock)
 
         # the ring of recorded samples (allocated on the first record: its shape follows the data)
+        self._lock = threading.Lock()  # between producers (serving threads) only
         if mode == "process":
-            ctx = multiprocessing.get_context("fork")
-            self._lock = ctx.Lock()  # a semaphore in shared memory: serving threads and the child
-            self._data = ctx.Condition(self._lock)
             self._ctr = _shared_array(8, np.int64)
             self._p99 = _shared_array(1, np.float64)
             self._flight = self.load.share()
         else:
-            self._lock = threading.Lock()
-            self._data = threading.Condition(self._lock)
             self._ctr = np.zeros(8, np.int64)
-        # _ctr: head (oldest pending), count (pending), recorded, dropped, stop flag
         self._ring = None  # dict of per-sample columns: ids (n, T, L), labels, [extra], [pooled]
         if mode == "process":
             self._ring = {"ids": _shared_array((self.buffer_size, self.n_tables, int(pooling)), np.int64),
@@ -237,10 +243,18 @@ class LiveUpdater:
         self.starts = 0
 
     # ring counters live in _ctr (shared with the sidecar child in process mode)
-    _head = property(lambda self: int(self._ctr[0]), lambda self, v: self._ctr.__setitem__(0, v))
-    _count = property(lambda self: int(self._ctr[1]), lambda self, v: self._ctr.__setitem__(1, v))
-    _recorded = property(lambda self: int(self._ctr[2]), lambda self, v: self._ctr.__setitem__(2, v))
-    _dropped = property(lambda self: int(self._ctr[3]), lambda self, v: self._ctr.__setitem__(3, v))
+    # _ctr: 0 read position (consumer), 1 dropped by the consumer (overwritten before read),
+    # 2 recorded, 3 dropped by the producer (a record larger than the ring), 4 stop flag
+    # (process mode), 5 written position, 7 claimed position (producer)
+    @property
+    def _count(self) -> int:
+        """Samples written and not read yet that are still in the ring."""
+        return min(self.buffer_size, int(self._ctr[5]) - int(self._ctr[0]))
+
+    @property
+    def _dropped(self) -> int:
+        overwritten_unread = max(0, int(self._ctr[5]) - self.buffer_size - int(self._ctr[0]))
+        return int(self._ctr[1]) + int(self._ctr[3]) + overwritten_unread
 
     # ------------------------------------------------------------------ serving side
 
@@ -331,40 +345,52 @@ class LiveUpdater:
             cap = self.buffer_size
             n_in = n
             if n > cap:  # only the newest cap samples can be kept
-                self._dropped += n - cap
+                self._ctr[3] += n - cap
                 cols = {k: v[n - cap:] for k, v in cols.items()}
                 n = cap
-            over = self._count + n - cap
-            if over > 0:  # drop the oldest pending samples
-                self._head = (self._head + over) % cap
-                self._count -= over
-                self._dropped += over
-            start = (self._head + self._count) % cap
+            # single-producer side of a lock-free ring: claim, write, publish. The trainer
+            # (consumer) never takes this lock, so a preempted low-priority trainer can
+            # never block inference here (no priority inversion).
+            w = int(self._ctr[5])
+            self._ctr[7] = w + n  # claimed: slots being overwritten are visible to the reader
+            start = w % cap
             k = min(n, cap - start)
             for name, v in cols.items():
                 ring[name][start:start + k] = v[:k]
                 if k < n:
                     ring[name][:n - k] = v[k:]
-            self._count += n
-            self._recorded += n_in
-            self._data.notify()
+            self._ctr[5] = w + n  # published (x86 keeps stores in order; see _pop)
+            self._ctr[2] += n_in
 
     def _pop(self, n):
-        """Take up to n oldest pending samples (copies) as a dict of columns, or None."""
-        with self._lock:
-            if self._count == 0:
+        """Take up to n oldest unread samples (copies) as a dict of columns, or None.
+
+        The consumer side of the ring: it reads the producer's counters, copies, then
+        checks the claim counter: a record() that overwrote part of the copied slots
+        meanwhile (the ring was full) makes that prefix invalid; it is discarded and
+        counted as dropped, like samples overwritten before they were read."""
+        cap = self.buffer_size
+        r, w = int(self._ctr[0]), int(self._ctr[5])
+        if w == r:
+            return None
+        start = max(r, w - cap)
+        if start > r:
+            self._ctr[1] += start - r  # overwritten before they were read
+        n = min(n, w - start)
+        h = start % cap
+        if h + n <= cap:
+            out = {k: v[h:h + n].copy() for k, v in self._ring.items()}
+        else:
+            sel = (h + np.arange(n)) % cap
+            out = {k: v[sel] for k, v in self._ring.items()}
+        lost = min(n, int(self._ctr[7]) - cap - start)
+        self._ctr[0] = start + n
+        if lost > 0:
+            self._ctr[1] += lost
+            if lost == n:
                 return None
-            n = min(n, self._count)
-            cap = self.buffer_size
-            h = self._head
-            if h + n <= cap:
-                out = {k: v[h:h + n].copy() for k, v in self._ring.items()}
-            else:
-                sel = (h + np.arange(n)) % cap
-                out = {k: v[sel] for k, v in self._ring.items()}
-            self._head = (h + n) % cap
-            self._count -= n
-            return out
+            out = {k: v[lost:] for k, v in out.items()}
+        return out
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -373,6 +399,11 @@ class LiveUpdater:
         if self.mode == "process":
             return self._pid is not None
         return self._thread is not None and self._thread.is_alive()
+
+    def _busy(self) -> bool:
+        if self.pause_in_flight == 1:
+            return self.load.busy()
+        return self.load.in_flight >= self.pause_in_flight or (not self.load.reporting() and self.load.fallback_busy())
 
     def _stopping(self) -> bool:
         return bool(self._ctr[4]) if self._in_child else self._stop.is_set()
@@ -417,10 +448,10 @@ class LiveUpdater:
 
     def _child_main(self, conn):
         self._in_child = True
-        flight = self._flight
+        flight, k = self._flight, self.pause_in_flight
         # the parent's serving threads do not exist here; only the in-flight counter in
         # shared memory tells the guard that inference is busy
-        self.guard = FastGuard(lambda: flight[0] > 0, enabled=self.pause, clock=self.clock,
+        self.guard = FastGuard(lambda: flight[0] >= k, enabled=self.pause, clock=self.clock,
                                wait=lambda s: (time.sleep(s), bool(self._ctr[4]))[1])
         last = [time.monotonic(), self.consumed]
 
@@ -456,6 +487,12 @@ class LiveUpdater:
                 break
             for a, f in zip(self.adapters, facts):
                 if a is not None and f is not None and f.version != a.version:
+                    # adopting takes ~0.2 ms of GIL per table: yield to requests in flight
+                    # between tables (bounded, so a saturated server still gets updates)
+                    for _ in range(20):
+                        if self.load.in_flight == 0:
+                            break
+                        time.sleep(0.0005)
                     a.apply_factors(f)
                     a.version = f.version
             self._adopt_child_stats(st)
@@ -476,8 +513,6 @@ class LiveUpdater:
         if self._pid is None:
             return
         self._ctr[4] = 1
-        with self._lock:
-            self._data.notify_all()
         self._receiver.join(timeout)
         if self._receiver.is_alive():
             raise TimeoutError(f"the sidecar trainer did not stop within {timeout} s.")
@@ -515,8 +550,6 @@ class LiveUpdater:
             return
         self._stop.set()
         self.guard.wake()
-        with self._lock:
-            self._data.notify_all()
         t.join(timeout)
         if t.is_alive():
             raise TimeoutError(f"the trainer thread did not stop within {timeout} s.")
@@ -539,8 +572,8 @@ class LiveUpdater:
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
-                target = self._recorded - self._dropped
-            if self.consumed >= target:
+                target = int(self._ctr[5])  # every written sample: trained, failed or dropped
+            if self.consumed + int(self._ctr[1]) >= target:
                 return True
             if not self.running or (end is not None and time.monotonic() > end):
                 return False
@@ -552,7 +585,7 @@ class LiveUpdater:
         QoS level, last loss."""
         k = self.controller.knobs
         with self._lock:
-            pending, recorded, dropped = self._count, self._recorded, self._dropped
+            pending, recorded, dropped = self._count, int(self._ctr[2]), self._dropped
         return {
             "mode": self.mode, "steps": self.steps, "samples": self.samples, "consumed": self.consumed,
             "recorded": recorded, "dropped": dropped,
@@ -596,6 +629,7 @@ class LiveUpdater:
             self._ready.set()
         try:
             next_time = self.clock()
+            idle = 0.0005
             while not self._stopping():
                 self.guard.check()
                 if self.controller.due():
@@ -609,13 +643,12 @@ class LiveUpdater:
                         self._sleep(next_time - now)
                         continue
                     next_time = max(next_time + 1.0 / rate, now)
-                with self._lock:
-                    if self._count == 0:
-                        self._data.wait(0.05)
-                        continue
                 batch = self._pop(self.batch_size)
-                if batch is None:
+                if batch is None:  # nothing queued: poll with back-off (record() never signals,
+                    idle = min(0.01, idle * 2)  # so it never waits for the trainer)
+                    self._sleep(idle)
                     continue
+                idle = 0.0005
                 try:
                     self._step(batch)
                 finally:
