@@ -4,6 +4,7 @@ trainer learns what the numpy reference says it should."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -291,3 +292,59 @@ def test_untrained_tables_and_exported_name():
     with up:
         up.flush(timeout=30)
     assert ad[0].step_count == 1
+
+
+# --- the sidecar process mode ---------------------------------------------------------------
+
+def test_process_mode_learns_the_same_as_thread_mode():
+    rng = np.random.default_rng(5)
+    batches = [(ids_batch(rng, 16), rng.standard_normal(16)) for _ in range(4)]
+    results = []
+    kw = {"rank": 2, "capacity": 64, "optimizer_a": "sgd", "optimizer_b": "sgd", "lr_a": 0.1, "lr_b": 0.01}
+    for mode in ("thread", "process"):
+        up = updater(mode=mode, adapter_kwargs=kw)  # capacity >= rows: no eviction, no folding
+        with up:
+            for ids, y in batches:
+                up.record(ids, y)
+                assert up.flush(timeout=60)
+        st = up.stats()
+        assert st["steps"] == 4 and st["samples"] == 64 and st["mode"] == mode
+        results.append([a.dense_delta() for a in up.adapters])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_process_mode_start_stop_reaps_children_and_counts_errors():
+    def bad(pooled, labels):
+        raise RuntimeError("model bug")
+
+    up = updater(mode="process", loss_grad=bad)
+    pids = []
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        up.start()
+        pids.append(up._pid)
+        up.record(ids_batch(rng, 16), np.zeros(16))
+        assert up.flush(timeout=60)
+        up.stop()
+        assert not up.running
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # already reaped: no zombies left behind
+    st = up.stats()
+    assert st["loss_errors"] == 4 and st["steps"] == 0
+    assert all(a.step_count == 0 and not a.dense_delta().any() for a in up.adapters)
+    assert not trainer_threads() and not [t for t in threading.enumerate() if t.name == "lukern-sidecar-recv"]
+
+
+def test_process_mode_guard_reads_the_shared_in_flight_counter():
+    load = ServingLoad()
+    up = updater(mode="process", load=load, pause_in_flight=1)
+    with up:
+        with load.request():
+            up.record(ids_batch(np.random.default_rng(0), 16), np.ones(16))
+            time.sleep(0.3)
+            assert up.stats()["steps"] == 0 and up.stats()["pending"] == 16
+        assert up.flush(timeout=60)
+    st = up.stats()
+    assert st["steps"] == 1 and st["pauses"] >= 1
