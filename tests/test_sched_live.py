@@ -37,10 +37,22 @@ def ids_batch(rng, n):
 
 def updater(**kw):
     kw.setdefault("pin", False)
+    # SCHED_IDLE is tested on its own; here it would only make the tests wait for idle CPU
+    # on a loaded machine
+    kw.setdefault("qos", "cooperative")
     kw.setdefault("batch_size", 16)
     kw.setdefault("adapter_kwargs", {"rank": 2, "capacity": 16, "optimizer_a": "sgd", "optimizer_b": "sgd",
                                      "lr_a": 0.1, "lr_b": 0.01})
     return LiveUpdater(make_tables(), kw.pop("loss_grad", squared_loss), **kw)
+
+
+def wait_for(cond, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def trainer_threads():
@@ -256,7 +268,8 @@ def test_guard_pauses_while_requests_are_in_flight():
     with up:
         with load.request():  # inference busy: the trainer must not step
             up.record(ids_batch(rng, 16), np.ones(16))
-            time.sleep(0.2)
+            assert wait_for(lambda: up.stats()["pauses"] >= 1)
+            time.sleep(0.05)
             assert up.stats()["steps"] == 0
         assert up.flush(timeout=30)
     st = up.stats()
@@ -342,8 +355,9 @@ def test_process_mode_guard_reads_the_shared_in_flight_counter():
     up = updater(mode="process", load=load, pause_in_flight=1)
     with up:
         with load.request():
+            time.sleep(0.1)  # the child's next guard check (<= 10 ms idle poll) sees it busy
             up.record(ids_batch(np.random.default_rng(0), 16), np.ones(16))
-            time.sleep(0.3)
+            time.sleep(0.3)  # the child publishes nothing while paused: its counters stay
             assert up.stats()["steps"] == 0 and up.stats()["pending"] == 16
         assert up.flush(timeout=60)
     st = up.stats()
