@@ -37,6 +37,7 @@ def ids_batch(rng, n):
 
 def updater(**kw):
     kw.setdefault("pin", False)
+    kw.setdefault("mode", "thread")  # the logic tests; the sidecar has its own below
     # SCHED_IDLE is tested on its own; here it would only make the tests wait for idle CPU
     # on a loaded machine
     kw.setdefault("qos", "cooperative")
@@ -301,10 +302,11 @@ def test_untrained_tables_and_exported_name():
     tb = make_tables()
     ad = [lukern.LoRAAdapter(N_ROWS[0], D, rank=2), None, None]
     up = LiveUpdater(tb, squared_loss, adapters=ad, pin=False, batch_size=8)
+    assert up.mode == "process"  # the default where fork exists
     up.record(ids_batch(np.random.default_rng(0), 8), np.ones(8))
     with up:
         up.flush(timeout=30)
-    assert ad[0].step_count == 1
+    assert up.stats()["steps"] == 1 and ad[0].n_active > 0  # the child's factors, adopted here
 
 
 # --- the sidecar process mode ---------------------------------------------------------------
@@ -362,3 +364,18 @@ def test_process_mode_guard_reads_the_shared_in_flight_counter():
         assert up.flush(timeout=60)
     st = up.stats()
     assert st["steps"] == 1 and st["pauses"] >= 1
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_pause_and_resume(mode):
+    up = updater(mode=mode, pause=False)  # holds even with the guard disabled
+    rng = np.random.default_rng(0)
+    with up:
+        up.pause()
+        time.sleep(0.05)
+        up.record(ids_batch(rng, 16), np.ones(16))
+        time.sleep(0.2)
+        assert up.stats()["pending"] == 16 and up.stats()["held"]
+        up.resume()
+        assert up.flush(timeout=60)
+    assert up.stats()["steps"] == 1 and not up.stats()["held"]

@@ -122,7 +122,10 @@ class LiveUpdater:
         process mode the number of CPUs the trainer may use, i.e. pause only when
         inference could occupy every one of them (SCHED_IDLE already yields the CPU, the
         pause also spares caches and memory bandwidth).
-    mode : {"thread", "process"}
+    mode : {"process", "thread"}, optional
+        Default "process" where ``os.fork`` exists (else "thread"): on the reference
+        machine a trainer *thread* could not keep inference latency in its bar (the GIL
+        it shares with inference; see ``python -m lukern.bench serving``).
         "thread": the trainer is a thread of this process. "process": the sidecar mode,
         the trainer runs in a forked child (its own GIL: its Python glue never delays
         inference) that reads the ring from shared memory and every ``publish_every``
@@ -132,6 +135,8 @@ class LiveUpdater:
         and ``record_pooled``, and rows that find no free adapter slot are dropped
         (counted in the adapter's ``dropped_admissions``) rather than folded, because
         the child cannot write the served tables: size ``capacity`` to the working set.
+        ``loss_grad`` runs in the child on the state the process had at start() (a
+        model whose other weights change while serving must be restarted to be seen).
     """
 
     def __init__(self, tables, loss_grad, *, adapters=None, adapter_kwargs=None, batch_size: int = 256,
@@ -139,7 +144,7 @@ class LiveUpdater:
                  qos: str = "auto", pause: bool = True, pin: bool = True, topology=None, n_threads: int = 1,
                  max_threads: int = 1, chunk_ms: float = 1.0,
                  max_rate: float | None = None, switch_interval: float | None = None, period: float = 0.25,
-                 mode: str = "thread", publish_every: float = 0.2, pooling: int = 1, extra_width: int = 0,
+                 mode: str | None = None, publish_every: float = 0.2, pooling: int = 1, extra_width: int = 0,
                  record_pooled: bool = False, pause_in_flight: int | None = None, clock=time.perf_counter):
         if isinstance(tables, TableBatch):
             self.tables = tables
@@ -161,12 +166,14 @@ class LiveUpdater:
         self.dtype = self.tables.dtype
         self.batch_size, self.buffer_size = int(batch_size), int(buffer_size)
         self.load = load if load is not None else ServingLoad()
+        if mode is None:
+            mode = "process" if hasattr(os, "fork") else "thread"
         if mode not in ("thread", "process"):
             raise ValueError(f"`mode` must be 'thread' or 'process'; got {mode!r}.")
         if mode == "process" and not hasattr(os, "fork"):
             raise ValueError("mode='process' needs os.fork (Linux / macOS); use mode='thread'.")
         self.mode, self.publish_every = mode, float(publish_every)
-        self.qos_request, self.pause, self.pin = qos, bool(pause), bool(pin)
+        self.qos_request, self.pausing, self.pin = qos, bool(pause), bool(pin)
         self.switch_interval = switch_interval
         self.chunk_ms = float(chunk_ms)
         self.clock = clock
@@ -205,7 +212,7 @@ class LiveUpdater:
         if int(pause_in_flight) < 1:
             raise ValueError(f"`pause_in_flight` must be >= 1; got {pause_in_flight!r}.")
         self.pause_in_flight = int(pause_in_flight)
-        self.guard = FastGuard(self._busy, enabled=self.pause, clock=clock)
+        self.guard = FastGuard(self._busy, enabled=self.pausing, clock=clock)
         self.controller = SlowController(target_p99, period=period, n_threads=n_threads, max_threads=max_threads,
                                          chunk_s=self.chunk_ms * 1e-3, max_rate=max_rate, clock=clock)
 
@@ -245,7 +252,7 @@ class LiveUpdater:
     # ring counters live in _ctr (shared with the sidecar child in process mode)
     # _ctr: 0 read position (consumer), 1 dropped by the consumer (overwritten before read),
     # 2 recorded, 3 dropped by the producer (a record larger than the ring), 4 stop flag
-    # (process mode), 5 written position, 7 claimed position (producer)
+    # (process mode), 5 written position, 6 held by pause(), 7 claimed position (producer)
     @property
     def _count(self) -> int:
         """Samples written and not read yet that are still in the ring."""
@@ -406,7 +413,9 @@ class LiveUpdater:
         return self.load.in_flight >= self.pause_in_flight or (not self.load.reporting() and self.load.fallback_busy())
 
     def _stopping(self) -> bool:
-        return bool(self._ctr[4]) if self._in_child else self._stop.is_set()
+        if self._in_child:  # asked to stop, or orphaned (the serving process died)
+            return bool(self._ctr[4]) or os.getppid() != self._parent_pid
+        return self._stop.is_set()
 
     def _sleep(self, seconds):
         if self._in_child:
@@ -426,6 +435,7 @@ class LiveUpdater:
         if self.ladder is None and self.qos_request in ("auto", "resctrl", "cgroup"):
             self.ladder = _qos.probe_ladder()
         self._ctr[4] = 0
+        self._parent_pid = os.getpid()
         recv_end, send_end = multiprocessing.get_context("fork").Pipe(duplex=False)
         pid = os.fork()
         if pid == 0:  # the child: train, publish, never return into the caller's code
@@ -451,8 +461,8 @@ class LiveUpdater:
         flight, k = self._flight, self.pause_in_flight
         # the parent's serving threads do not exist here; only the in-flight counter in
         # shared memory tells the guard that inference is busy
-        self.guard = FastGuard(lambda: flight[0] >= k, enabled=self.pause, clock=self.clock,
-                               wait=lambda s: (time.sleep(s), bool(self._ctr[4]))[1])
+        self.guard = FastGuard(lambda: flight[0] >= k, enabled=self.pausing, clock=self.clock,
+                               wait=lambda s: (time.sleep(s), self._stopping())[1])
         last = [time.monotonic(), self.consumed]
 
         def send(kind):
@@ -565,6 +575,14 @@ class LiveUpdater:
         self.stop()
         return False
 
+    def pause(self) -> None:
+        """Hold the trainer after its current chunk until :meth:`resume` (the thread or
+        sidecar stays alive; recording goes on and the ring keeps the newest samples)."""
+        self._ctr[6] = 1
+
+    def resume(self) -> None:
+        self._ctr[6] = 0
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued sample has been taken by a finished step (True; in
         process mode: and published) or the timeout ran out / the trainer is not running
@@ -589,7 +607,7 @@ class LiveUpdater:
         return {
             "mode": self.mode, "steps": self.steps, "samples": self.samples, "consumed": self.consumed,
             "recorded": recorded, "dropped": dropped,
-            "pending": pending, "loss_errors": self.loss_errors, "rejected": self.rejected,
+            "pending": pending, "held": bool(self._ctr[6]), "loss_errors": self.loss_errors, "rejected": self.rejected,
             "paused_s": self.guard.paused_time, "pauses": self.guard.pauses,
             "threads": k.n_threads if self.running else 0, "chunk_ms": k.chunk_s * 1e3, "max_rate": k.max_rate,
             "qos": self.qos_level, "node": self.node, "cpus": self.cpus, "last_loss": self.last_loss,
@@ -631,6 +649,9 @@ class LiveUpdater:
             next_time = self.clock()
             idle = 0.0005
             while not self._stopping():
+                if self._ctr[6]:  # held by pause(): not even the misbehaving setting steps
+                    self._sleep(0.005)
+                    continue
                 self.guard.check()
                 if self.controller.due():
                     self.controller.update(self._current_p99())
