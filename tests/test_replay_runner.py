@@ -126,7 +126,8 @@ def test_bad_config(tiny):
     with pytest.raises(ValueError, match="strategies"):
         run_replay(tiny, ReplayConfig(strategies=("stale", "magic")), progress=False)
     with pytest.raises(ValueError, match="too few"):
-        run_replay(synthetic_stream(n_events=10, seed=0), ReplayConfig(windows=8), progress=False)
+        run_replay(synthetic_stream(n_events=10, seed=0, n_users=10, n_items=10, new_items=0, days=1),
+                   ReplayConfig(windows=8), progress=False)
 
 
 def test_cli_writes_json_and_plot(tmp_path, capsys):
@@ -172,3 +173,109 @@ def test_cli_sigint_writes_finished_windows(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["interrupted"] and 1 <= rep["windows_done"] < 40
     assert "interrupted" in stdout
+
+
+needs_adapter = pytest.mark.skipif(not adapter_available(), reason="lukern.LoRAAdapter not in this build")
+
+
+@needs_adapter
+def test_water_fill_meets_small_demands_first():
+    import lukern
+    from lukern.rank import adapter_bytes
+    from lukern.replay.strategies import _fit_capacity, _water_fill
+
+    m = DLRM([600, 20000, 5000], 2, dim=16)
+    probes = {t: lukern.LoRAAdapter(n, 16, rank=4, capacity=1) for t, n in enumerate(m.cat_sizes)}
+    budget = 0.03 * m.table_nbytes
+    out = _water_fill(probes, m, [0, 1, 2], [40, 3000, 3000], budget)
+    assert out[0] >= adapter_bytes(probes[0], 40, 4)  # the busy small table gets at least its demand
+    assert sum(out) <= budget * (1 + 1e-9)
+    assert out[1] == pytest.approx(out[2])
+    big = _water_fill(probes, m, [0, 1, 2], [40, 3000, 3000], 10 * m.table_nbytes)
+    assert big[0] == adapter_bytes(probes[0], 600, 4)  # capped at an adapter over all its rows
+    cap = _fit_capacity(probes[1], 20000, out[1])
+    assert adapter_bytes(probes[1], cap, 4) <= out[1] < adapter_bytes(probes[1], cap + 1, 4)
+
+
+@needs_adapter
+def test_lukern_learns_in_place_within_budget(tiny):
+    from lukern.replay.strategies import LukernStrategy
+
+    m0 = DLRM(tiny.cat_sizes, tiny.n_dense, dim=8, seed=0)
+    m0.fit(tiny, 0, 3000, epochs=1, batch_size=200)
+    s = LukernStrategy(m0, rank=2, budget_pct=20.0, train_batch=400, demand=[50, 50, 5],  # tiny tables
+                       rank_control=False)
+    assert s.adapter_nbytes <= 0.2 * m0.table_nbytes
+    b = tiny.batch(3000, 3200)
+    base = m0.predict(b)
+    np.testing.assert_allclose(s.predict(b, 0.0), base, rtol=1e-6)  # empty adapters serve the base model
+    table_before = s.model.emb_buffer.copy()
+    s.learn(b)
+    s.predict(tiny.batch(3200, 3400), 0.0)
+    s.learn(tiny.batch(3200, 3400))  # 400 rows: one trainer step
+    assert any(a is not None and a.n_active > 0 for a in s.adapters)
+    assert not np.allclose(s.predict(b, 0.0), base)
+    for t, a in enumerate(s.adapters):
+        if a is not None:
+            rows, slots = a.active_rows()
+            # fresh slots started from their rows' Adagrad history, then took one step
+            prior = m0.emb_acc[m0.row_offsets[t] + rows]
+            assert (a._state.acc_a[slots] >= prior - 1e-12).all()
+    st = s.take_stats()
+    assert st.bytes_shipped == 0 and st.update_cpu_s > 0 and 0 < st.adapter_mem_pct <= 20.0
+    np.testing.assert_array_equal(s.model.emb_buffer, table_before)  # nothing evicted yet: W untouched
+    s.learn(b)  # pairs with the predict(b) above
+    with pytest.raises(RuntimeError, match="must follow predict"):
+        s.learn(b)
+
+
+@needs_adapter
+def test_b_starts_at_the_gradient_directions(tiny):
+    from lukern.replay.strategies import LukernStrategy
+
+    m0 = DLRM(tiny.cat_sizes, tiny.n_dense, dim=8, seed=0)
+    s = LukernStrategy(m0, rank=2, budget_pct=5.0, demand=[50, 50, 5], rank_control=False)
+    batches = list(tiny.batches(500, 0, 1000))
+    captured = s.init_directions(batches)
+    for t, a in enumerate(s.adapters):
+        if a is None:
+            continue
+        gram = np.zeros((8, 8))
+        for b in batches:
+            g = m0.grad_pooled(b, b.labels)[1][:, t * 8:(t + 1) * 8].astype(np.float64)
+            gram += g.T @ g
+        w, v = np.linalg.eigh(gram)
+        top = v[:, -2:]
+        B = a.B.astype(np.float64)
+        np.testing.assert_allclose(B @ B.T, np.eye(2), atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(top.T @ B.T), np.sqrt(2), atol=1e-4)  # same span
+        assert captured[t] == pytest.approx(w[-2:].sum() / w.sum(), rel=1e-6)
+
+
+@needs_adapter
+def test_rank_control_keeps_served_values_and_budget(tiny):
+    from lukern.replay.strategies import LukernStrategy
+
+    m0 = DLRM(tiny.cat_sizes, tiny.n_dense, dim=8, seed=0)
+    m0.fit(tiny, 0, 3000, epochs=1, batch_size=200)
+    s = LukernStrategy(m0, rank=4, budget_pct=30.0, train_batch=200, demand=[80, 80, 5], rank_every=2,
+                       rank_energy=0.9, min_rank=1)
+    assert any(c is not None for c in s.controllers)
+    probe = tiny.batch(4500, 4700)
+    for a in range(3000, 4400, 200):
+        b = tiny.batch(a, a + 200)
+        s.predict(b, 0.0)
+        before = s.predict(probe, 0.0)
+        s.predict(b, 0.0)
+        s.learn(b)
+    st = s.take_stats()
+    decisions = [d for d in st.rank_decisions if d.get("actions")]
+    assert decisions, "the controller decided nothing in 7 steps"
+    for d in decisions:
+        assert d["bytes_after"] <= d["limit_bytes"]
+        assert {"table", "old_rank", "new_rank", "actions"} <= set(d)
+    for t, a in enumerate(s.adapters):
+        if a is not None:
+            assert a.nbytes <= s.controllers[t].limit_bytes
+            np.testing.assert_allclose(np.linalg.norm(a.B.astype(np.float64), axis=1), 1.0, rtol=1e-5)
+    assert np.isfinite(before).all()

@@ -316,3 +316,13 @@ def test_shared_talkingdata(shared_data):
 def test_shared_format_fixtures(shared_data, name, rows, pos):
     s = read_stream(shared_data / name)
     assert len(s) == rows and int(s.labels.sum()) == pos and s.n_skipped == 0
+
+
+def test_trailing_counts_against_brute_force():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 5, 200)
+    t = np.sort(rng.uniform(0, 100, 200))
+    t[10] = t[11]  # a tie
+    got = S._trailing_counts(ids, t, 7.5)
+    want = [int(np.sum((ids[:i] == ids[i]) & (t[:i] >= t[i] - 7.5))) for i in range(200)]
+    np.testing.assert_array_equal(got, want)

@@ -33,11 +33,9 @@ def _assign(stream, n_train, replicas, split, seed):
 
 
 def _initial_model(stream, cfg, n_train):
-    from ..replay.dlrm import DLRM
+    from ..replay.runner import initial_model
 
-    m0 = DLRM(stream.cat_sizes, stream.n_dense, dim=cfg.dim, seed=cfg.seed, lr_emb=cfg.lr_emb, lr_dense=cfg.lr_dense)
-    m0.fit(stream, 0, n_train, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)
-    return m0
+    return initial_model(stream, cfg, n_train)[0]
 
 
 class _Local:

@@ -62,6 +62,7 @@ class Replica:
 
     def export(self) -> list:
         """Per table: the adapter's compact factors (or None where there is no adapter)."""
+        self.strategy.flush()  # learn the rows still buffered for the next trainer step
         self.version += 1
         return [None if a is None else a.export() for a in self.strategy.adapters]
 

@@ -23,7 +23,7 @@ from .dlrm import DLRM
 from .strategies import (Bandwidth, ClusterTrainer, DeltaSync, FullSync, LukernStrategy, PriorityDelta, Stale,
                          adapter_available)
 
-__all__ = ["ALL_STRATEGIES", "ReplayConfig", "auc", "bootstrap_ci", "logloss", "run_replay"]
+__all__ = ["ALL_STRATEGIES", "ReplayConfig", "auc", "bootstrap_ci", "initial_model", "logloss", "run_replay"]
 
 ALL_STRATEGIES = ("stale", "full", "delta", "priority", "lukern")
 
@@ -56,6 +56,8 @@ class ReplayConfig:
     lr_b: float = 0.001
     budget_pct: float = 1.0
     rank_control: bool = True
+    rank_energy: float = 0.999
+    min_rank: int = 2
     optimizer_a: str = "rowwise_adagrad"
     optimizer_b: str = "adagrad"
     eviction: str = "lru"
@@ -153,7 +155,22 @@ def _single_threaded():
             yield
 
 
-def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None):
+def initial_model(stream, cfg: ReplayConfig, n_train: int, *, progress=None):
+    """The model every strategy starts from, trained on rows ``0:n_train``: ``cfg.epochs``
+    passes, or early stopping on the most recent 10 % when ``cfg.epochs`` is 0.
+    Returns (model, info dict)."""
+    m0 = DLRM(stream.cat_sizes, stream.n_dense, dim=cfg.dim, bottom=cfg.bottom, top=cfg.top, seed=cfg.seed,
+              lr_emb=cfg.lr_emb, lr_dense=cfg.lr_dense)
+    if cfg.epochs:
+        info = {"epochs": cfg.epochs, "train_loss": m0.fit(stream, 0, n_train, epochs=cfg.epochs,
+                                                            batch_size=cfg.batch_size, seed=cfg.seed,
+                                                            progress=progress)}
+    else:
+        info = m0.fit_early_stopping(stream, 0, n_train, batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+    return m0, info
+
+
+def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None):
     bw = Bandwidth(cfg.prod_table_tb * 1e12, cfg.prod_link_gbps * 1e9)
     out = {}
     trainer = None
@@ -178,7 +195,9 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None):
                                        budget_pct=cfg.budget_pct, rank_control=cfg.rank_control,
                                        demand=demand, prior_acc=cfg.prior_acc, optimizer_a=cfg.optimizer_a,
                                        optimizer_b=cfg.optimizer_b, eviction=cfg.eviction,
-                                       train_batch=cfg.train_batch)
+                                       train_batch=cfg.train_batch,
+                                       rank_every=max(1, (window_rows or cfg.train_batch) // cfg.train_batch),
+                                       rank_energy=cfg.rank_energy, min_rank=cfg.min_rank)
     return out, trainer, bw, pending
 
 
@@ -250,19 +269,11 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
     preds = {}
     try:
         with _single_threaded():
-            m0 = DLRM(stream.cat_sizes, stream.n_dense, dim=cfg.dim, bottom=cfg.bottom, top=cfg.top, seed=cfg.seed,
-                      lr_emb=cfg.lr_emb, lr_dense=cfg.lr_dense)
             if bar is not None:
                 bar.set_description("initial training")
             t0 = time.perf_counter()
-            tick = (lambda k: bar.update(1)) if bar is not None else None
-            if cfg.epochs:
-                fit = {"epochs": cfg.epochs, "train_loss": m0.fit(stream, 0, n_train, epochs=cfg.epochs,
-                                                                   batch_size=cfg.batch_size, seed=cfg.seed,
-                                                                   progress=tick)}
-            else:
-                fit = m0.fit_early_stopping(stream, 0, n_train, batch_size=cfg.batch_size, seed=cfg.seed,
-                                            progress=tick)
+            m0, fit = initial_model(stream, cfg, n_train,
+                                    progress=(lambda k: bar.update(1)) if bar is not None else None)
             report["initial_model"] = {**fit, "train_s": time.perf_counter() - t0,
                                        "table_bytes": m0.table_nbytes, "dense_bytes": m0.dense_nbytes}
             # ids seen at least twice per table over the last window's worth of training
@@ -270,7 +281,9 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
             w_rows = int(edges[1] - edges[0])
             recent = stream.cat[max(0, n_train - w_rows):n_train]
             demand = [int((np.unique(recent[:, t], return_counts=True)[1] >= 2).sum()) for t in range(stream.n_cat)]
-            strategies, trainer, bw, pending = _make_strategies(cfg, m0, demand)
+            strategies, trainer, bw, pending = _make_strategies(cfg, m0, demand, w_rows)
+            if "lukern" in strategies and strategies["lukern"].rank_control_note:
+                pending.append(f"rank control: {strategies['lukern'].rank_control_note}")
             report["pending"] = pending
             if "lukern" in strategies and cfg.init_b == "gradients":
                 c0 = time.process_time()

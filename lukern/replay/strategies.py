@@ -337,6 +337,11 @@ class LukernStrategy(Strategy):
         Attach :class:`lukern.RankController` when it is available.
     train_batch : int
         Rows per trainer step (the training side uses the same mini-batches).
+    rank_every : int
+        Trainer steps between two decisions of each table's rank controller.
+    rank_energy, min_rank : float, int
+        The controller keeps the smallest rank (at least ``min_rank``) holding
+        ``rank_energy`` of the correction's energy.
     """
 
     name = "lukern"
@@ -344,7 +349,7 @@ class LukernStrategy(Strategy):
     def __init__(self, model: DLRM, *, rank=4, alpha=None, lr_a=0.1, lr_b=0.01, budget_pct=1.0,
                  rank_control=True, min_rows_for_adapter=64, demand=None, optimizer_a="rowwise_adagrad",
                  optimizer_b="adagrad", eviction="lru", prior_acc=True,
-                 train_batch=1024):
+                 train_batch=1024, rank_every=8, rank_energy=0.999, min_rank=2):
         super().__init__(model)
         from .. import LoRAAdapter
 
@@ -366,28 +371,41 @@ class LukernStrategy(Strategy):
         if demand is None:
             demand = model.cat_sizes
         budget = self.budget_pct / 100.0 * model.table_nbytes
-        shares = _water_fill(LoRAAdapter, model, eligible, [int(demand[t]) for t in eligible], budget, self._kw)
+        # One probe adapter per table gives the byte model (worst case, pending gradients
+        # at their largest: the figure the rank controller enforces too).
+        probes = {t: LoRAAdapter(model.cat_sizes[t], d, capacity=1, **self._kw) for t in eligible}
+        shares = _water_fill(probes, model, eligible, [int(demand[t]) for t in eligible], budget)
         self.adapters = [None] * model.n_tables
         self.capacity = [0] * model.n_tables
+        self.share_bytes = [0.0] * model.n_tables
         for t, share in zip(eligible, shares):
-            cap = _fit_capacity(LoRAAdapter, model.cat_sizes[t], d, share, self._kw)
+            cap = _fit_capacity(probes[t], model.cat_sizes[t], share)
             if cap < 1:
                 continue
             self.capacity[t] = cap
+            self.share_bytes[t] = share
             self.adapters[t] = LoRAAdapter(model.cat_sizes[t], d, capacity=cap, **{**self._kw, "seed": model.seed + t})
         # Row-wise Adagrad history of every base row (the training pipeline's accumulators
         # ship with the model): a newly admitted slot starts from its row's history.
         self.prior_acc = model.emb_acc.copy() if prior_acc else None
         self.controllers = [None] * model.n_tables
+        self.model_names = list(getattr(model, "table_names", None) or range(model.n_tables))
+        self.rank_control_note = None
         if rank_control:
             try:
                 from .. import RankController
             except ImportError:
                 RankController = None
+                self.rank_control_note = "lukern.RankController is not available in this build"
             if RankController is not None:
                 for t, a in enumerate(self.adapters):
-                    if a is not None:
-                        self.controllers[t] = RankController(a, model.table(t))
+                    if a is None:
+                        continue
+                    # the controller keeps this table's share of the global budget
+                    share = min(1.0, self.share_bytes[t] / model.table(t).nbytes)
+                    self.controllers[t] = RankController(a, model.table(t), budget=share, every=rank_every,
+                                                         max_rank=min(d, max(16, self.rank)),
+                                                         energy=rank_energy, min_rank=min(min_rank, self.rank))
         self._cache = None
         self.train_batch = int(train_batch)
         self._pending, self._n_pending = [], 0
@@ -487,11 +505,56 @@ class LukernStrategy(Strategy):
                 if self.prior_acc is not None:
                     self._seed_fresh_slots(t, a)
                 a.step()
-        for ctl in self.controllers:
+        for t, ctl in enumerate(self.controllers):
             if ctl is not None:
-                _record(self.stats, ctl.step())
+                a = self.adapters[t]
+                rows, slots = a.active_rows()
+                acc = a._state.acc_a[slots].copy()
+                decision = ctl.step()
+                if decision:
+                    self._unit_rows(a)
+                    self._restore_acc(a, rows, acc)
+                    grown = self._refill_capacity(t, a, ctl)
+                    if grown:
+                        decision = {**decision, "capacity": grown}
+                    _record(self.stats, {"table": self.model_names[t], **decision})
         self.stats.update_cpu_s += time.process_time() - c0
         self._note_memory()
+
+    @staticmethod
+    def _unit_rows(a):
+        """Rescale the factors so that B's rows have unit norm (A B unchanged). The
+        controller's balanced factors give B rows of norm sqrt(sigma / s); the A step
+        size was tuned for unit rows, so the served update per step keeps its scale."""
+        B = a.B.astype(np.float64)
+        n = np.linalg.norm(B, axis=1)
+        n[n == 0] = 1.0
+        _, slots = a.active_rows()
+        a.refactor((a.A[slots] * n).astype(a.dtype), (B / n[:, None]).astype(a.dtype))
+
+    def _refill_capacity(self, t, a, ctl):
+        """After a rank change, spend the table's budget share on rows: a lower rank makes
+        every slot cheaper, so more recently active rows can keep their corrections."""
+        cap = _fit_capacity(a, a.n_rows, ctl.limit_bytes)
+        if cap <= a.capacity:
+            return None
+        old = a.capacity
+        a.resize(cap)
+        self.capacity[t] = cap
+        return {"old": old, "new": cap}
+
+    @staticmethod
+    def _restore_acc(a, rows, acc):
+        # A rank change re-factors A and restarts its optimizer state; the rows' Adagrad
+        # history still says how settled each row is, so it is carried over by row id.
+        st = a._state
+        new_rows, new_slots = a.active_rows()
+        order = np.argsort(rows, kind="stable")
+        rows_sorted = rows[order]
+        pos = np.searchsorted(rows_sorted, new_rows)
+        ok = (pos < rows_sorted.size) & (rows_sorted[np.minimum(pos, rows_sorted.size - 1)] == new_rows) \
+            if rows_sorted.size else np.zeros(new_rows.size, bool)
+        st.acc_a[new_slots[ok]] = acc[order][pos[ok]]
 
     def _seed_fresh_slots(self, t, a):
         # LoRAAdapter has no public hook for a per-row starting accumulator yet, so the
@@ -529,14 +592,14 @@ def _record(stats: WindowStats, decision):
         stats.rank_decisions.append(decision if isinstance(decision, (dict, str)) else str(decision))
 
 
-def _worst_nbytes(adapter) -> int:
-    """Bytes of an adapter once training has grown its pending-gradient buffer to capacity
-    (float64 rows of width rank): what the budget has to hold at every window."""
-    grown = adapter.capacity * adapter.rank * 8
-    return int(adapter.nbytes - adapter.nbytes_breakdown().get("pending_grad_a", 0) + grown)
+def _bytes(probe, capacity) -> int:
+    """Worst-case bytes of an adapter like ``probe`` at ``capacity`` (its rank)."""
+    from ..rank import adapter_bytes
+
+    return adapter_bytes(probe, int(capacity), probe.rank)
 
 
-def _water_fill(cls, model, tables, demand, budget, kw) -> list:
+def _water_fill(probes, model, tables, demand, budget) -> list:
     """Bytes per table. First the demands, water-filled (the smallest are met in full,
     the rest share equally: a busy 600-row user table must not starve behind a big item
     table); then, if every demand is met, the leftover in proportion to demand, no table
@@ -544,8 +607,8 @@ def _water_fill(cls, model, tables, demand, budget, kw) -> list:
     need, full = [], []
     for t, dm in zip(tables, demand):
         n = model.cat_sizes[t]
-        need.append(_worst_nbytes(cls(n, model.dim, capacity=max(1, min(int(dm), n)), **kw)))
-        full.append(_worst_nbytes(cls(n, model.dim, capacity=n, **kw)))
+        need.append(_bytes(probes[t], max(1, min(int(dm), n))))
+        full.append(_bytes(probes[t], n))
     out = [0.0] * len(tables)
     left = float(budget)
     order = sorted(range(len(tables)), key=lambda i: need[i])
@@ -568,14 +631,15 @@ def _water_fill(cls, model, tables, demand, budget, kw) -> list:
     return out
 
 
-def _fit_capacity(cls, n_rows, dim, budget_bytes, kw) -> int:
-    """Largest capacity whose adapter stays within ``budget_bytes`` (0 if none does).
-    Bisection on the adapter's own byte count, so the budget follows whatever it stores."""
+def _fit_capacity(probe, n_rows, budget_bytes) -> int:
+    """Largest capacity whose adapter stays within ``budget_bytes`` (0 if none does)."""
     lo, hi = 0, int(n_rows)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _worst_nbytes(cls(n_rows, dim, capacity=mid, **kw)) <= budget_bytes:
+        if _bytes(probe, mid) <= budget_bytes:
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+

@@ -38,6 +38,12 @@ __all__ = ["DEFAULT_EVENTS", "synthetic_stream"]
 DEFAULT_EVENTS = 240_000
 
 
+def _draw(rng, cdf, k):
+    """k draws from the weights whose running sum is ``cdf`` (inverse-CDF sampling: one
+    binary search per draw, no per-call normalisation of a long weight vector)."""
+    return np.minimum(np.searchsorted(cdf, rng.random(k) * cdf[-1], side="right"), cdf.shape[0] - 1)
+
+
 def _normalise(v):
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
@@ -112,7 +118,7 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=50_000, n_items
     user_vec = _normalise(centres[fav].sum(axis=1) + 0.5 * rng.standard_normal((n_users, latent)) / np.sqrt(latent))
     user_b = 0.5 * rng.standard_normal(n_users)
     user_w = 1.0 / (1.0 + rng.permutation(n_users)) ** user_zipf
-    user_p = user_w / user_w.sum()
+    user_cdf = np.cumsum(user_w)
 
     # Events per block follow a diurnal rate (busier in the evening).
     edges = np.linspace(0.0, span, n_blocks + 1)
@@ -145,8 +151,8 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=50_000, n_items
         alive = age >= 0
         novelty = np.where(alive, 0.25 + 4.0 * 0.5 ** (np.maximum(age, 0) / half_life), 0.0)
         w = item_w * novelty
-        u = rng.choice(n_users, size=k, p=user_p)
-        i = rng.choice(n_all, size=k, p=w / w.sum())
+        u = _draw(rng, user_cdf, k)
+        i = _draw(rng, np.cumsum(w), k)
         # Items born inside this block cannot be seen before their birth.
         tb = np.maximum(tb, birth[i])
         order = np.argsort(tb, kind="stable")
