@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _validate as V
+from ._io import atomic_write
 from ._kernels import lora as LK
 from ._kernels.checks import first_non_finite
 
@@ -149,32 +149,12 @@ def save_factors(path, factors: Factors) -> None:
     >>> lukern.load_factors(p).scale
     0.5
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
     _check_factors(factors)
     arrays = dict(row_ids=np.ascontiguousarray(factors.row_ids, dtype=np.int64), A=np.ascontiguousarray(factors.A),
                   B=np.ascontiguousarray(factors.B), scale=np.array(factors.scale, np.float64),
                   version=np.array(factors.version, np.int64), format=np.array(_FORMAT))
     arrays["checksum"] = np.array(_checksum(arrays["row_ids"], arrays["A"], arrays["B"], factors.scale, factors.version))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lukern-factors-", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - some filesystems refuse a directory fsync
-        pass
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_factors(path) -> Factors:
@@ -579,7 +559,6 @@ class LoRAAdapter:
         st = self._new_state(capacity, rank, np.ascontiguousarray(B, dtype=self.dtype), acc_b=acc_b)
         k = rows.size
         if k:
-            slots = np.arange(k, dtype=np.int64)
             st.A[:k] = A_rows
             st.slot_row[:k] = rows
             if acc_a is not None:
@@ -590,7 +569,6 @@ class LoRAAdapter:
             self._free = np.zeros(capacity, np.int32)  # the stack keeps capacity entries
             self._free[:capacity - k] = np.arange(capacity - 1, k - 1, -1)
             self._n_free = capacity - k
-            del slots
         self.generation += 1
         self._alloc_pending(capacity, rank)
         self._state = st

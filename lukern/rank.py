@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from contextlib import nullcontext
+
 from . import _validate as V
 from ._kernels import rsvd as K
+from ._pool import available_cpus, run_ranges
 
 __all__ = [
     "GatheredRows",
@@ -36,6 +39,53 @@ __all__ = [
 
 _METHODS = ("auto", "randomized", "gram")
 
+_blas = None
+
+
+def _blas_single_thread():
+    """BLAS limited to one thread while lukern's own threads split the rows.
+
+    Measured on the 2-vCPU reference host under load: a pass at 200000 x 128, l = 42
+    took 82 ms with two lukern threads over 1-thread BLAS and 170-330 ms (up to 7 s in
+    one outlier run) with one caller and OpenBLAS's own two threads on 256..8192-row
+    blocks. The limit is process-wide while the pass runs and restored afterwards.
+    """
+    global _blas
+    try:
+        if _blas is None:
+            from threadpoolctl import ThreadpoolController
+            _blas = ThreadpoolController()
+        return _blas.limit(limits=1, user_api="blas")
+    except Exception:  # pragma: no cover - threadpoolctl absent or unusable
+        return nullcontext()
+
+
+def _resolve_threads(n_threads, n_rows):
+    nt = available_cpus() if n_threads is None else int(n_threads)
+    # at least 8 blocks of rows per thread, or the split costs more than it brings
+    return max(1, min(nt, n_rows // (8 * K.BLOCK_ROWS)))
+
+
+def _split_rows(kernel, n_rows, n_threads, acc_shape=None):
+    """Run ``kernel(acc, lo, hi)`` over row ranges on lukern's threads; per-thread
+    float64 accumulators are summed in range order (deterministic per thread count)."""
+    nt = _resolve_threads(n_threads, n_rows)
+    bounds = np.linspace(0, n_rows, nt + 1).astype(np.int64)
+    ranges = [(int(bounds[i]), int(bounds[i + 1])) for i in range(nt)]
+    accs = {lo: (np.zeros(acc_shape, np.float64) if acc_shape is not None else None) for lo, _ in ranges}
+
+    def fn(lo, hi):
+        kernel(accs[lo], lo, hi)
+
+    with _blas_single_thread() if nt > 1 else nullcontext():
+        run_ranges(fn, ranges)
+    if acc_shape is None:
+        return None
+    total = accs[ranges[0][0]]
+    for lo, _ in ranges[1:]:
+        total += accs[lo]
+    return total
+
 
 # --- operands --------------------------------------------------------------------------------
 
@@ -47,19 +97,20 @@ class _Dense:
         self.shape = M.shape
         self.dtype = M.dtype
 
-    def gram_apply(self, Q):
-        Z = np.zeros((self.shape[1], Q.shape[1]), np.float64)
-        K.gram_apply_dense(self.M, Q, Z, 0, self.shape[0])
-        return Z
+    def gram_apply(self, Q, n_threads=None):
+        M = self.M
+        return _split_rows(lambda Z, lo, hi: K.gram_apply_dense(M, Q, Z, lo, hi), self.shape[0], n_threads,
+                           (self.shape[1], Q.shape[1]))
 
-    def gram(self):
-        G = np.zeros((self.shape[1], self.shape[1]), np.float64)
-        K.gram_dense(self.M, G, 0, self.shape[0])
-        return G
+    def gram(self, n_threads=None):
+        M = self.M
+        return _split_rows(lambda G, lo, hi: K.gram_dense(M, G, lo, hi), self.shape[0], n_threads,
+                           (self.shape[1], self.shape[1]))
 
-    def matmul(self, X):
+    def matmul(self, X, n_threads=None):
+        M = self.M
         out = np.empty((self.shape[0], X.shape[1]), self.dtype)
-        K.matmul_dense(self.M, X, out, 0, self.shape[0])
+        _split_rows(lambda _, lo, hi: K.matmul_dense(M, X, out, lo, hi), self.shape[0], n_threads)
         return out
 
     def to_dense(self):
@@ -98,19 +149,21 @@ class GatheredRows:
     def _buf(self):
         return np.empty((K.BLOCK_ROWS, self.shape[1]), self.dtype)
 
-    def gram_apply(self, Q):
-        Z = np.zeros((self.shape[1], Q.shape[1]), np.float64)
-        K.gram_apply_gathered(self.table, self.row_ids, Q, Z, self._buf(), 0, self.shape[0])
-        return Z
+    def gram_apply(self, Q, n_threads=None):
+        t, ids = self.table, self.row_ids
+        return _split_rows(lambda Z, lo, hi: K.gram_apply_gathered(t, ids, Q, Z, self._buf(), lo, hi),
+                           self.shape[0], n_threads, (self.shape[1], Q.shape[1]))
 
-    def gram(self):
-        G = np.zeros((self.shape[1], self.shape[1]), np.float64)
-        K.gram_gathered(self.table, self.row_ids, G, self._buf(), 0, self.shape[0])
-        return G
+    def gram(self, n_threads=None):
+        t, ids = self.table, self.row_ids
+        return _split_rows(lambda G, lo, hi: K.gram_gathered(t, ids, G, self._buf(), lo, hi),
+                           self.shape[0], n_threads, (self.shape[1], self.shape[1]))
 
-    def matmul(self, X):
+    def matmul(self, X, n_threads=None):
+        t, ids = self.table, self.row_ids
         out = np.empty((self.shape[0], X.shape[1]), self.dtype)
-        K.matmul_gathered(self.table, self.row_ids, X, out, self._buf(), 0, self.shape[0])
+        _split_rows(lambda _, lo, hi: K.matmul_gathered(t, ids, X, out, self._buf(), lo, hi), self.shape[0],
+                    n_threads)
         return out
 
     def to_dense(self):
@@ -160,15 +213,15 @@ class LowRankRows:
             self._AtA = G
         return self._AtA
 
-    def gram_apply(self, Q):
+    def gram_apply(self, Q, n_threads=None):
         B = self.B.astype(np.float64)
         return self.scale ** 2 * (B.T @ (self._ata() @ (B @ Q.astype(np.float64))))
 
-    def gram(self):
+    def gram(self, n_threads=None):
         B = self.B.astype(np.float64)
         return self.scale ** 2 * (B.T @ self._ata() @ B)
 
-    def matmul(self, X):
+    def matmul(self, X, n_threads=None):
         Y = (self.scale * (self.B.astype(np.float64) @ X.astype(np.float64))).astype(self.A.dtype)
         out = np.empty((self.shape[0], X.shape[1]), self.A.dtype)
         K.matmul_dense(self.A, Y, out, 0, self.shape[0])
@@ -243,16 +296,16 @@ def _fix_signs(V):
     return sg
 
 
-def _finish(op, S, V, method):
+def _finish(op, S, V, method, n_threads):
     """U = M V / S in one pass; zero singular values get a zero U column."""
     sg = _fix_signs(V)
     V = V * sg
     inv = np.where(S > 0, 1.0 / np.where(S > 0, S, 1.0), 0.0)
-    U = op.matmul(np.ascontiguousarray((V * inv).astype(op.dtype)))
+    U = op.matmul(np.ascontiguousarray((V * inv).astype(op.dtype)), n_threads)
     return SVDResult(U, S.astype(op.dtype), np.ascontiguousarray(V.T.astype(op.dtype)), method)
 
 
-def randomized_svd(M, k, *, oversample=10, n_iter=4, rng=None, method="auto"):
+def randomized_svd(M, k, *, oversample=10, n_iter=4, rng=None, method="auto", n_threads=None):
     """Truncated SVD ``M ~ U diag(S) Vt`` of rank ``k``, for dense or implicit operands.
 
     Parameters
@@ -270,6 +323,10 @@ def randomized_svd(M, k, *, oversample=10, n_iter=4, rng=None, method="auto"):
         ``"gram"``: exact ``M^T M`` (one pass) and ``eigh``, the fast path for narrow
         ``d``; ``"randomized"``: subspace iteration. ``"auto"`` chooses by a flop model
         (and uses the exact QR route for :class:`LowRankRows`).
+    n_threads : int, optional
+        lukern threads splitting the rows (default: the CPUs this process may use).
+        With more than one, BLAS is limited to one thread for the duration of each pass
+        (process-wide, restored afterwards); results are deterministic per thread count.
 
     Returns
     -------
@@ -306,10 +363,11 @@ def randomized_svd(M, k, *, oversample=10, n_iter=4, rng=None, method="auto"):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ValueError(f"`{name}` must be an int >= 0; got {v!r}.")
     V.check_choice("method", method, _METHODS)
+    n_threads = V.check_positive_int("n_threads", n_threads)
     if n < d and not isinstance(op, LowRankRows):
         # work on the transpose: it is small (n x d with n < d costs less than d x d)
         Mt = np.ascontiguousarray(op.to_dense().T)
-        r = randomized_svd(Mt, k, oversample=oversample, n_iter=n_iter, rng=rng, method=method)
+        r = randomized_svd(Mt, k, oversample=oversample, n_iter=n_iter, rng=rng, method=method, n_threads=n_threads)
         return SVDResult(np.ascontiguousarray(r.Vt.T), r.S, np.ascontiguousarray(r.U.T), r.method)
     l = min(k + int(oversample), d)
     if method == "auto":
@@ -320,23 +378,23 @@ def randomized_svd(M, k, *, oversample=10, n_iter=4, rng=None, method="auto"):
         dt = op.dtype
         return SVDResult((U[:, :k] * sg).astype(dt), S[:k].astype(dt), (Vt[:k] * sg[:, None]).astype(dt), "qr")
     if method == "gram":
-        G = op.gram()
+        G = op.gram(n_threads)
         lam, W = np.linalg.eigh((G + G.T) * 0.5)
         order = np.argsort(lam)[::-1][:k]
-        return _finish(op, np.sqrt(np.maximum(lam[order], 0.0)), W[:, order], "gram")
+        return _finish(op, np.sqrt(np.maximum(lam[order], 0.0)), W[:, order], "gram", n_threads)
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
     Q = gen.standard_normal((d, l)).astype(op.dtype)
     for _ in range(int(n_iter)):
-        Z = op.gram_apply(Q)
+        Z = op.gram_apply(Q, n_threads)
         Q = np.ascontiguousarray(np.linalg.qr(Z)[0].astype(op.dtype))
     # Rayleigh-Ritz on M^T M over span(Q): the same subspace as Halko et al.'s
     # range((M M^T)^q M Omega), reached with one pass per iteration instead of two
     Q64 = np.linalg.qr(Q.astype(np.float64))[0]
-    Z = op.gram_apply(np.ascontiguousarray(Q64.astype(op.dtype)))
+    Z = op.gram_apply(np.ascontiguousarray(Q64.astype(op.dtype)), n_threads)
     Hm = Q64.T @ Z
     lam, W = np.linalg.eigh((Hm + Hm.T) * 0.5)
     order = np.argsort(lam)[::-1][:k]
-    return _finish(op, np.sqrt(np.maximum(lam[order], 0.0)), Q64 @ W[:, order], "randomized")
+    return _finish(op, np.sqrt(np.maximum(lam[order], 0.0)), Q64 @ W[:, order], "randomized", n_threads)
 
 
 # --- probe_rank ------------------------------------------------------------------------------
@@ -547,13 +605,16 @@ class RankController:
     Call :meth:`step` between training steps. Every ``every`` calls (and on the first) it
 
     - **shrinks**: exact singular values of the active ``s A B`` (QR of A, SVD of R B);
-      keeps the smallest rank holding ``energy``; re-factors ``A = Q U_k S_k^(1/2) / sqrt(s)``,
+      keeps the smallest rank holding ``energy`` of the correction, widened until the
+      dropped directions carry at most ``1 - energy`` of the gradient window; re-factors ``A = Q U_k S_k^(1/2) / sqrt(s)``,
       ``B = S_k^(1/2) Vt_k / sqrt(s)`` so served values move by at most the largest dropped
       singular value times the norm of a bag's weights;
     - **grows**: when the gradient window's energy outside the row space of B exceeds
       ``grow_threshold``, adds up to ``grow_step`` directions: new B rows are the top
-      residual directions (scaled like B's rows), new A columns are 0 (served values
-      do not move);
+      residual directions (``seed_scale`` times the mean norm of B's rows), new A
+      columns are 0 (served values do not move). The default 0.9 is conservative: on
+      the TalkingData sample, growing at 0.5 re-factored every period and raised the
+      test log loss (``python -m lukern.bench gradient_spectrum``);
     - **enforces the budget** ``adapter_bytes <= budget * table.nbytes`` by lowering the
       rank or evicting (folding) cold rows and shrinking the capacity, whichever moves
       less of the correction's energy.
@@ -579,8 +640,9 @@ class RankController:
     max_rank: int | None = None
     min_rank: int = 1
     every: int = 100
-    grow_threshold: float = 0.5
+    grow_threshold: float = 0.9
     grow_step: int = 2
+    seed_scale: float = 1.0
     window: GradientWindow | None = None
     log: list = field(default_factory=list)
 
@@ -621,11 +683,34 @@ class RankController:
 
     # -- actions -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _refactor(a, A_active, B, keep_b_rows=0):
+        """``a.refactor`` keeping the optimizer's memory.
+
+        ``refactor`` restarts the optimizer state, so the next Adagrad steps are full-size
+        again; on TalkingData a controller that re-factored every 20 steps that way ended
+        at 2x the log loss of one that never did. The row-wise accumulator of A does not
+        depend on the rank and is carried per row; B's accumulator is carried for rows
+        kept as they were and set to its column mean for rotated or new rows. The new
+        state is not yet seen by the trainer's next step, and lookups never read it.
+        """
+        st = a._state
+        _, slots = a.active_rows()
+        acc_a = st.acc_a[slots].copy()
+        acc_b = st.acc_b.copy()
+        a.refactor(A_active, B)
+        new = a._state
+        new.acc_a[:acc_a.shape[0]] = acc_a
+        if acc_b.size:
+            new.acc_b[:] = acc_b.mean(axis=0)
+            keep = min(keep_b_rows, acc_b.shape[0], new.acc_b.shape[0])
+            new.acc_b[:keep] = acc_b[:keep]
+
     def _refactor_to(self, r_new, U, S, Vt):
         a = self.adapter
         s = a.scale
         root = np.sqrt(S[:r_new] / s)
-        a.refactor((U[:, :r_new] * root).astype(a.dtype), (Vt[:r_new] * root[:, None]).astype(a.dtype))
+        self._refactor(a, (U[:, :r_new] * root).astype(a.dtype), (Vt[:r_new] * root[:, None]).astype(a.dtype))
 
     def _shrink(self, U, S, Vt):
         a = self.adapter
@@ -635,6 +720,16 @@ class RankController:
             return None
         r_new, kept = _rank_for(S, self.energy, total)
         r_new = max(self.min_rank, r_new)
+        # keep directions the recent gradients still point along: a direction grown a
+        # few steps ago holds little correction yet, and dropping it only to grow it back
+        # at the next check resets the optimizer state every period (seen on TalkingData)
+        W = self.window.rows()
+        g_total = float(np.einsum("ij,ij->", W, W))
+        if g_total > 0:
+            P = W @ Vt.T.astype(np.float64)  # window coordinates along the right singular vectors
+            g_dir = np.einsum("ij,ij->j", P, P) / g_total
+            while r_new < min(r_old, Vt.shape[0]) and float(np.sum(g_dir[r_new:])) > 1.0 - self.energy:
+                r_new += 1
         if r_new >= r_old:
             return None
         # pad with zero directions when fewer active rows than the new rank (S shorter)
@@ -663,13 +758,13 @@ class RankController:
             return None
         g = dirs.shape[0]
         norms = np.linalg.norm(a.B.astype(np.float64), axis=1)
-        row_norm = float(np.mean(norms)) if norms.size and np.mean(norms) > 0 else 1.0
+        row_norm = self.seed_scale * (float(np.mean(norms)) if norms.size and np.mean(norms) > 0 else 1.0)
         rows, slots = a.active_rows()
         r_old = a.rank
         A_new = np.zeros((rows.size, r_old + g), a.dtype)
         A_new[:, :r_old] = a.A[slots]
         B_new = np.vstack([a.B, (dirs * row_norm).astype(a.dtype)])
-        a.refactor(A_new, B_new)
+        self._refactor(a, A_new, B_new, keep_b_rows=r_old)
         self._grew_at = self._calls
         return dict(action="grow", old_rank=r_old, new_rank=r_old + g, residual_energy=res,
                     seeded_share=float(np.sum(share)), energy_kept=1.0)
@@ -677,7 +772,7 @@ class RankController:
     def _lower_rank(self, r_new, U, S):
         a = self.adapter
         if S is None or S.shape[0] == 0:  # no active rows: nothing served changes
-            a.refactor(np.zeros((0, r_new), a.dtype), a.B[:r_new])
+            self._refactor(a, np.zeros((0, r_new), a.dtype), a.B[:r_new], keep_b_rows=r_new)
         else:
             Sp = np.zeros(r_new)
             Sp[:min(r_new, S.shape[0])] = S[:r_new]
@@ -740,7 +835,9 @@ class RankController:
             return dict(action="budget_rank_and_evict", old_rank=old_rank, new_rank=a.rank, evicted_rows=int(n),
                         energy_kept=1.0 - lost / total if total > 0 else 1.0, old_capacity=old_cap,
                         new_capacity=c_min)
-        if rank_loss < evict_loss:
+        # ties (typically nothing learned yet) keep the rows: an adapter with rows can
+        # learn and grow its rank later; one without rows cannot learn at all
+        if rank_loss <= evict_loss:
             self._lower_rank(r_opt, U, S)
             return dict(action="budget_rank", old_rank=old_rank, new_rank=r_opt,
                         energy_kept=1.0 - rank_loss / total if total > 0 else 1.0,

@@ -299,3 +299,15 @@ def test_controller_rejects_bad_arguments():
         lukern.RankController(a, np.zeros((50, 8), np.float32))
     with pytest.raises(TypeError, match="LoRAAdapter"):
         lukern.RankController(object(), np.zeros((100, 8), np.float32))
+
+
+def test_thread_counts_agree():
+    M = _with_spectrum(6000, 32, 0.8 ** np.arange(32))  # enough rows to split
+    one = lukern.randomized_svd(M, 4, method="randomized", n_threads=1)
+    two = lukern.randomized_svd(M, 4, method="randomized", n_threads=2)
+    again = lukern.randomized_svd(M, 4, method="randomized", n_threads=2)
+    np.testing.assert_allclose(two.S, one.S, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(two.Vt @ one.Vt.T), np.eye(4), atol=1e-3)
+    assert np.array_equal(two.S, again.S) and np.array_equal(two.U, again.U)
+    with pytest.raises(ValueError, match="n_threads"):
+        lukern.randomized_svd(M, 4, n_threads=0)

@@ -4,6 +4,7 @@ trainer learns what the numpy reference says it should."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -36,10 +37,23 @@ def ids_batch(rng, n):
 
 def updater(**kw):
     kw.setdefault("pin", False)
+    kw.setdefault("mode", "thread")  # the logic tests; the sidecar has its own below
+    # SCHED_IDLE is tested on its own; here it would only make the tests wait for idle CPU
+    # on a loaded machine
+    kw.setdefault("qos", "cooperative")
     kw.setdefault("batch_size", 16)
     kw.setdefault("adapter_kwargs", {"rank": 2, "capacity": 16, "optimizer_a": "sgd", "optimizer_b": "sgd",
                                      "lr_a": 0.1, "lr_b": 0.01})
     return LiveUpdater(make_tables(), kw.pop("loss_grad", squared_loss), **kw)
+
+
+def wait_for(cond, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def trainer_threads():
@@ -255,7 +269,8 @@ def test_guard_pauses_while_requests_are_in_flight():
     with up:
         with load.request():  # inference busy: the trainer must not step
             up.record(ids_batch(rng, 16), np.ones(16))
-            time.sleep(0.2)
+            assert wait_for(lambda: up.stats()["pauses"] >= 1)
+            time.sleep(0.05)
             assert up.stats()["steps"] == 0
         assert up.flush(timeout=30)
     st = up.stats()
@@ -287,7 +302,80 @@ def test_untrained_tables_and_exported_name():
     tb = make_tables()
     ad = [lukern.LoRAAdapter(N_ROWS[0], D, rank=2), None, None]
     up = LiveUpdater(tb, squared_loss, adapters=ad, pin=False, batch_size=8)
+    assert up.mode == "process"  # the default where fork exists
     up.record(ids_batch(np.random.default_rng(0), 8), np.ones(8))
     with up:
         up.flush(timeout=30)
-    assert ad[0].step_count == 1
+    assert up.stats()["steps"] == 1 and ad[0].n_active > 0  # the child's factors, adopted here
+
+
+# --- the sidecar process mode ---------------------------------------------------------------
+
+def test_process_mode_learns_the_same_as_thread_mode():
+    rng = np.random.default_rng(5)
+    batches = [(ids_batch(rng, 16), rng.standard_normal(16)) for _ in range(4)]
+    results = []
+    kw = {"rank": 2, "capacity": 64, "optimizer_a": "sgd", "optimizer_b": "sgd", "lr_a": 0.1, "lr_b": 0.01}
+    for mode in ("thread", "process"):
+        up = updater(mode=mode, adapter_kwargs=kw)  # capacity >= rows: no eviction, no folding
+        with up:
+            for ids, y in batches:
+                up.record(ids, y)
+                assert up.flush(timeout=60)
+        st = up.stats()
+        assert st["steps"] == 4 and st["samples"] == 64 and st["mode"] == mode
+        results.append([a.dense_delta() for a in up.adapters])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_process_mode_start_stop_reaps_children_and_counts_errors():
+    def bad(pooled, labels):
+        raise RuntimeError("model bug")
+
+    up = updater(mode="process", loss_grad=bad)
+    pids = []
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        up.start()
+        pids.append(up._pid)
+        up.record(ids_batch(rng, 16), np.zeros(16))
+        assert up.flush(timeout=60)
+        up.stop()
+        assert not up.running
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # already reaped: no zombies left behind
+    st = up.stats()
+    assert st["loss_errors"] == 4 and st["steps"] == 0
+    assert all(a.step_count == 0 and not a.dense_delta().any() for a in up.adapters)
+    assert not trainer_threads() and not [t for t in threading.enumerate() if t.name == "lukern-sidecar-recv"]
+
+
+def test_process_mode_guard_reads_the_shared_in_flight_counter():
+    load = ServingLoad()
+    up = updater(mode="process", load=load, pause_in_flight=1)
+    with up:
+        with load.request():
+            time.sleep(0.1)  # the child's next guard check (<= 10 ms idle poll) sees it busy
+            up.record(ids_batch(np.random.default_rng(0), 16), np.ones(16))
+            time.sleep(0.3)  # the child publishes nothing while paused: its counters stay
+            assert up.stats()["steps"] == 0 and up.stats()["pending"] == 16
+        assert up.flush(timeout=60)
+    st = up.stats()
+    assert st["steps"] == 1 and st["pauses"] >= 1
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_pause_and_resume(mode):
+    up = updater(mode=mode, pause=False)  # holds even with the guard disabled
+    rng = np.random.default_rng(0)
+    with up:
+        up.pause()
+        time.sleep(0.05)
+        up.record(ids_batch(rng, 16), np.ones(16))
+        time.sleep(0.2)
+        assert up.stats()["pending"] == 16 and up.stats()["held"]
+        up.resume()
+        assert up.flush(timeout=60)
+    assert up.stats()["steps"] == 1 and not up.stats()["held"]

@@ -2,11 +2,14 @@
 
 Open-loop Poisson arrivals at a fraction of the measured serving capacity; each request
 is a 26-table fused lookup (TableBatch.lookup with LoRA adapters) plus a small numpy MLP,
-served by ``--workers`` threads (default 2, one per core of the reference machine).
+served by ``--workers`` threads (default 1: with the GIL a second serving thread added
+no capacity on the reference machine, only contention).
 Latency = completion time - scheduled arrival time, so queueing counts. Arms, in one run:
 
 - ``off``:       50 % load, no trainer (the baseline)
-- ``on``:        50 % load, LiveUpdater (QoS ladder's best level + pausing guard)
+- ``on``:        50 % load, LiveUpdater in ``--mode`` (default the sidecar process), QoS
+                 ladder's best level + pausing guard
+- ``thread``:    the same with the trainer as a thread of the serving process
 - ``misbehave``: 50 % load, trainer at normal priority, guard disabled
 - ``idle``:      no serving; trainer samples/s with a full queue (0 % load)
 - ``on90``:      90 % load with the trainer (samples/s at high load)
@@ -156,45 +159,86 @@ def _serve_open_loop(model, reqs, batch, rate, duration, workers, load, updater=
     return lat, svc
 
 
-def _arm(name, model, reqs, args, rate, updater_kw):
-    load = ServingLoad()
-    up = None
-    if updater_kw is not None:
-        up = LiveUpdater(model.tables, model.loss_grad, adapters=model.adapters, load=load,
-                         batch_size=args.train_batch, buffer_size=args.buffer, **updater_kw)
-        up.start()
-    t0 = time.perf_counter()
-    lat, svc = _serve_open_loop(model, reqs, args.batch, rate, args.duration, args.workers, load, up)
-    wall = time.perf_counter() - t0
-    res = {"arm": name, "rate_rps": rate, "requests": int(lat.size), "p50_ms": float(np.percentile(lat, 50) * 1e3),
-           "p99_ms": float(np.percentile(lat, 99) * 1e3), "mean_ms": float(lat.mean() * 1e3),
-           "svc_p50_ms": float(np.percentile(svc, 50) * 1e3), "svc_p99_ms": float(np.percentile(svc, 99) * 1e3)}
-    if up is not None:
-        st = up.stats()  # counted before stop(): what kept up with the traffic
-        up.stop()
-        res.update({"fed": st["recorded"], "trained": st["samples"], "trained_share": st["samples"] / max(1, st["recorded"]),
-                    "samples_per_s": st["samples"] / wall, "dropped": st["dropped"], "paused_s": st["paused_s"],
-                    "steps": st["steps"], "qos": st["qos"], "loss": st["last_loss"], "loss_errors": st["loss_errors"]})
-    return res
+def _updater(model, args, load=None, **kw):
+    if kw.get("mode") == "process":
+        kw.setdefault("record_pooled", not args.no_reuse)
+    return LiveUpdater(model.tables, model.loss_grad, adapters=model.adapters, load=load,
+                       batch_size=args.train_batch, buffer_size=args.buffer, **kw)
+
+
+class _Arm:
+    """One arm: its updater (or None) and the latencies of all its segments."""
+
+    def __init__(self, name, model, args, rate, updater_kw):
+        self.name, self.model, self.args, self.rate = name, model, args, rate
+        self.load = ServingLoad()
+        self.up = _updater(model, args, self.load, **updater_kw) if updater_kw is not None else None
+        self.lat, self.svc, self.seg_p50, self.seg_p99 = [], [], [], []
+        self.wall = 0.0
+        self.trained_live = 0
+
+    def segment(self, reqs, seconds, seed):
+        # the trainer (thread or sidecar) stays alive between this arm's segments, held by
+        # pause(): a fork per segment would charge this arm the copy-on-write faults of a
+        # freshly forked parent, which a long-running server pays once
+        up = self.up
+        if up is not None:
+            if not up.running:
+                up.start()
+            up.resume()
+            s0 = up.stats()["samples"]
+        t0 = time.perf_counter()
+        lat, svc = _serve_open_loop(self.model, reqs, self.args.batch, self.rate, seconds, self.args.workers,
+                                    self.load, up, seed=seed, reuse_pooled=not self.args.no_reuse)
+        self.wall += time.perf_counter() - t0
+        if up is not None:
+            up.pause()
+            self.trained_live += up.stats()["samples"] - s0
+        self.lat.append(lat)
+        self.svc.append(svc)
+        self.seg_p50.append(np.percentile(lat, 50))
+        self.seg_p99.append(np.percentile(lat, 99))
+
+    def close(self):
+        if self.up is not None:
+            self.up.stop()
+
+    def result(self):
+        lat, svc = np.concatenate(self.lat), np.concatenate(self.svc)
+        res = {"arm": self.name, "rate_rps": self.rate, "requests": int(lat.size),
+               "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3),
+               "seg_median_p99_ms": float(np.median(self.seg_p99) * 1e3), "mean_ms": float(lat.mean() * 1e3),
+               "svc_p50_ms": float(np.percentile(svc, 50) * 1e3), "svc_p99_ms": float(np.percentile(svc, 99) * 1e3)}
+        if self.up is not None:
+            st = self.up.stats()
+            res.update({"fed": st["recorded"], "trained": st["samples"],
+                        "trained_share": st["samples"] / max(1, st["recorded"]),
+                        "samples_per_s": self.trained_live / max(self.wall, 1e-9), "dropped": st["dropped"],
+                        "paused_s": st["paused_s"], "steps": st["steps"], "qos": st["qos"], "loss": st["last_loss"],
+                        "loss_errors": st["loss_errors"], "mode": st["mode"]})
+        return res
 
 
 def _idle_arm(model, reqs, args, duration):
     """No serving: trainer samples/s with the queue kept full."""
-    up = LiveUpdater(model.tables, model.loss_grad, adapters=model.adapters, batch_size=args.train_batch,
-                     buffer_size=args.buffer)
+    up = _updater(model, args, mode=args.mode)
     big_ids = np.concatenate([r[0] for r in reqs[:64]])
     big_y = np.concatenate([r[3] for r in reqs[:64]])
-    up.record(big_ids, big_y)
+    big_pooled = None
+    if not args.no_reuse:
+        big_pooled = np.concatenate([model.serve(r[1], r[2], np.empty((len(r[3]), model.n_tables * model.dim),
+                                                                      np.float32))[1] for r in reqs[:64]])
+    up.record(big_ids, big_y, pooled=big_pooled)
     up.start()
     t0 = time.perf_counter()
     s0 = up.stats()["samples"]
     while time.perf_counter() - t0 < duration:
         if up.stats()["pending"] < big_ids.shape[0]:
-            up.record(big_ids, big_y)
+            up.record(big_ids, big_y, pooled=big_pooled)
         time.sleep(0.01)
-    st = up.stats()
     wall = time.perf_counter() - t0
     up.stop()
+    st = up.stats()
     return {"arm": "idle", "rate_rps": 0.0, "samples_per_s": (st["samples"] - s0) / wall, "steps": st["steps"],
             "qos": st["qos"], "loss": st["last_loss"]}
 
@@ -203,14 +247,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lukern.bench serving", description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=20.0, help="seconds per arm (default 20)")
     p.add_argument("--load", type=float, default=0.5, help="offered load as a share of capacity (default 0.5)")
-    p.add_argument("--workers", type=int, default=2, help="serving threads (default 2)")
-    p.add_argument("--batch", type=int, default=64, help="samples per request (default 64)")
-    p.add_argument("--train-batch", type=int, default=256, help="samples per trainer step (default 256)")
-    p.add_argument("--buffer", type=int, default=65536, help="trainer ring capacity in samples")
+    p.add_argument("--rate", type=float, default=None, help="offered requests/s (default: --load x capacity)")
+    p.add_argument("--workers", type=int, default=1, help="serving threads (default 1)")
+    p.add_argument("--batch", type=int, default=256, help="samples per request (default 256)")
+    p.add_argument("--train-batch", type=int, default=1024, help="samples per trainer step (default 1024)")
+    p.add_argument("--buffer", type=int, default=16384, help="trainer ring capacity in samples (default 16384)")
     p.add_argument("--rows", type=int, default=20000, help="rows per table (26 tables, d = 16)")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="sys.setswitchinterval while the well-behaved trainer runs (default: leave it)")
-    p.add_argument("--arms", default="off,on,misbehave,idle,on90", help="comma-separated arms to run")
+    p.add_argument("--arms", default="off,on,thread,misbehave,idle,on90",
+                   help="comma-separated arms to run (default: all)")
+    p.add_argument("--mode", default="process", choices=("process", "thread"),
+                   help="trainer mode of the on / idle / on90 arms (default: process, the sidecar)")
+    p.add_argument("--segment", type=float, default=2.0, help="seconds per interleaved segment (default 2)")
+    p.add_argument("--target-p99", type=float, default=None,
+                   help="P99 budget (s) for the slow controller (default: none, the controller holds)")
+    p.add_argument("--publish-every", type=float, default=0.5, help="sidecar publication period (s)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="the trainer recomputes the forward instead of reusing the served pooled embeddings")
     p.add_argument("--json", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
     # BLAS pools busy-wait and oversubscribe the cores when several serving threads call
@@ -227,41 +281,65 @@ def _main(args):
     outs = [np.empty((args.batch, model.n_tables * model.dim), np.float32)]
     # warm every kernel the arms use (fused lookup, backward, step) before timing anything
     warm = LiveUpdater(model.tables, model.loss_grad, adapters=model.adapters, batch_size=args.train_batch, pin=False,
-                       qos="none")
+                       qos="none", mode="thread")
     warm.record(reqs[0][0], reqs[0][3])
+    warm.record(reqs[1][0], reqs[1][3])
     with warm:
         warm.flush(timeout=120)
     svc = _service_time(model, reqs, outs)
-    cap = _capacity(model, reqs, args.batch, args.workers)
-    rate = args.load * cap
+    # capacity = closed-loop throughput now, with whatever else runs on the machine (on a
+    # shared VM it can be half of 1 / service time); --rate overrides the offered load
+    cap_closed = _capacity(model, reqs, args.batch, args.workers, seconds=3.0)
+    cap = cap_closed
+    rate = args.rate if args.rate else args.load * cap
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     head = {"service_ms": svc * 1e3, "capacity_rps": cap, "workers": args.workers, "batch": args.batch,
             "load": args.load, "rate_rps": rate, "duration_s": args.duration, "fed_samples_per_s": rate * args.batch}
     if not args.json:
         print(f"service time {svc * 1e3:.3f} ms/request (batch {args.batch}, 26 tables, d 16, fused LoRA + MLP); "
-              f"capacity {cap:.0f} req/s with {args.workers} workers; offered {rate:.0f} req/s "
+              f"capacity {cap:.0f} req/s closed loop with {args.workers} worker(s) (1 / service time: "
+              f"{args.workers / svc:.0f}); offered {rate:.0f} req/s "
               f"({args.load:.0%}), {rate * args.batch:.0f} labelled samples/s fed")
     results = []
-    good = {"switch_interval": args.switch_interval}
-    bad = {"qos": "none", "pause": False}
-    for a in arms:
-        if a == "off":
-            r = _arm("off", model, reqs, args, rate, None)
-        elif a == "on":
-            r = _arm("on", model, reqs, args, rate, good)
-        elif a == "misbehave":
-            r = _arm("misbehave", model, reqs, args, rate, bad)
-        elif a == "idle":
-            r = _idle_arm(model, reqs, args, min(args.duration, 10.0))
-        elif a == "on90":
-            r = _arm("on90", model, reqs, args, 0.9 * cap, good)
-        else:
-            print(f"unknown arm {a!r}", file=sys.stderr)
-            return 2
-        results.append(r)
+    good = {"mode": args.mode, "target_p99": args.target_p99}
+    if args.mode == "process":
+        good["publish_every"] = args.publish_every
+    if args.mode == "thread":
+        good["switch_interval"] = args.switch_interval
+    thread_good = {"mode": "thread", "switch_interval": args.switch_interval, "target_p99": args.target_p99}
+    bad = {"mode": "thread", "qos": "none", "pause": False}
+    def show(r):
         if not args.json:
             print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
                   flush=True)
+
+    configs = {"off": None, "on": good, "thread": thread_good, "misbehave": bad}
+    unknown = [a for a in arms if a not in configs and a not in ("idle", "on90")]
+    if unknown:
+        print(f"unknown arms {unknown}; choose from off, on, thread, misbehave, idle, on90", file=sys.stderr)
+        return 2
+    # the 50 % arms run interleaved in short segments (rotating order, the same arrival
+    # pattern for every arm of a round): the other tenants of a shared machine then
+    # disturb every arm alike
+    inter = [_Arm(a, model, args, rate, configs[a]) for a in arms if a in configs]
+    n_rounds = max(1, int(np.ceil(args.duration / args.segment)))
+    for r in range(n_rounds):
+        for k in range(len(inter)):
+            inter[(k + r) % len(inter)].segment(reqs, args.segment, seed=1000 + r)
+    for arm in inter:
+        arm.close()
+        results.append(arm.result())
+        show(results[-1])
+    if "idle" in arms:
+        results.append(_idle_arm(model, reqs, args, min(args.duration, 10.0)))
+        show(results[-1])
+    if "on90" in arms:
+        a90 = _Arm("on90", model, args, 0.9 * cap, good)
+        for r in range(n_rounds):
+            a90.segment(reqs, args.segment, seed=2000 + r)
+        a90.close()
+        results.append(a90.result())
+        show(results[-1])
     by = {r["arm"]: r for r in results}
     verdict = {}
     if "off" in by and "on" in by:
@@ -270,6 +348,18 @@ def _main(args):
                    "trained_share": by["on"]["trained_share"]}
         verdict["bars_met"] = bool(verdict["p99_ratio"] <= 1.10 and verdict["p50_ratio"] <= 1.05
                                    and verdict["trained_share"] >= 0.5)
+        # paired by round (same arrivals, neighbours' load alike): the median of the
+        # per-round ratios is the robust figure on a shared machine
+        seg = {a.name: a for a in inter}
+        for name in ("on", "thread", "misbehave"):
+            if name in seg:
+                r99 = np.array(seg[name].seg_p99) / np.array(seg["off"].seg_p99)
+                r50 = np.array(seg[name].seg_p50) / np.array(seg["off"].seg_p50)
+                verdict[f"{name}_paired_p99_ratio"] = float(np.median(r99))
+                verdict[f"{name}_paired_p50_ratio"] = float(np.median(r50))
+        verdict["paired_bars_met"] = bool(verdict["on_paired_p99_ratio"] <= 1.10
+                                          and verdict["on_paired_p50_ratio"] <= 1.05
+                                          and verdict["trained_share"] >= 0.5)
         if "misbehave" in by:
             verdict["misbehave_p99_ratio"] = by["misbehave"]["p99_ms"] / by["off"]["p99_ms"]
             verdict["misbehave_p50_ratio"] = by["misbehave"]["p50_ms"] / by["off"]["p50_ms"]

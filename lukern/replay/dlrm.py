@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+
+from .._io import atomic_write
 
 from ..embedding import TableBatch
 
@@ -509,19 +510,7 @@ class DLRM:
             for k in self.params:
                 arrays[f"adam_m/{k}"] = self.adam_m[k]
                 arrays[f"adam_v/{k}"] = self.adam_v[k]
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path) -> "DLRM":

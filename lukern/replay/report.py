@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+
+from .._io import atomic_write
 
 __all__ = ["format_report", "plot_report", "to_json", "write_json"]
 
@@ -29,21 +30,8 @@ def to_json(report: dict) -> str:
 
 def write_json(report: dict, path) -> None:
     """Write the report atomically (temp file + rename): a reader never sees half a file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(to_json(report))
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = to_json(report) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
 
 
 def _fmt_bytes(b):

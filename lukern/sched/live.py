@@ -41,7 +41,10 @@ True
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import sys
+import traceback
 import threading
 import time
 
@@ -57,6 +60,15 @@ from .placement import first_touch, node_of_array, pin_thread, trainer_cpus, tra
 __all__ = ["LiveUpdater"]
 
 log = logging.getLogger("lukern.sched")
+
+
+def _shared_array(shape, dtype):
+    """A zeroed array in anonymous shared memory (MAP_SHARED): a forked child sees the
+    same pages."""
+    import mmap
+    shape = (shape,) if np.isscalar(shape) else tuple(shape)
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 class LiveUpdater:
@@ -104,6 +116,27 @@ class LiveUpdater:
         ``sys.setswitchinterval`` while running (process-wide; restored by stop()).
     period : float
         Slow controller period in seconds.
+    pause_in_flight : int, optional
+        The fast guard pauses while at least this many requests are in flight. Default:
+        1 in thread mode (the GIL is shared with inference, so any request counts); in
+        process mode the number of CPUs the trainer may use, i.e. pause only when
+        inference could occupy every one of them (SCHED_IDLE already yields the CPU, the
+        pause also spares caches and memory bandwidth).
+    mode : {"process", "thread"}, optional
+        Default "process" where ``os.fork`` exists (else "thread"): on the reference
+        machine a trainer *thread* could not keep inference latency in its bar (the GIL
+        it shares with inference; see ``python -m lukern.bench serving``).
+        "thread": the trainer is a thread of this process. "process": the sidecar mode,
+        the trainer runs in a forked child (its own GIL: its Python glue never delays
+        inference) that reads the ring from shared memory and every ``publish_every``
+        seconds sends its adapters' factors back; a receiver thread here adopts them
+        (``apply_factors``), so the served adapters move in steps of ``publish_every``.
+        In this mode the ring's layout is fixed up front by ``pooling``, ``extra_width``
+        and ``record_pooled``, and rows that find no free adapter slot are dropped
+        (counted in the adapter's ``dropped_admissions``) rather than folded, because
+        the child cannot write the served tables: size ``capacity`` to the working set.
+        ``loss_grad`` runs in the child on the state the process had at start() (a
+        model whose other weights change while serving must be restarted to be seen).
     """
 
     def __init__(self, tables, loss_grad, *, adapters=None, adapter_kwargs=None, batch_size: int = 256,
@@ -111,7 +144,8 @@ class LiveUpdater:
                  qos: str = "auto", pause: bool = True, pin: bool = True, topology=None, n_threads: int = 1,
                  max_threads: int = 1, chunk_ms: float = 1.0,
                  max_rate: float | None = None, switch_interval: float | None = None, period: float = 0.25,
-                 clock=time.perf_counter):
+                 mode: str | None = None, publish_every: float = 0.2, pooling: int = 1, extra_width: int = 0,
+                 record_pooled: bool = False, pause_in_flight: int | None = None, clock=time.perf_counter):
         if isinstance(tables, TableBatch):
             self.tables = tables
         else:
@@ -132,7 +166,14 @@ class LiveUpdater:
         self.dtype = self.tables.dtype
         self.batch_size, self.buffer_size = int(batch_size), int(buffer_size)
         self.load = load if load is not None else ServingLoad()
-        self.qos_request, self.pause, self.pin = qos, bool(pause), bool(pin)
+        if mode is None:
+            mode = "process" if hasattr(os, "fork") else "thread"
+        if mode not in ("thread", "process"):
+            raise ValueError(f"`mode` must be 'thread' or 'process'; got {mode!r}.")
+        if mode == "process" and not hasattr(os, "fork"):
+            raise ValueError("mode='process' needs os.fork (Linux / macOS); use mode='thread'.")
+        self.mode, self.publish_every = mode, float(publish_every)
+        self.qos_request, self.pausing, self.pin = qos, bool(pause), bool(pin)
         self.switch_interval = switch_interval
         self.chunk_ms = float(chunk_ms)
         self.clock = clock
@@ -166,30 +207,61 @@ class LiveUpdater:
         self.adapters = adapters
         self._trained = [t for t, a in enumerate(adapters) if a is not None]
 
-        self.guard = FastGuard(self.load.busy, enabled=self.pause, clock=clock)
+        if pause_in_flight is None:
+            pause_in_flight = 1 if mode == "thread" else len(self.cpus or os.sched_getaffinity(0))
+        if int(pause_in_flight) < 1:
+            raise ValueError(f"`pause_in_flight` must be >= 1; got {pause_in_flight!r}.")
+        self.pause_in_flight = int(pause_in_flight)
+        self.guard = FastGuard(self._busy, enabled=self.pausing, clock=clock)
         self.controller = SlowController(target_p99, period=period, n_threads=n_threads, max_threads=max_threads,
                                          chunk_s=self.chunk_ms * 1e-3, max_rate=max_rate, clock=clock)
 
         # the ring of recorded samples (allocated on the first record: its shape follows the data)
-        self._lock = threading.Lock()
-        self._data = threading.Condition(self._lock)
+        self._lock = threading.Lock()  # between producers (serving threads) only
+        if mode == "process":
+            self._ctr = _shared_array(8, np.int64)
+            self._p99 = _shared_array(1, np.float64)
+            self._flight = self.load.share()
+        else:
+            self._ctr = np.zeros(8, np.int64)
         self._ring = None  # dict of per-sample columns: ids (n, T, L), labels, [extra], [pooled]
-        self._head = 0  # index of the oldest pending sample
-        self._count = 0
-        self._recorded = self._dropped = 0
+        if mode == "process":
+            self._ring = {"ids": _shared_array((self.buffer_size, self.n_tables, int(pooling)), np.int64),
+                          "labels": _shared_array(self.buffer_size, np.float64)}
+            if extra_width:
+                self._ring["extra"] = _shared_array((self.buffer_size, int(extra_width)), np.float64)
+            if record_pooled:
+                self._ring["pooled"] = _shared_array((self.buffer_size, self.col_offsets[-1]), self.dtype)
+        self._in_child = False
+        self._pid = None
+        self._receiver = None
 
         self._thread = None
         self._stop = threading.Event()
         self._idle = threading.Condition(threading.Lock())
-        self._busy_step = False
         self._old_switch = None
         self.steps = self.samples = self.loss_errors = self.rejected = 0
+        self.consumed = 0  # samples taken from the ring by finished steps (trained or not)
         self.last_loss = None
         self.last_error = None
         self.qos_level = None
         self.qos_applied = None
         self.ladder = None
         self.starts = 0
+
+    # ring counters live in _ctr (shared with the sidecar child in process mode)
+    # _ctr: 0 read position (consumer), 1 dropped by the consumer (overwritten before read),
+    # 2 recorded, 3 dropped by the producer (a record larger than the ring), 4 stop flag
+    # (process mode), 5 written position, 6 held by pause(), 7 claimed position (producer)
+    @property
+    def _count(self) -> int:
+        """Samples written and not read yet that are still in the ring."""
+        return min(self.buffer_size, int(self._ctr[5]) - int(self._ctr[0]))
+
+    @property
+    def _dropped(self) -> int:
+        overwritten_unread = max(0, int(self._ctr[5]) - self.buffer_size - int(self._ctr[0]))
+        return int(self._ctr[1]) + int(self._ctr[3]) + overwritten_unread
 
     # ------------------------------------------------------------------ serving side
 
@@ -262,7 +334,7 @@ class LiveUpdater:
         if pooled is not None:
             cols["pooled"] = pooled
         with self._lock:
-            if self._ring is None:
+            if self._ring is None:  # thread mode: the first record fixes the layout
                 cap = self.buffer_size
                 self._ring = {"ids": np.zeros((cap, self.n_tables, pool), np.int64),
                               "labels": np.zeros(cap, np.float64)}
@@ -280,52 +352,190 @@ class LiveUpdater:
             cap = self.buffer_size
             n_in = n
             if n > cap:  # only the newest cap samples can be kept
-                self._dropped += n - cap
+                self._ctr[3] += n - cap
                 cols = {k: v[n - cap:] for k, v in cols.items()}
                 n = cap
-            over = self._count + n - cap
-            if over > 0:  # drop the oldest pending samples
-                self._head = (self._head + over) % cap
-                self._count -= over
-                self._dropped += over
-            start = (self._head + self._count) % cap
+            # single-producer side of a lock-free ring: claim, write, publish. The trainer
+            # (consumer) never takes this lock, so a preempted low-priority trainer can
+            # never block inference here (no priority inversion).
+            w = int(self._ctr[5])
+            self._ctr[7] = w + n  # claimed: slots being overwritten are visible to the reader
+            start = w % cap
             k = min(n, cap - start)
             for name, v in cols.items():
                 ring[name][start:start + k] = v[:k]
                 if k < n:
                     ring[name][:n - k] = v[k:]
-            self._count += n
-            self._recorded += n_in
-            self._data.notify()
+            self._ctr[5] = w + n  # published (x86 keeps stores in order; see _pop)
+            self._ctr[2] += n_in
 
     def _pop(self, n):
-        """Take up to n oldest pending samples (copies) as a dict of columns, or None."""
-        with self._lock:
-            if self._count == 0:
+        """Take up to n oldest unread samples (copies) as a dict of columns, or None.
+
+        The consumer side of the ring: it reads the producer's counters, copies, then
+        checks the claim counter: a record() that overwrote part of the copied slots
+        meanwhile (the ring was full) makes that prefix invalid; it is discarded and
+        counted as dropped, like samples overwritten before they were read."""
+        cap = self.buffer_size
+        r, w = int(self._ctr[0]), int(self._ctr[5])
+        if w == r:
+            return None
+        start = max(r, w - cap)
+        if start > r:
+            self._ctr[1] += start - r  # overwritten before they were read
+        n = min(n, w - start)
+        h = start % cap
+        if h + n <= cap:
+            out = {k: v[h:h + n].copy() for k, v in self._ring.items()}
+        else:
+            sel = (h + np.arange(n)) % cap
+            out = {k: v[sel] for k, v in self._ring.items()}
+        lost = min(n, int(self._ctr[7]) - cap - start)
+        self._ctr[0] = start + n
+        if lost > 0:
+            self._ctr[1] += lost
+            if lost == n:
                 return None
-            n = min(n, self._count)
-            cap = self.buffer_size
-            h = self._head
-            if h + n <= cap:
-                out = {k: v[h:h + n].copy() for k, v in self._ring.items()}
-            else:
-                sel = (h + np.arange(n)) % cap
-                out = {k: v[sel] for k, v in self._ring.items()}
-            self._head = (h + n) % cap
-            self._count -= n
-            self._busy_step = True  # under the lock, so flush() never sees "empty and idle" mid-handover
-            return out
+            out = {k: v[lost:] for k, v in out.items()}
+        return out
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def running(self) -> bool:
+        if self.mode == "process":
+            return self._pid is not None
         return self._thread is not None and self._thread.is_alive()
+
+    def _busy(self) -> bool:
+        if self.pause_in_flight == 1:
+            return self.load.busy()
+        return self.load.in_flight >= self.pause_in_flight or (not self.load.reporting() and self.load.fallback_busy())
+
+    def _stopping(self) -> bool:
+        if self._in_child:  # asked to stop, or orphaned (the serving process died)
+            return bool(self._ctr[4]) or os.getppid() != self._parent_pid
+        return self._stop.is_set()
+
+    def _sleep(self, seconds):
+        if self._in_child:
+            time.sleep(seconds)
+        else:
+            self._stop.wait(seconds)
+
+    def _current_p99(self):
+        if self._in_child:
+            v = float(self._p99[0])
+            return v if v > 0 else None
+        return self.load.p99()
+
+    # -- the sidecar process ------------------------------------------------------------------
+
+    def _start_process(self):
+        if self.ladder is None and self.qos_request in ("auto", "resctrl", "cgroup"):
+            self.ladder = _qos.probe_ladder()
+        self._ctr[4] = 0
+        self._parent_pid = os.getpid()
+        recv_end, send_end = multiprocessing.get_context("fork").Pipe(duplex=False)
+        pid = os.fork()
+        if pid == 0:  # the child: train, publish, never return into the caller's code
+            code = 0
+            try:
+                recv_end.close()
+                self._child_main(send_end)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        send_end.close()
+        self._pid = pid
+        self._receiver = threading.Thread(target=self._receive, args=(recv_end,), name="lukern-sidecar-recv",
+                                          daemon=True)
+        self._receiver.start()
+        self.starts += 1
+        return self
+
+    def _child_main(self, conn):
+        self._in_child = True
+        flight, k = self._flight, self.pause_in_flight
+        # the parent's serving threads do not exist here; only the in-flight counter in
+        # shared memory tells the guard that inference is busy
+        self.guard = FastGuard(lambda: flight[0] >= k, enabled=self.pausing, clock=self.clock,
+                               wait=lambda s: (time.sleep(s), self._stopping())[1])
+        last = [time.monotonic(), self.consumed]
+
+        def send(kind):
+            facts = [a.export() if a is not None else None for a in self.adapters]
+            conn.send((kind, facts, self._child_stats()))
+
+        def publish():
+            now = time.monotonic()
+            if now - last[0] >= self.publish_every and self.consumed != last[1]:
+                last[0], last[1] = now, self.consumed
+                send("factors")
+
+        self._ready = threading.Event()
+        self._run(publish=publish)
+        send("bye")
+        conn.close()
+
+    def _child_stats(self):
+        k = self.controller.knobs
+        return {"steps": self.steps, "samples": self.samples, "consumed": self.consumed, "loss_errors": self.loss_errors,
+                "rejected": self.rejected, "paused_s": self.guard.paused_time, "pauses": self.guard.pauses,
+                "chunk_s": k.chunk_s, "max_rate": k.max_rate, "n_threads": k.n_threads, "qos": self.qos_level,
+                "last_loss": self.last_loss, "last_error": self.last_error}
+
+    def _receive(self, conn):
+        """Parent side: adopt each batch of published factors (each adapter swaps its state
+        in one reference, so concurrent lookups stay consistent)."""
+        while True:
+            try:
+                kind, facts, st = conn.recv()
+            except (EOFError, OSError):
+                break
+            for a, f in zip(self.adapters, facts):
+                if a is not None and f is not None and f.version != a.version:
+                    # adopting takes ~0.2 ms of GIL per table: yield to requests in flight
+                    # between tables (bounded, so a saturated server still gets updates)
+                    for _ in range(20):
+                        if self.load.in_flight == 0:
+                            break
+                        time.sleep(0.0005)
+                    a.apply_factors(f)
+                    a.version = f.version
+            self._adopt_child_stats(st)
+            p99 = self.load.p99()
+            self._p99[0] = p99 if p99 is not None else 0.0
+            if kind == "bye":
+                break
+        conn.close()
+
+    def _adopt_child_stats(self, st):
+        self.steps, self.samples, self.consumed = st["steps"], st["samples"], st["consumed"]
+        self.loss_errors, self.rejected = st["loss_errors"], st["rejected"]
+        self.guard.paused_time, self.guard.pauses = st["paused_s"], st["pauses"]
+        self.controller.knobs.chunk_s, self.controller.knobs.max_rate = st["chunk_s"], st["max_rate"]
+        self.qos_level, self.last_loss, self.last_error = st["qos"], st["last_loss"], st["last_error"]
+
+    def _stop_process(self, timeout):
+        if self._pid is None:
+            return
+        self._ctr[4] = 1
+        self._receiver.join(timeout)
+        if self._receiver.is_alive():
+            raise TimeoutError(f"the sidecar trainer did not stop within {timeout} s.")
+        os.waitpid(self._pid, 0)
+        self._pid = None
+        self._receiver = None
 
     def start(self) -> "LiveUpdater":
         """Start the trainer thread (no-op when running). Probes the QoS ladder once."""
         if self.running:
             return self
+        if self.mode == "process":
+            return self._start_process()
         if self.ladder is None and self.qos_request in ("auto", "resctrl", "cgroup"):
             self.ladder = _qos.probe_ladder()
         self._stop.clear()
@@ -343,13 +553,13 @@ class LiveUpdater:
     def stop(self, timeout: float | None = None) -> None:
         """Stop the trainer: a running step finishes (without pausing) and is committed,
         then the thread is joined. Samples still queued stay queued for the next start()."""
+        if self.mode == "process":
+            return self._stop_process(timeout)
         t = self._thread
         if t is None:
             return
         self._stop.set()
         self.guard.wake()
-        with self._lock:
-            self._data.notify_all()
         t.join(timeout)
         if t.is_alive():
             raise TimeoutError(f"the trainer thread did not stop within {timeout} s.")
@@ -365,17 +575,27 @@ class LiveUpdater:
         self.stop()
         return False
 
+    def pause(self) -> None:
+        """Hold the trainer after its current chunk until :meth:`resume` (the thread or
+        sidecar stays alive; recording goes on and the ring keeps the newest samples)."""
+        self._ctr[6] = 1
+
+    def resume(self) -> None:
+        self._ctr[6] = 0
+
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued sample has been trained on (True) or the timeout ran out."""
+        """Wait until every queued sample has been taken by a finished step (True; in
+        process mode: and published) or the timeout ran out / the trainer is not running
+        (False)."""
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
-                done = self._count == 0
-            if done and not self._busy_step:
+                target = int(self._ctr[5])  # every written sample: trained, failed or dropped
+            if self.consumed + int(self._ctr[1]) >= target:
                 return True
             if not self.running or (end is not None and time.monotonic() > end):
                 return False
-            time.sleep(0.001)
+            time.sleep(0.002)
 
     def stats(self) -> dict:
         """Counters: steps, samples trained, recorded, dropped, pending, loss errors,
@@ -383,10 +603,11 @@ class LiveUpdater:
         QoS level, last loss."""
         k = self.controller.knobs
         with self._lock:
-            pending, recorded, dropped = self._count, self._recorded, self._dropped
+            pending, recorded, dropped = self._count, int(self._ctr[2]), self._dropped
         return {
-            "steps": self.steps, "samples": self.samples, "recorded": recorded, "dropped": dropped,
-            "pending": pending, "loss_errors": self.loss_errors, "rejected": self.rejected,
+            "mode": self.mode, "steps": self.steps, "samples": self.samples, "consumed": self.consumed,
+            "recorded": recorded, "dropped": dropped,
+            "pending": pending, "held": bool(self._ctr[6]), "loss_errors": self.loss_errors, "rejected": self.rejected,
             "paused_s": self.guard.paused_time, "pauses": self.guard.pauses,
             "threads": k.n_threads if self.running else 0, "chunk_ms": k.chunk_s * 1e3, "max_rate": k.max_rate,
             "qos": self.qos_level, "node": self.node, "cpus": self.cpus, "last_loss": self.last_loss,
@@ -418,7 +639,7 @@ class LiveUpdater:
         self.qos_applied = applied
         return tid
 
-    def _run(self):
+    def _run(self, publish=None):
         tid = None
         try:
             tid = self._setup_thread()
@@ -426,28 +647,33 @@ class LiveUpdater:
             self._ready.set()
         try:
             next_time = self.clock()
-            while not self._stop.is_set():
+            idle = 0.0005
+            while not self._stopping():
+                if self._ctr[6]:  # held by pause(): not even the misbehaving setting steps
+                    self._sleep(0.005)
+                    continue
                 self.guard.check()
                 if self.controller.due():
-                    self.controller.update(self.load.p99())
+                    self.controller.update(self._current_p99())
+                if publish is not None:
+                    publish()
                 rate = self.controller.knobs.max_rate
                 if rate:
                     now = self.clock()
                     if now < next_time:
-                        self._stop.wait(next_time - now)
+                        self._sleep(next_time - now)
                         continue
                     next_time = max(next_time + 1.0 / rate, now)
-                with self._lock:
-                    if self._count == 0:
-                        self._data.wait(0.05)
-                        continue
                 batch = self._pop(self.batch_size)
-                if batch is None:
+                if batch is None:  # nothing queued: poll with back-off (record() never signals,
+                    idle = min(0.01, idle * 2)  # so it never waits for the trainer)
+                    self._sleep(idle)
                     continue
+                idle = 0.0005
                 try:
                     self._step(batch)
                 finally:
-                    self._busy_step = False
+                    self.consumed += len(batch["labels"])
         finally:
             if tid is not None:
                 self.load.exclude_tids.discard(tid)
@@ -515,8 +741,9 @@ class LiveUpdater:
             for t in self._trained:
                 a = self.adapters[t]
                 c0, c1 = self.col_offsets[t], self.col_offsets[t + 1]
+                # the sidecar cannot write the served tables: no folding there
                 a.backward(np.ascontiguousarray(ids[:, t, :]).reshape(-1), off, grad[:, c0:c1],
-                           table=self.tables.tables[t])
+                           table=None if self._in_child else self.tables.tables[t])
                 touched.append(a)
                 self.guard.check()
         except Exception as exc:

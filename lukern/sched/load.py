@@ -111,7 +111,7 @@ class ServingLoad:
             raise ValueError(f"`window` must be >= 1; got {window!r}.")
         self._lat = np.zeros(int(window), np.float64)
         self._n = 0  # latencies ever reported
-        self._in_flight = 0
+        self._flight = np.zeros(1, np.int64)  # in-flight count; share() moves it to shared memory
         self._lock = threading.Lock()
         self.stale_after = float(stale_after)
         self.wait_fraction = float(wait_fraction)
@@ -133,14 +133,14 @@ class ServingLoad:
         its latency when it ends (also when it raises)."""
         t0 = self.clock()
         with self._lock:
-            self._in_flight += 1
+            self._flight[0] += 1
             self._last_report = t0
         try:
             yield
         finally:
             t1 = self.clock()
             with self._lock:
-                self._in_flight -= 1
+                self._flight[0] -= 1
                 self._push(t1 - t0, t1)
 
     def report_latency(self, seconds: float) -> None:
@@ -156,11 +156,22 @@ class ServingLoad:
         self._n += 1
         self._last_report = now
 
+    def share(self) -> np.ndarray:
+        """Move the in-flight counter into memory shared with forked children (the
+        sidecar trainer reads it there) and return that one-element int64 array."""
+        import mmap
+        with self._lock:
+            if not isinstance(self._flight.base, mmap.mmap):
+                buf = np.frombuffer(mmap.mmap(-1, 8), np.int64)
+                buf[0] = self._flight[0]
+                self._flight = buf
+        return self._flight
+
     # -- the trainer side ------------------------------------------------------------------
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return int(self._flight[0])
 
     @property
     def n_latencies(self) -> int:
@@ -190,13 +201,13 @@ class ServingLoad:
     def reporting(self) -> bool:
         """True while the serving stack has reported within ``stale_after`` seconds."""
         last = self._last_report
-        return self._in_flight > 0 or (last is not None and self.clock() - last <= self.stale_after)
+        return int(self._flight[0]) > 0 or (last is not None and self.clock() - last <= self.stale_after)
 
     def busy(self) -> bool:
         """Should the trainer step aside right now? Requests in flight when the serving
         stack reports; otherwise the PSI / run-queue fallback."""
         if self.reporting():
-            return self._in_flight > 0
+            return int(self._flight[0]) > 0
         return self.fallback_busy()
 
     def fallback_busy(self) -> bool:
@@ -222,5 +233,5 @@ class ServingLoad:
 
     def snapshot(self) -> dict:
         """In-flight count, reported latencies and P50/P99 (seconds) as a dict."""
-        return {"in_flight": self._in_flight, "n_latencies": self._n, "p50": self.p50(), "p99": self.p99(),
+        return {"in_flight": int(self._flight[0]), "n_latencies": self._n, "p50": self.p50(), "p99": self.p99(),
                 "reporting": self.reporting()}
