@@ -156,7 +156,7 @@ def test_gradient_window_ring_and_residual():
     np.testing.assert_array_equal(w.rows()[0], [0, 1, 2, 3])
     np.testing.assert_array_equal(w.rows()[3], [36, 37, 38, 39])
     w.add(np.ones((3, 4)))  # wraps around the ring
-    assert w.n == 6 and w.nbytes == 6 * 4 * 8
+    assert w.n == 6 and w.nbytes == 6 * 4 * 4
     w.clear()
     w.add(np.diag([3.0, 4.0, 0.0, 0.0]))
     assert w.residual_energy(np.array([[1.0, 0, 0, 0]])) == pytest.approx(16 / 25)
@@ -233,8 +233,8 @@ def test_budget_respected_while_training():
         off = np.arange(0, 2049, 8)
         a.train_step(table, idx, off, rng.standard_normal((256, d)).astype(np.float32) * 0.1)
         ctl.step()
-        assert a.nbytes <= adapter_bytes(a, a.capacity, a.rank) <= limit
-    assert all(e["bytes_bound"] <= limit for e in ctl.log)
+        assert a.nbytes + ctl.window.nbytes <= adapter_bytes(a, a.capacity, a.rank) + ctl.window.nbytes <= limit
+    assert all(e["bytes_bound"] <= e["limit_bytes"] for e in ctl.log)
 
 
 def test_budget_picks_cheaper_loss():
@@ -242,18 +242,19 @@ def test_budget_picks_cheaper_loss():
     # nearly rank-1 correction: dropping ranks costs little, folding rows costs a lot
     a, rng = _adapter_with_planted(n, d, 8, 1500, 1, 1e-3, capacity=1600)
     table = np.zeros((n, d), np.float32)
-    limit = 0.9 * adapter_bytes(a, a.capacity, a.rank) / table.nbytes
-    ctl = lukern.RankController(a, table, budget=limit, energy=1.0, every=1)
+    window = lukern.GradientWindow(d, 16)
+    limit = (0.9 * adapter_bytes(a, a.capacity, a.rank) + window.nbytes) / table.nbytes
+    ctl = lukern.RankController(a, table, budget=limit, energy=1.0, every=1, window=window)
     dec = ctl.step()
     assert [x["action"] for x in dec["actions"]] == ["budget_rank"]
     assert a.n_active == 1500 and a.rank < 8 and dec["energy_kept"] > 0.999
     # too small for rank 1 at this capacity: rows are folded into the table, served values kept
     idx, off = a.active_rows()[0][:64], np.arange(65)
     before = lukern.embedding_bag(table, idx, off, adapter=a)
-    ctl.budget = 0.5 * adapter_bytes(a, a.capacity, 1) / table.nbytes
+    ctl.budget = (0.5 * adapter_bytes(a, a.capacity, 1) + window.nbytes) / table.nbytes
     dec = ctl.decide()
     assert any(x["action"].endswith("evict") for x in dec["actions"])
-    assert a.nbytes <= ctl.limit_bytes and a.capacity < 1600
+    assert a.nbytes + ctl.window.nbytes <= ctl.budget * table.nbytes and a.capacity < 1600
     np.testing.assert_allclose(lukern.embedding_bag(table, idx, off, adapter=a), before, atol=1e-4)
     with pytest.raises(ValueError, match="raise `budget`"):
         ctl.budget = 1e-9
