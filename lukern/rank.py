@@ -482,11 +482,14 @@ def probe_rank(M, energy=0.95, max_rank=None):
 # --- gradient window ---------------------------------------------------------------------------
 
 class GradientWindow:
-    """A bounded ring of recent pooled-gradient rows (``capacity x dim``, float64).
+    """A bounded ring of recent pooled-gradient rows (``capacity x dim``, float32).
 
     The LoRA backward hands it the (n_bags, d) gradient of every batch through
     ``adapter.grad_window = window``; at most ``per_add`` evenly spaced rows of a batch
-    are kept so feeding it costs O(per_add * d) per step.
+    are kept so feeding it costs O(per_add * d) per step. Its bytes count against a
+    :class:`RankController`'s budget, so keep it small for small tables (the spectra
+    measured on MovieLens and TalkingData put about 90% of the gradient energy in one
+    direction: a few dozen rows estimate the residual well).
 
     Examples
     --------
@@ -497,11 +500,11 @@ class GradientWindow:
     0.5
     """
 
-    def __init__(self, dim, capacity=1024, *, per_add=None):
+    def __init__(self, dim, capacity=256, *, per_add=None):
         self.dim = V.check_positive_int("dim", dim, allow_none=False)
         self.capacity = V.check_positive_int("capacity", capacity, allow_none=False)
         self.per_add = V.check_positive_int("per_add", per_add) or max(1, self.capacity // 8)
-        self._buf = np.zeros((self.capacity, self.dim), np.float64)
+        self._buf = np.zeros((self.capacity, self.dim), np.float32)
         self._pos = 0
         self.n = 0  # rows held
         self.n_seen = 0  # rows offered since creation
@@ -533,8 +536,8 @@ class GradientWindow:
         self.n = min(self.n + m, self.capacity)
 
     def rows(self) -> np.ndarray:
-        """The rows held (a view, oldest first not guaranteed)."""
-        return self._buf[:self.n]
+        """The rows held, as float64 (a copy; ring order, not time order)."""
+        return self._buf[:self.n].astype(np.float64)
 
     def clear(self) -> None:
         self._pos = self.n = 0
@@ -605,19 +608,24 @@ class RankController:
     Call :meth:`step` between training steps. Every ``every`` calls (and on the first) it
 
     - **shrinks**: exact singular values of the active ``s A B`` (QR of A, SVD of R B);
-      keeps the smallest rank holding ``energy`` of the correction, widened until the
-      dropped directions carry at most ``1 - energy`` of the gradient window; re-factors ``A = Q U_k S_k^(1/2) / sqrt(s)``,
-      ``B = S_k^(1/2) Vt_k / sqrt(s)`` so served values move by at most the largest dropped
-      singular value times the norm of a bag's weights;
+      keeps the smallest rank holding ``energy`` of the correction, widened by the
+      directions of the dropped subspace that hold more than ``1 - energy`` of the
+      gradient window; re-factors onto the kept directions ``Vk`` as
+      ``A = dW Vk^T / (s c)``, ``B = c Vk`` (``c`` the RMS row norm of the old B, so the
+      optimizers' step sizes carry over; DESIGN's balanced ``S^(1/2)`` split rescaled B
+      and hurt training). Served values move by at most the largest dropped singular
+      value times the norm of a bag's per-row weights;
     - **grows**: when the gradient window's energy outside the row space of B exceeds
       ``grow_threshold``, adds up to ``grow_step`` directions: new B rows are the top
       residual directions (``seed_scale`` times the mean norm of B's rows), new A
       columns are 0 (served values do not move). The default 0.9 is conservative: on
       the TalkingData sample, growing at 0.5 re-factored every period and raised the
       test log loss (``python -m lukern.bench gradient_spectrum``);
-    - **enforces the budget** ``adapter_bytes <= budget * table.nbytes`` by lowering the
-      rank or evicting (folding) cold rows and shrinking the capacity, whichever moves
-      less of the correction's energy.
+    - **enforces the budget** ``adapter_bytes + window.nbytes <= budget * table.nbytes``
+      (``adapter_bytes``: the adapter's largest possible ``nbytes`` at its capacity and
+      rank, so the bound holds at every step in between) by lowering the rank or
+      evicting (folding) cold rows and shrinking the capacity, whichever moves less of
+      the correction's energy (ties lower the rank).
 
     Every change goes through ``adapter.refactor`` / ``adapter.evict`` / ``adapter.resize``
     (new arrays, one reference swap). The decision log is ``controller.log``.
@@ -666,14 +674,15 @@ class RankController:
         self.every = V.check_positive_int("every", self.every, allow_none=False)
         self.grow_step = V.check_positive_int("grow_step", self.grow_step, allow_none=False)
         if self.window is None:
-            self.window = a.grad_window if isinstance(a.grad_window, GradientWindow) else GradientWindow(a.dim, 1024)
+            self.window = a.grad_window if isinstance(a.grad_window, GradientWindow) else GradientWindow(a.dim)
         a.grad_window = self.window
         self._calls = 0
         self._grew_at = -1
 
     @property
     def limit_bytes(self) -> int:
-        return int(self.budget * self.table.nbytes)
+        """Bytes the adapter may use: the budget minus the gradient window's bytes."""
+        return int(self.budget * self.table.nbytes) - self.window.nbytes
 
     def spectrum(self):
         """Exact singular values (and factors) of the active correction ``s A B``."""
@@ -709,8 +718,8 @@ class RankController:
     def _refactor_to(self, r_new, U, S, Vt):
         a = self.adapter
         s = a.scale
-        root = np.sqrt(S[:r_new] / s)
-        self._refactor(a, (U[:, :r_new] * root).astype(a.dtype), (Vt[:r_new] * root[:, None]).astype(a.dtype))
+        c = float(np.sqrt(np.mean(np.sum(a.B.astype(np.float64) ** 2, axis=1)))) or 1.0  # see _shrink
+        self._refactor(a, (U[:, :r_new] * (S[:r_new] / (s * c))).astype(a.dtype), (Vt[:r_new] * c).astype(a.dtype))
 
     def _shrink(self, U, S, Vt):
         a = self.adapter
@@ -718,31 +727,51 @@ class RankController:
         total = float(np.sum(S ** 2))
         if total == 0 or a.n_active == 0:
             return None
-        r_new, kept = _rank_for(S, self.energy, total)
-        r_new = max(self.min_rank, r_new)
-        # keep directions the recent gradients still point along: a direction grown a
-        # few steps ago holds little correction yet, and dropping it only to grow it back
-        # at the next check resets the optimizer state every period (seen on TalkingData)
+        m = S.shape[0]  # min(active rows, rank)
+        r_top, _ = _rank_for(S, self.energy, total)
+        r_top = min(max(self.min_rank, r_top), m)
+        # Keep, besides the top directions of the correction, the directions of the
+        # dropped subspace that recent gradients point along: a direction grown a few
+        # steps ago holds little correction yet, and dropping it only to grow it back at
+        # the next check restarts its learning every period (seen on TalkingData).
+        D = Vt[r_top:].astype(np.float64)
+        extra = np.zeros((0, a.dim))
         W = self.window.rows()
         g_total = float(np.einsum("ij,ij->", W, W))
-        if g_total > 0:
-            P = W @ Vt.T.astype(np.float64)  # window coordinates along the right singular vectors
-            g_dir = np.einsum("ij,ij->j", P, P) / g_total
-            while r_new < min(r_old, Vt.shape[0]) and float(np.sum(g_dir[r_new:])) > 1.0 - self.energy:
-                r_new += 1
+        if g_total > 0 and D.shape[0]:
+            P = W @ D.T
+            lam, E = np.linalg.eigh(P.T @ P)
+            lam, E = lam[::-1].clip(min=0), E[:, ::-1]
+            left = float(lam.sum())
+            j = 0
+            while j < lam.shape[0] and left > (1.0 - self.energy) * g_total:
+                left -= float(lam[j])
+                j += 1
+            extra = E[:, :j].T @ D
+        r_new = r_top + extra.shape[0]
         if r_new >= r_old:
             return None
-        # pad with zero directions when fewer active rows than the new rank (S shorter)
-        if S.shape[0] < r_new:
-            return None
-        kept = float(np.sum(S[:r_new] ** 2) / total)
-        self._refactor_to(r_new, U, S, Vt)
+        # new factors: the correction projected on the kept directions Vk,
+        # s A' B' = dW Vk^T Vk with A' = dW Vk^T / (s c) and B' = c Vk, where c is the
+        # RMS row norm of the old B: B keeps its scale, so the gradients of A (s g B^T)
+        # and the optimizers' step sizes stay what they were. (Balancing the factors,
+        # c_i = sqrt(S_i / s), shrank B's rows to a tenth and raised the TalkingData
+        # test log loss by a third.)
+        s = a.scale
+        C_top = U[:, :r_top] * S[:r_top]
+        C_x = (U * S) @ (Vt.astype(np.float64) @ extra.T)
+        c = float(np.sqrt(np.mean(np.sum(a.B.astype(np.float64) ** 2, axis=1)))) or 1.0
+        A_new = np.hstack([C_top, C_x]) / (s * c)
+        B_new = np.vstack([Vt[:r_top], extra]) * c
+        self._refactor(a, A_new.astype(a.dtype), B_new.astype(a.dtype))
+        kept = float((np.sum(C_top ** 2) + np.sum(C_x ** 2)) / total)
         return dict(action="shrink", old_rank=r_old, new_rank=r_new, energy_kept=kept,
-                    max_served_change_per_unit_weight=float(S[r_new]) if r_new < S.shape[0] else 0.0)
+                    kept_for_gradients=int(extra.shape[0]),
+                    max_served_change_per_unit_weight=float(S[r_top]) if r_top < m else 0.0)
 
     def _grow(self):
         a = self.adapter
-        if self.window.n < 2 * a.dim or a.rank >= self.max_rank:
+        if self.window.n < min(2 * a.dim, self.window.capacity) or a.rank >= self.max_rank:
             return None
         res = self.window.residual_energy(a.B)
         if res <= self.grow_threshold:
@@ -828,7 +857,8 @@ class RankController:
             if c_min is None:
                 raise ValueError(f"the budget {self.budget} of the table's {self.table.nbytes} bytes ({limit} bytes) "
                                  f"cannot hold a rank-{self.min_rank}, capacity-1 adapter "
-                                 f"({adapter_bytes(a, 1, self.min_rank)} bytes); raise `budget`.")
+                                 f"({adapter_bytes(a, 1, self.min_rank)} bytes) besides the gradient window's "
+                                 f"{self.window.nbytes} bytes; raise `budget` or use a smaller window.")
             lost = float(np.sum(S[self.min_rank:] ** 2)) if S is not None else 0.0
             self._lower_rank(self.min_rank, U, S)
             n = self._evict_to(c_min)
