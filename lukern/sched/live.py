@@ -50,6 +50,7 @@ import time
 
 import numpy as np
 
+from .._kernels.sched import first_bad_sample
 from ..embedding import TableBatch
 from ..lora import LoRAAdapter
 from . import qos as _qos
@@ -303,20 +304,15 @@ class LiveUpdater:
         y = np.asarray(labels, dtype=np.float64)
         if y.shape != (n,):
             raise ValueError(f"`labels` must have shape ({n},) to match `batch`; got {y.shape}.")
-        if n and not np.isfinite(y).all():
-            bad = int(np.flatnonzero(~np.isfinite(y))[0])
-            raise ValueError(f"`labels` must be finite; labels[{bad}] = {y[bad]}. Drop unlabelled samples before "
+        ids3 = ids.reshape(n, self.n_tables, -1) if n else ids.reshape(0, self.n_tables, 1)
+        kind, i, t = first_bad_sample(ids3, self.n_rows, np.ascontiguousarray(y))
+        if kind == 2:
+            raise ValueError(f"`labels` must be finite; labels[{i}] = {y[i]}. Drop unlabelled samples before "
                              "recording them.")
-        if n:
-            lo = ids.min(axis=0)
-            hi = ids.max(axis=0)
-            if ids.ndim == 3:
-                lo, hi = lo.min(axis=1), hi.max(axis=1)
-            bad = np.flatnonzero((lo < 0) | (hi >= self.n_rows))
-            if bad.size:
-                t = int(bad[0])
-                raise IndexError(f"`batch[:, {t}]` ids must be in [0, {int(self.n_rows[t])}); got "
-                                 f"{int(lo[t])}..{int(hi[t])}.")
+        if kind == 1:
+            col = ids3[:, t, :]
+            raise IndexError(f"`batch[:, {t}]` ids must be in [0, {int(self.n_rows[t])}); got "
+                             f"{int(col.min())}..{int(col.max())} (first bad sample {i}).")
         if extra is not None:
             extra = np.asarray(extra)
             if extra.ndim != 2 or extra.shape[0] != n:
@@ -327,8 +323,8 @@ class LiveUpdater:
                 raise ValueError(f"`pooled` must have shape ({n}, {self.col_offsets[-1]}); got {pooled.shape}.")
         if n == 0:
             return
-        pool = ids.shape[2] if ids.ndim == 3 else 1
-        cols = {"ids": ids.reshape(n, self.n_tables, pool), "labels": y}
+        pool = ids3.shape[2]
+        cols = {"ids": ids3, "labels": y}
         if extra is not None:
             cols["extra"] = extra
         if pooled is not None:
@@ -505,6 +501,7 @@ class LiveUpdater:
                         time.sleep(0.0005)
                     a.apply_factors(f)
                     a.version = f.version
+                    time.sleep(0)  # hand the GIL to a serving thread that waits for it
             self._adopt_child_stats(st)
             p99 = self.load.p99()
             self._p99[0] = p99 if p99 is not None else 0.0
