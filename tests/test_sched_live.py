@@ -379,3 +379,23 @@ def test_pause_and_resume(mode):
         up.resume()
         assert up.flush(timeout=60)
     assert up.stats()["steps"] == 1 and not up.stats()["held"]
+
+
+def test_multi_hot_bags_match_a_manual_step():
+    rng = np.random.default_rng(7)
+    ids = np.stack([rng.integers(0, r, (16, 3)) for r in N_ROWS], axis=1)  # (n, T, pooling 3)
+    y = rng.standard_normal(16)
+    up, ref = updater(), updater()
+    up.record(ids, y)
+    with up:
+        assert up.flush(timeout=30)
+    idx = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(-1)
+    off = np.arange(0, idx.size + 1, 3)
+    pooled = ref.tables.lookup(idx, off, adapters=ref.adapters)
+    _, g = squared_loss(pooled, y.astype(np.float32))
+    for t, a in enumerate(ref.adapters):
+        c0, c1 = ref.col_offsets[t], ref.col_offsets[t + 1]
+        a.train_step(ref.tables.tables[t], np.ascontiguousarray(ids[:, t, :]).reshape(-1), np.arange(0, 49, 3),
+                     g[:, c0:c1])
+    for a, b in zip(up.adapters, ref.adapters):
+        np.testing.assert_allclose(a.dense_delta(), b.dense_delta(), rtol=1e-5, atol=1e-7)

@@ -45,14 +45,18 @@ class Model:
         self.n_tables, self.rows, self.dim = n_tables, rows, dim
         self.tables = TableBatch([(0.1 * rng.standard_normal((rows, dim))).astype(np.float32)
                                   for _ in range(n_tables)])
-        self.adapters = [LoRAAdapter(rows, dim, rank=rank, capacity=rows // 8, lr_a=0.02, lr_b=0.002)
-                         for _ in range(n_tables)]
+        self.rank = rank
+        self.adapters = self.new_adapters()
         k = n_tables * dim
         self.W1 = (rng.standard_normal((k, hidden)) / np.sqrt(k)).astype(np.float32)
         self.b1 = np.zeros(hidden, np.float32)
         self.W2 = (rng.standard_normal((hidden, 1)) / np.sqrt(hidden)).astype(np.float32)
         self.w_read = (rng.standard_normal(k) / np.sqrt(k)).astype(np.float32)
         self.hidden_score = [rng.standard_normal(rows).astype(np.float32) for _ in range(n_tables)]
+
+    def new_adapters(self):
+        return [LoRAAdapter(self.rows, self.dim, rank=self.rank, capacity=self.rows // 8, lr_a=0.02, lr_b=0.002)
+                for _ in range(self.n_tables)]
 
     def make_requests(self, n_requests, batch, seed=1):
         rng = np.random.default_rng(seed)
@@ -159,10 +163,10 @@ def _serve_open_loop(model, reqs, batch, rate, duration, workers, load, updater=
     return lat, svc
 
 
-def _updater(model, args, load=None, **kw):
+def _updater(model, args, load=None, adapters=None, **kw):
     if kw.get("mode") == "process":
         kw.setdefault("record_pooled", not args.no_reuse)
-    return LiveUpdater(model.tables, model.loss_grad, adapters=model.adapters, load=load,
+    return LiveUpdater(model.tables, model.loss_grad, adapters=adapters or model.adapters, load=load,
                        batch_size=args.train_batch, buffer_size=args.buffer, **kw)
 
 
@@ -172,7 +176,9 @@ class _Arm:
     def __init__(self, name, model, args, rate, updater_kw):
         self.name, self.model, self.args, self.rate = name, model, args, rate
         self.load = ServingLoad()
-        self.up = _updater(model, args, self.load, **updater_kw) if updater_kw is not None else None
+        # every arm serves and trains its own adapters: the adapter has one writer
+        self.adapters = model.new_adapters()
+        self.up = _updater(model, args, self.load, self.adapters, **updater_kw) if updater_kw is not None else None
         self.lat, self.svc, self.seg_p50, self.seg_p99 = [], [], [], []
         self.wall = 0.0
         self.trained_live = 0
@@ -182,6 +188,7 @@ class _Arm:
         # pause(): a fork per segment would charge this arm the copy-on-write faults of a
         # freshly forked parent, which a long-running server pays once
         up = self.up
+        self.model.adapters = self.adapters
         if up is not None:
             if not up.running:
                 up.start()

@@ -50,6 +50,7 @@ import time
 
 import numpy as np
 
+from .._kernels.sched import first_bad_sample
 from ..embedding import TableBatch
 from ..lora import LoRAAdapter
 from . import qos as _qos
@@ -219,11 +220,11 @@ class LiveUpdater:
         # the ring of recorded samples (allocated on the first record: its shape follows the data)
         self._lock = threading.Lock()  # between producers (serving threads) only
         if mode == "process":
-            self._ctr = _shared_array(8, np.int64)
+            self._ctr = _shared_array(16, np.int64)
             self._p99 = _shared_array(1, np.float64)
             self._flight = self.load.share()
         else:
-            self._ctr = np.zeros(8, np.int64)
+            self._ctr = np.zeros(16, np.int64)
         self._ring = None  # dict of per-sample columns: ids (n, T, L), labels, [extra], [pooled]
         if mode == "process":
             self._ring = {"ids": _shared_array((self.buffer_size, self.n_tables, int(pooling)), np.int64),
@@ -233,6 +234,7 @@ class LiveUpdater:
             if record_pooled:
                 self._ring["pooled"] = _shared_array((self.buffer_size, self.col_offsets[-1]), self.dtype)
         self._in_child = False
+        self._held_evt = threading.Event()
         self._pid = None
         self._receiver = None
 
@@ -252,7 +254,8 @@ class LiveUpdater:
     # ring counters live in _ctr (shared with the sidecar child in process mode)
     # _ctr: 0 read position (consumer), 1 dropped by the consumer (overwritten before read),
     # 2 recorded, 3 dropped by the producer (a record larger than the ring), 4 stop flag
-    # (process mode), 5 written position, 6 held by pause(), 7 claimed position (producer)
+    # (process mode), 5 written position, 6 held by pause(), 7 claimed position (producer),
+    # 8 the trainer reached the hold point
     @property
     def _count(self) -> int:
         """Samples written and not read yet that are still in the ring."""
@@ -303,20 +306,15 @@ class LiveUpdater:
         y = np.asarray(labels, dtype=np.float64)
         if y.shape != (n,):
             raise ValueError(f"`labels` must have shape ({n},) to match `batch`; got {y.shape}.")
-        if n and not np.isfinite(y).all():
-            bad = int(np.flatnonzero(~np.isfinite(y))[0])
-            raise ValueError(f"`labels` must be finite; labels[{bad}] = {y[bad]}. Drop unlabelled samples before "
+        ids3 = ids.reshape(n, self.n_tables, -1) if n else ids.reshape(0, self.n_tables, 1)
+        kind, i, t = first_bad_sample(ids3, self.n_rows, np.ascontiguousarray(y))
+        if kind == 2:
+            raise ValueError(f"`labels` must be finite; labels[{i}] = {y[i]}. Drop unlabelled samples before "
                              "recording them.")
-        if n:
-            lo = ids.min(axis=0)
-            hi = ids.max(axis=0)
-            if ids.ndim == 3:
-                lo, hi = lo.min(axis=1), hi.max(axis=1)
-            bad = np.flatnonzero((lo < 0) | (hi >= self.n_rows))
-            if bad.size:
-                t = int(bad[0])
-                raise IndexError(f"`batch[:, {t}]` ids must be in [0, {int(self.n_rows[t])}); got "
-                                 f"{int(lo[t])}..{int(hi[t])}.")
+        if kind == 1:
+            col = ids3[:, t, :]
+            raise IndexError(f"`batch[:, {t}]` ids must be in [0, {int(self.n_rows[t])}); got "
+                             f"{int(col.min())}..{int(col.max())} (first bad sample {i}).")
         if extra is not None:
             extra = np.asarray(extra)
             if extra.ndim != 2 or extra.shape[0] != n:
@@ -327,8 +325,8 @@ class LiveUpdater:
                 raise ValueError(f"`pooled` must have shape ({n}, {self.col_offsets[-1]}); got {pooled.shape}.")
         if n == 0:
             return
-        pool = ids.shape[2] if ids.ndim == 3 else 1
-        cols = {"ids": ids.reshape(n, self.n_tables, pool), "labels": y}
+        pool = ids3.shape[2]
+        cols = {"ids": ids3, "labels": y}
         if extra is not None:
             cols["extra"] = extra
         if pooled is not None:
@@ -469,6 +467,8 @@ class LiveUpdater:
             facts = [a.export() if a is not None else None for a in self.adapters]
             conn.send((kind, facts, self._child_stats()))
 
+        self._send = send
+
         def publish():
             now = time.monotonic()
             if now - last[0] >= self.publish_every and self.consumed != last[1]:
@@ -505,9 +505,12 @@ class LiveUpdater:
                         time.sleep(0.0005)
                     a.apply_factors(f)
                     a.version = f.version
+                    time.sleep(0)  # hand the GIL to a serving thread that waits for it
             self._adopt_child_stats(st)
             p99 = self.load.p99()
             self._p99[0] = p99 if p99 is not None else 0.0
+            if kind == "held":
+                self._held_evt.set()
             if kind == "bye":
                 break
         conn.close()
@@ -575,12 +578,26 @@ class LiveUpdater:
         self.stop()
         return False
 
-    def pause(self) -> None:
-        """Hold the trainer after its current chunk until :meth:`resume` (the thread or
-        sidecar stays alive; recording goes on and the ring keeps the newest samples)."""
+    def pause(self, wait: bool = True, timeout: float | None = 30.0) -> bool:
+        """Hold the trainer after its current step until :meth:`resume` (the thread or
+        sidecar stays alive; recording goes on and the ring keeps the newest samples).
+
+        With ``wait`` (default) return once the trainer is held and, in process mode,
+        its last factors are adopted here: after that nothing writes the adapters until
+        :meth:`resume`. Returns False if that did not happen within ``timeout``."""
+        self._held_evt.clear()
         self._ctr[6] = 1
+        if not wait or not self.running:
+            return True
+        end = None if timeout is None else time.monotonic() + timeout
+        while not (self._held_evt.is_set() if self.mode == "process" else self._ctr[8]):
+            if not self.running or (end is not None and time.monotonic() > end):
+                return False
+            time.sleep(0.001)
+        return True
 
     def resume(self) -> None:
+        self._held_evt.clear()
         self._ctr[6] = 0
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -650,8 +667,14 @@ class LiveUpdater:
             idle = 0.0005
             while not self._stopping():
                 if self._ctr[6]:  # held by pause(): not even the misbehaving setting steps
+                    if not self._ctr[8]:
+                        if self._in_child:  # last factors first, so the parent is current
+                            self._send("held")
+                        self._ctr[8] = 1
                     self._sleep(0.005)
                     continue
+                if self._ctr[8]:
+                    self._ctr[8] = 0
                 self.guard.check()
                 if self.controller.due():
                     self.controller.update(self._current_p99())

@@ -1,0 +1,28 @@
+"""Kernels of the co-located trainer's serving-side path (``LiveUpdater.record``): one
+pass over a batch, no temporaries, so recording costs inference as little as possible."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(nogil=True, cache=True)
+def first_bad_sample(ids, n_rows, labels):
+    """Check a batch in one pass.
+
+    ``ids`` (n, T, L) integers, ``n_rows`` (T,) int64, ``labels`` (n,) float64.
+    Returns (kind, i, t): kind 0 all good, 1 ``ids[i, t, :]`` holds an id outside
+    [0, n_rows[t]), 2 ``labels[i]`` is not finite.
+    """
+    n, T, L = ids.shape
+    for i in range(n):
+        if not np.isfinite(labels[i]):
+            return 2, i, 0
+        for t in range(T):
+            hi = n_rows[t]
+            for k in range(L):
+                v = ids[i, t, k]
+                if v < 0 or v >= hi:
+                    return 1, i, t
+    return 0, -1, -1
