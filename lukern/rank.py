@@ -674,7 +674,14 @@ class RankController:
         self.every = V.check_positive_int("every", self.every, allow_none=False)
         self.grow_step = V.check_positive_int("grow_step", self.grow_step, allow_none=False)
         if self.window is None:
-            self.window = a.grad_window if isinstance(a.grad_window, GradientWindow) else GradientWindow(a.dim)
+            if isinstance(a.grad_window, GradientWindow):
+                self.window = a.grad_window
+            else:
+                # the default window takes at most a quarter of the budget (it counts
+                # against it), so small tables still leave room for the adapter
+                row_bytes = a.dim * np.dtype(np.float32).itemsize
+                fit = int(self.budget * self.table.nbytes) // 4 // row_bytes
+                self.window = GradientWindow(a.dim, capacity=int(min(256, max(1, fit))))
         a.grad_window = self.window
         self._calls = 0
         self._grew_at = -1
