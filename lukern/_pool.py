@@ -20,6 +20,19 @@ _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
 
+def _after_fork_in_child():
+    # The child has none of the parent's worker threads, but the executor object still
+    # counts its idle ones and would queue work for them forever (run_ranges hung in
+    # a forked child, e.g. LiveUpdater's sidecar): start a fresh pool on first use.
+    global _executor, _executor_lock
+    _executor = None
+    _executor_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (affinity-aware)."""
     try:

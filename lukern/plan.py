@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from . import _config
 from ._pool import available_cpus
+from ._threading import prange_usable
 
 __all__ = ["DRIVERS", "Plan", "resolve_plan", "thread_limit"]
 
@@ -62,7 +63,11 @@ def resolve_plan(op: str, n_work: int, *, n_threads=None, chunk_size=None, drive
                  n_items: int | None = None, chunks_per_thread: int = 4) -> Plan:
     """Resolve the plan for one call of ``op`` over ``n_work`` looked-up ids in ``n_items``
     bags (or other units that ``chunk_size`` counts); the heuristic chunk gives each
-    thread ``chunks_per_thread`` chunks."""
+    thread ``chunks_per_thread`` chunks.
+
+    In a process forked after GNU OpenMP's pool started (a sidecar trainer), a
+    ``prange`` plan, even an explicitly requested one, becomes ``threads``: libgomp
+    kills such a child on its first parallel region."""
     cpus = available_cpus()
     if _config.NUM_THREADS is not None:
         cpus = min(cpus, _config.NUM_THREADS)
@@ -106,4 +111,7 @@ def resolve_plan(op: str, n_work: int, *, n_threads=None, chunk_size=None, drive
         raise ValueError(f"`driver` must be one of {DRIVERS}; got {driver!r}.")
     if n_threads == 1 and driver != "serial":
         driver = "serial"
+    if driver == "prange" and not prange_usable():
+        driver = "threads"
+        source.append("driver: threads (prange would kill this process, forked after GNU OpenMP started)")
     return Plan(n_threads, int(chunk_size), driver, "; ".join(source))

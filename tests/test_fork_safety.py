@@ -1,0 +1,113 @@
+"""lukern in a forked child (LiveUpdater's sidecar trainer is one): lookups on lukern's
+worker threads and on numba's pool must work there after the parent used both."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import lukern
+from lukern._pool import run_ranges
+from lukern.plan import resolve_plan
+from lukern.testing import reference_table_batch
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def _problem(n_bags=3000):
+    rng = np.random.default_rng(0)
+    tables = [rng.standard_normal((500, 16)).astype(np.float32) for _ in range(3)]
+    ids = [rng.integers(0, 500, n_bags) for _ in tables]
+    offs = [np.arange(n_bags + 1, dtype=np.int64) for _ in tables]
+    tb = lukern.TableBatch(tables)
+    idx, off = tb.pack(ids, offs)
+    return tb, idx, off, reference_table_batch(tables, idx, off)
+
+
+def _in_child(fn, timeout=30.0) -> int:
+    """Run ``fn()`` in a forked child; its exit code (0: fn returned True), or -1 when it
+    hung (then it is killed)."""
+    pid = os.fork()
+    if pid == 0:  # never return into pytest from the child
+        code = 1
+        try:
+            code = 0 if fn() else 3
+        finally:
+            os._exit(code)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -1
+
+
+def test_worker_pool_works_in_a_forked_child():
+    seen = []
+    run_ranges(lambda a, b: seen.append((a, b)), [(0, 1), (1, 2), (2, 3)])  # the pool now exists
+    assert sorted(seen) == [(0, 1), (1, 2), (2, 3)]
+
+    def child():
+        out = np.zeros(4)
+
+        def fill(a, b):
+            out[a:b] = a + 1
+        run_ranges(fill, [(0, 2), (2, 4)])
+        return out.tolist() == [1, 1, 3, 3]
+    # before the fix the child queued work for the parent's (absent) idle workers: hung
+    assert _in_child(child) == 0
+
+
+@pytest.mark.parametrize("driver", ["threads", "prange", None])
+def test_parallel_lookup_in_a_child_forked_after_the_parent_used_it(driver):
+    tb, idx, off, ref = _problem()
+    for d in ("threads", "prange"):  # both pools started in the parent
+        np.testing.assert_allclose(tb.lookup(idx, off, n_threads=2, driver=d), ref, rtol=1e-5, atol=1e-5)
+
+    def child():
+        out = tb.lookup(idx, off, n_threads=2, driver=driver)
+        return np.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # GNU OpenMP kills a forked child on its first parallel region (exit -15); the plan
+    # switches such a child to lukern's threads
+    assert _in_child(child) == 0
+
+
+def test_plan_in_a_forked_child_says_why():
+    tb, idx, off, _ = _problem()
+    tb.lookup(idx, off, n_threads=2, driver="prange")
+    import numba
+    gnu_omp = numba.threading_layer() == "omp" and \
+        getattr(__import__("numba.np.ufunc.omppool", fromlist=["x"]), "openmp_vendor", "GNU") == "GNU"
+
+    def child():
+        plan = resolve_plan("embedding_bag", 10**6, n_threads=2, driver="prange")
+        if gnu_omp:
+            return plan.driver == "threads" and "forked after GNU OpenMP" in plan.source
+        return plan.driver == "prange"
+    assert _in_child(child) == 0
+    assert resolve_plan("embedding_bag", 10**6, n_threads=2, driver="prange").driver == "prange"  # parent unchanged
+
+
+def test_sidecar_trainer_with_two_kernel_threads_after_parallel_serving():
+    tb, idx, off, _ = _problem()
+    tb.lookup(idx, off, n_threads=2, driver="prange")  # the serving process used numba's pool
+    w = np.random.default_rng(1).standard_normal(48).astype(np.float32)
+
+    def loss_grad(pooled, labels):
+        err = pooled @ w - labels
+        return float((err ** 2).mean()), (2 * err[:, None] * w[None, :] / len(err)).astype(np.float32)
+
+    up = lukern.LiveUpdater(tb, loss_grad, batch_size=2048, mode="process", n_threads=2, max_threads=2, pin=False,
+                            adapter_kwargs={"capacity": 512})
+    rng = np.random.default_rng(2)
+    up.record(rng.integers(0, 500, (4096, 3)), rng.random(4096))
+    with up:
+        assert up.flush(timeout=60), up.stats()
+    assert up.stats()["samples"] == 4096
