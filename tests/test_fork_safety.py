@@ -111,3 +111,31 @@ def test_sidecar_trainer_with_two_kernel_threads_after_parallel_serving():
     with up:
         assert up.flush(timeout=60), up.stats()
     assert up.stats()["samples"] == 4096
+
+
+def test_a_sidecar_that_dies_is_noticed_and_can_be_restarted():
+    tb, _, _, _ = _problem(8)
+    w = np.random.default_rng(1).standard_normal(48).astype(np.float32)
+
+    def loss_grad(pooled, labels):
+        if labels[0] == 42:  # a crash the trainer cannot catch (segfault, OOM kill, os._exit)
+            os._exit(7)
+        err = pooled @ w - labels
+        return float((err ** 2).mean()), (2 * err[:, None] * w[None, :] / len(err)).astype(np.float32)
+
+    up = lukern.LiveUpdater(tb, loss_grad, batch_size=64, mode="process", pin=False, adapter_kwargs={"capacity": 64})
+    rng = np.random.default_rng(2)
+    up.record(rng.integers(0, 500, (64, 3)), np.full(64, 42.0))
+    up.start()
+    t0 = time.monotonic()
+    up.flush(timeout=60)  # every sample is accounted for (here: dropped) once the death is noticed
+    assert time.monotonic() - t0 < 30  # noticed, not waited out
+    st = up.stats()
+    assert not st["running"] and "exit code 7" in st["last_error"]
+    assert st["dropped"] == 64  # the batch the dead trainer had taken is lost, and counted
+    up.stop()  # nothing left to stop: no error
+    up.record(rng.integers(0, 500, (128, 3)), rng.random(128))
+    with up:  # a fresh sidecar trains what was recorded since
+        assert up.flush(timeout=60)
+    st = up.stats()
+    assert st["samples"] == 128 and st["dropped"] == 64

@@ -512,8 +512,27 @@ class LiveUpdater:
             if kind == "held":
                 self._held_evt.set()
             if kind == "bye":
-                break
+                conn.close()
+                return
         conn.close()
+        self._sidecar_lost()
+
+    def _sidecar_lost(self):
+        """The child closed its pipe without saying goodbye (it crashed or was killed):
+        reap it, count the samples it had taken but not published as dropped (their
+        training never reached the served adapters), say so in stats() and stop
+        counting as running, so flush() and pause() return at once and start() can fork
+        a fresh sidecar."""
+        _, status = os.waitpid(self._pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        with self._lock:
+            lost = max(0, int(self._ctr[0]) - int(self._ctr[1]) - self.consumed)
+            how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+            self.last_error = (f"the sidecar trainer exited unexpectedly ({how}); {lost} samples it had taken "
+                               "were dropped; start() forks a new one")
+            self._ctr[1] += lost
+            self._pid = None
+        log.error("lukern trainer: %s", self.last_error)
 
     def _adopt_child_stats(self, st):
         self.steps, self.samples, self.consumed = st["steps"], st["samples"], st["consumed"]
@@ -529,7 +548,8 @@ class LiveUpdater:
         self._receiver.join(timeout)
         if self._receiver.is_alive():
             raise TimeoutError(f"the sidecar trainer did not stop within {timeout} s.")
-        os.waitpid(self._pid, 0)
+        if self._pid is not None:  # else the receiver reaped a sidecar that died meanwhile
+            os.waitpid(self._pid, 0)
         self._pid = None
         self._receiver = None
 
@@ -606,11 +626,13 @@ class LiveUpdater:
         (False)."""
         end = None if timeout is None else time.monotonic() + timeout
         while True:
-            with self._lock:
+            with self._lock:  # one consistent view (a dying sidecar is settled under it)
                 target = int(self._ctr[5])  # every written sample: trained, failed or dropped
-            if self.consumed + int(self._ctr[1]) >= target:
+                done = self.consumed + int(self._ctr[1]) >= target
+                running = self.running
+            if done:
                 return True
-            if not self.running or (end is not None and time.monotonic() > end):
+            if not running or (end is not None and time.monotonic() > end):
                 return False
             time.sleep(0.002)
 
@@ -628,7 +650,7 @@ class LiveUpdater:
             "paused_s": self.guard.paused_time, "pauses": self.guard.pauses,
             "threads": k.n_threads if self.running else 0, "chunk_ms": k.chunk_s * 1e3, "max_rate": k.max_rate,
             "qos": self.qos_level, "node": self.node, "cpus": self.cpus, "last_loss": self.last_loss,
-            "running": self.running,
+            "running": self.running, "last_error": self.last_error,
         }
 
     # ------------------------------------------------------------------ the trainer thread
