@@ -8,7 +8,7 @@ from numba.core import cgutils
 from numba import njit
 from numba.extending import intrinsic
 
-__all__ = ["prefetch", "prefetch_elem", "prefetch_row"]
+__all__ = ["memory_fence", "prefetch", "prefetch_elem", "prefetch_row"]
 
 
 def _emit_prefetch(builder, ptr):
@@ -75,6 +75,21 @@ def prefetch_elem(typingctx, arr, i):
             inds=[idx], wraparound=False, boundscheck=False,
         )
         _emit_prefetch(builder, ptr)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def memory_fence(typingctx):
+    """A sequentially consistent fence (``fence seq_cst``): no load or store moves across
+    it, in the compiler or in the CPU. x86 orders stores among themselves and loads among
+    themselves anyway; Arm and POWER do not, so a ring shared between processes needs it
+    between writing slots and publishing their count (and between the matching reads)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
         return context.get_dummy_value()
 
     return sig, codegen

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._intrinsics import memory_fence
+
 
 @njit(nogil=True, cache=True)
 def first_bad_sample(ids, n_rows, labels):
@@ -26,3 +28,10 @@ def first_bad_sample(ids, n_rows, labels):
                 if v < 0 or v >= hi:
                     return 1, i, t
     return 0, -1, -1
+
+
+@njit(nogil=True, cache=True)
+def fence():
+    """A full memory fence callable from Python (about 0.2 us): orders the shared ring's
+    slot writes before the count that publishes them, and the reader's loads likewise."""
+    memory_fence()

@@ -50,7 +50,7 @@ import time
 
 import numpy as np
 
-from .._kernels.sched import first_bad_sample
+from .._kernels.sched import fence, first_bad_sample
 from ..embedding import TableBatch
 from ..lora import LoRAAdapter
 from . import qos as _qos
@@ -358,13 +358,15 @@ class LiveUpdater:
             # never block inference here (no priority inversion).
             w = int(self._ctr[5])
             self._ctr[7] = w + n  # claimed: slots being overwritten are visible to the reader
+            fence()  # ... before any slot changes (Arm reorders stores; x86 does not)
             start = w % cap
             k = min(n, cap - start)
             for name, v in cols.items():
                 ring[name][start:start + k] = v[:k]
                 if k < n:
                     ring[name][:n - k] = v[k:]
-            self._ctr[5] = w + n  # published (x86 keeps stores in order; see _pop)
+            fence()  # the slots are written before the count that publishes them
+            self._ctr[5] = w + n  # published
             self._ctr[2] += n_in
 
     def _pop(self, n):
@@ -378,6 +380,7 @@ class LiveUpdater:
         r, w = int(self._ctr[0]), int(self._ctr[5])
         if w == r:
             return None
+        fence()  # slots are read after the count that published them
         start = max(r, w - cap)
         if start > r:
             self._ctr[1] += start - r  # overwritten before they were read
@@ -388,6 +391,7 @@ class LiveUpdater:
         else:
             sel = (h + np.arange(n)) % cap
             out = {k: v[sel] for k, v in self._ring.items()}
+        fence()  # the claim counter is read after the copy it validates
         lost = min(n, int(self._ctr[7]) - cap - start)
         self._ctr[0] = start + n
         if lost > 0:
