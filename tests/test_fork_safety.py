@@ -162,3 +162,32 @@ def test_shared_ring_fence_is_a_real_fence():
     if platform.machine() in ("x86_64", "AMD64"):  # LLVM emits mfence or a locked no-op (both full barriers)
         asm = f.inspect_asm()[()]
         assert "mfence" in asm or "\tlock\t" in asm
+
+
+def test_sidecar_factors_are_adopted_on_the_tables_node():
+    from lukern.topology import CpuModel, Node, Topology
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    a, b = allowed[:2]
+    # a fake two-node host: the tables (first touched here, node 0 or unknown) belong to node 0 = CPU a
+    topo = Topology(nodes=(Node(0, (a,), 1 << 30, (10, 20)), Node(1, (b,), 1 << 30, (20, 10))), caches=(),
+                    online_cpus=(a, b), offline_cpus=(), cpu=CpuModel("Fake", (), "x86_64", "test"),
+                    numba_version="0", threading_layer="omp")
+    tb, _, _, _ = _problem(8)
+    w = np.ones(48, np.float32)
+
+    def loss_grad(pooled, labels):
+        err = pooled @ w - labels
+        return float((err ** 2).mean()), (2 * err[:, None] * w[None, :] / len(err)).astype(np.float32)
+
+    up = lukern.LiveUpdater(tb, loss_grad, batch_size=32, mode="process", pin=True, topology=topo,
+                            adapter_kwargs={"capacity": 64}, publish_every=0.01)
+    assert up.node == 0 and up.cpus == (a,)
+    rng = np.random.default_rng(3)
+    up.record(rng.integers(0, 500, (64, 3)), rng.random(64))
+    with up:
+        assert up.flush(timeout=60)
+        # the receiver thread (which allocates the adopted factors' arrays) runs on node 0
+        assert os.sched_getaffinity(up._receiver.native_id) == {a}
+    assert up.adapters[0].n_active > 0

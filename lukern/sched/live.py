@@ -494,6 +494,10 @@ class LiveUpdater:
     def _receive(self, conn):
         """Parent side: adopt each batch of published factors (each adapter swaps its state
         in one reference, so concurrent lookups stay consistent)."""
+        if self.cpus:
+            # adopting builds the served adapter's new arrays on this thread: first
+            # touched on the tables' node, like the adapters built at construction
+            pin_thread(self.cpus)
         while True:
             try:
                 kind, facts, st = conn.recv()
