@@ -72,6 +72,32 @@ def _shared_array(shape, dtype):
     return np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype, count=int(np.prod(shape))).reshape(shape)
 
 
+# adapter counters the sidecar reports back with every publication
+_ADAPTER_COUNTERS = ("step_count", "rejected_steps", "dropped_admissions", "evicted_rows")
+
+
+def _train_state(a):
+    """Everything a trainer needs to carry on with adapter ``a``: the factors plus what
+    :class:`~lukern.Factors` leave out (Adagrad accumulators, each row's last step, the
+    step count)."""
+    st = a._state
+    rows, slots = a.active_rows()
+    return {"rows": rows, "A": st.A[slots], "B": st.B, "acc_a": st.acc_a[slots], "acc_b": st.acc_b,
+            "last_step": st.last_step[slots], "alpha": a.alpha, "version": a.version,
+            **{k: getattr(a, k) for k in _ADAPTER_COUNTERS}}
+
+
+def _adopt_train_state(a, s):
+    """Make adapter ``a`` the trainer state ``s`` (from :func:`_train_state`), swapped in
+    one reference like ``apply_factors``."""
+    a.alpha = s["alpha"]
+    a._adopt(np.asarray(s["rows"], np.int64), s["A"], s["B"], np.array(s["acc_b"], a.dtype),
+             capacity=max(a.capacity, s["rows"].size), acc_a=s["acc_a"], last_step=s["last_step"])
+    a.version = s["version"]
+    for k in _ADAPTER_COUNTERS:
+        setattr(a, k, s[k])
+
+
 class LiveUpdater:
     """Owns the trainer thread for the tables of one NUMA node and their LoRA adapters.
 
@@ -468,7 +494,11 @@ class LiveUpdater:
         last = [time.monotonic(), self.consumed]
 
         def send(kind):
-            facts = [a.export() if a is not None else None for a in self.adapters]
+            # on goodbye the whole training state (optimizer too): a later start() forks
+            # the next sidecar from the parent's adapters, and Factors alone would restart
+            # Adagrad from empty accumulators
+            pack = _train_state if kind == "bye" else LoRAAdapter.export
+            facts = [pack(a) if a is not None else None for a in self.adapters]
             conn.send((kind, facts, self._child_stats()))
 
         self._send = send
@@ -488,6 +518,7 @@ class LiveUpdater:
         k = self.controller.knobs
         return {"steps": self.steps, "samples": self.samples, "consumed": self.consumed, "loss_errors": self.loss_errors,
                 "rejected": self.rejected, "paused_s": self.guard.paused_time, "pauses": self.guard.pauses,
+                "adapters": [None if a is None else {k: getattr(a, k) for k in _ADAPTER_COUNTERS} for a in self.adapters],
                 "chunk_s": k.chunk_s, "max_rate": k.max_rate, "n_threads": k.n_threads, "qos": self.qos_level,
                 "last_loss": self.last_loss, "last_error": self.last_error}
 
@@ -503,6 +534,11 @@ class LiveUpdater:
                 kind, facts, st = conn.recv()
             except (EOFError, OSError):
                 break
+            if kind == "bye":
+                for a, f in zip(self.adapters, facts):
+                    if a is not None and f is not None:
+                        _adopt_train_state(a, f)
+                facts = ()
             for a, f in zip(self.adapters, facts):
                 if a is not None and f is not None and f.version != a.version:
                     # adopting takes ~0.2 ms of GIL per table: yield to requests in flight
@@ -548,6 +584,10 @@ class LiveUpdater:
         self.guard.paused_time, self.guard.pauses = st["paused_s"], st["pauses"]
         self.controller.knobs.chunk_s, self.controller.knobs.max_rate = st["chunk_s"], st["max_rate"]
         self.qos_level, self.last_loss, self.last_error = st["qos"], st["last_loss"], st["last_error"]
+        for a, c in zip(self.adapters, st["adapters"]):
+            if a is not None and c is not None:  # the child's counts, seen on the served adapters
+                for k, v in c.items():
+                    setattr(a, k, v)
 
     def _stop_process(self, timeout):
         if self._pid is None:

@@ -1,5 +1,7 @@
-"""lukern in a forked child (LiveUpdater's sidecar trainer is one): lookups on lukern's
-worker threads and on numba's pool must work there after the parent used both."""
+"""The sidecar trainer (LiveUpdater mode="process") and lukern in a forked child: lookups
+on lukern's worker threads and on numba's pool work there after the parent used both; a
+sidecar that dies is noticed; the shared ring is fenced; adopted state lands on the
+tables' node; stop/start keeps the optimizer state."""
 
 from __future__ import annotations
 
@@ -191,3 +193,42 @@ def test_sidecar_factors_are_adopted_on_the_tables_node():
         # the receiver thread (which allocates the adopted factors' arrays) runs on node 0
         assert os.sched_getaffinity(up._receiver.native_id) == {a}
     assert up.adapters[0].n_active > 0
+
+
+
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_sidecar_stop_start_keeps_the_optimizer_state(restarts):
+    # Adagrad: a sidecar restarted from bare factors would start with empty accumulators
+    # and take full-size steps again; thread mode keeps them, the sidecar must too
+    rng = np.random.default_rng(4)
+    tables = [rng.standard_normal((n, 4)).astype(np.float32) for n in (40, 30)]
+    w = np.linspace(-1, 1, 8).astype(np.float32)
+
+    def loss_grad(pooled, labels):
+        err = pooled @ w - labels
+        return float((err ** 2).mean()), (2 * err[:, None] * w[None, :] / len(err)).astype(np.float32)
+
+    rounds = [[(np.stack([rng.integers(0, 40, 16), rng.integers(0, 30, 16)], 1), rng.standard_normal(16))
+               for _ in range(3)] for _ in range(restarts + 1)]
+    kw = {"rank": 2, "capacity": 64, "lr_a": 0.2, "lr_b": 0.05}  # row-wise Adagrad on A, Adagrad on B
+    out = {}
+    for mode in ("thread", "process"):
+        up = lukern.LiveUpdater(lukern.TableBatch([t.copy() for t in tables]), loss_grad, batch_size=16, mode=mode,
+                                pin=False, qos="cooperative", adapter_kwargs=kw)
+        for batches in rounds:
+            for ids, y in batches:
+                up.record(ids, y)
+            with up:
+                assert up.flush(timeout=60)
+        out[mode] = up
+    th, pr = out["thread"], out["process"]
+    assert pr.stats()["steps"] == th.stats()["steps"] == 3 * (restarts + 1)
+    for a, b in zip(th.adapters, pr.adapters):
+        np.testing.assert_allclose(b.dense_delta(), a.dense_delta(), rtol=1e-5, atol=1e-6)
+        assert b.step_count == a.step_count
+        ra, sa = a.active_rows()
+        rb, sb = b.active_rows()
+        order_a, order_b = np.argsort(ra), np.argsort(rb)
+        np.testing.assert_array_equal(ra[order_a], rb[order_b])
+        np.testing.assert_allclose(b._state.acc_a[sb][order_b], a._state.acc_a[sa][order_a], rtol=1e-5)
+        np.testing.assert_allclose(b._state.acc_b, a._state.acc_b, rtol=1e-5)
