@@ -97,8 +97,11 @@ class LiveLukern(LukernStrategy):
         trained = [a if a is None or self.prior_acc is None
                    else _SeedingAdapter(a, lambda t=t, a=a: self._seed_fresh_slots(t, a))
                    for t, a in enumerate(self.adapters)]
+        # thread mode: the replay measures the trainer thread's CPU time and hands it the
+        # serving forward's pooled embeddings in memory (the sidecar process mode, the
+        # LiveUpdater default, is what lukern.bench serving measures for latency)
         self.updater = LiveUpdater(self.model.tables, self.model.loss_grad_pooled, adapters=trained,
-                                   batch_size=self.train_batch, qos=qos, pin=pin,
+                                   batch_size=self.train_batch, qos=qos, pin=pin, mode="thread",
                                    target_p99=None if target_p99_ms is None else target_p99_ms * 1e-3)
         self.updater.start()
         self._cpu_mark = _thread_cpu(self.updater._thread)
