@@ -642,7 +642,7 @@ class RankController:
     """
 
     adapter: object
-    table: np.ndarray
+    table: np.ndarray = field(repr=False)
     budget: float = 0.02
     energy: float = 0.95
     max_rank: int | None = None
@@ -651,8 +651,8 @@ class RankController:
     grow_threshold: float = 0.9
     grow_step: int = 2
     seed_scale: float = 1.0
-    window: GradientWindow | None = None
-    log: list = field(default_factory=list)
+    window: GradientWindow | None = field(default=None, repr=False)
+    log: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         a = self.adapter
