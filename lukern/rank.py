@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 _METHODS = ("auto", "randomized", "gram")
+_NO_Y = {np.dtype(np.float32): np.empty((0, 1), np.float32), np.dtype(np.float64): np.empty((0, 1), np.float64)}
 
 _blas = None
 
@@ -97,10 +98,11 @@ class _Dense:
         self.shape = M.shape
         self.dtype = M.dtype
 
-    def gram_apply(self, Q, n_threads=None):
-        M = self.M
-        return _split_rows(lambda Z, lo, hi: K.gram_apply_dense(M, Q, Z, lo, hi), self.shape[0], n_threads,
-                           (self.shape[1], Q.shape[1]))
+    def gram_apply(self, Q, n_threads=None, Y=None):
+        M, keep = self.M, Y is not None
+        Yk = Y if keep else _NO_Y[self.dtype]
+        return _split_rows(lambda Z, lo, hi: K.gram_apply_dense(M, Q, Z, Yk, keep, lo, hi), self.shape[0],
+                           n_threads, (self.shape[1], Q.shape[1]))
 
     def gram(self, n_threads=None):
         M = self.M
@@ -149,9 +151,10 @@ class GatheredRows:
     def _buf(self):
         return np.empty((K.BLOCK_ROWS, self.shape[1]), self.dtype)
 
-    def gram_apply(self, Q, n_threads=None):
-        t, ids = self.table, self.row_ids
-        return _split_rows(lambda Z, lo, hi: K.gram_apply_gathered(t, ids, Q, Z, self._buf(), lo, hi),
+    def gram_apply(self, Q, n_threads=None, Y=None):
+        t, ids, keep = self.table, self.row_ids, Y is not None
+        Yk = Y if keep else _NO_Y[self.dtype]
+        return _split_rows(lambda Z, lo, hi: K.gram_apply_gathered(t, ids, Q, Z, Yk, keep, self._buf(), lo, hi),
                            self.shape[0], n_threads, (self.shape[1], Q.shape[1]))
 
     def gram(self, n_threads=None):
@@ -213,7 +216,9 @@ class LowRankRows:
             self._AtA = G
         return self._AtA
 
-    def gram_apply(self, Q, n_threads=None):
+    def gram_apply(self, Q, n_threads=None, Y=None):
+        if Y is not None:
+            Y[:] = self.matmul(Q)
         B = self.B.astype(np.float64)
         return self.scale ** 2 * (B.T @ (self._ata() @ (B @ Q.astype(np.float64))))
 
@@ -390,11 +395,20 @@ def randomized_svd(M, k, *, oversample=10, n_iter=4, rng=None, method="auto", n_
     # Rayleigh-Ritz on M^T M over span(Q): the same subspace as Halko et al.'s
     # range((M M^T)^q M Omega), reached with one pass per iteration instead of two
     Q64 = np.linalg.qr(Q.astype(np.float64))[0]
-    Z = op.gram_apply(np.ascontiguousarray(Q64.astype(op.dtype)), n_threads)
-    Hm = Q64.T @ Z
+    Qc = np.ascontiguousarray(Q64.astype(op.dtype))
+    # the last pass keeps the sketch Y = M Q (n x l): U = Y W / S then needs no extra
+    # pass over M (at 200000 x 128, k = 4, one thread: 6 passes instead of 7)
+    Y = np.empty((n, l), op.dtype)
+    Z = op.gram_apply(Qc, n_threads, Y)
+    Hm = Qc.astype(np.float64).T @ Z
     lam, W = np.linalg.eigh((Hm + Hm.T) * 0.5)
     order = np.argsort(lam)[::-1][:k]
-    return _finish(op, np.sqrt(np.maximum(lam[order], 0.0)), Q64 @ W[:, order], "randomized", n_threads)
+    S = np.sqrt(np.maximum(lam[order], 0.0))
+    Vr = Q64 @ W[:, order]
+    sg = _fix_signs(Vr)
+    inv = np.where(S > 0, 1.0 / np.where(S > 0, S, 1.0), 0.0)
+    U = Y @ (W[:, order] * (sg * inv)).astype(op.dtype)
+    return SVDResult(U, S.astype(op.dtype), np.ascontiguousarray((Vr * sg).T.astype(op.dtype)), "randomized")
 
 
 # --- probe_rank ------------------------------------------------------------------------------
