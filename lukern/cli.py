@@ -1,4 +1,4 @@
-"""The ``lukern`` command: ``lukern demo``, ``lukern info`` (and more subcommands as they land).
+"""The ``lukern`` command: ``lukern demo``, ``lukern info``, ``lukern replay`` (and more subcommands as they land).
 
 Results go to stdout; progress and diagnostics to stderr.
 """
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="versions, threading layer and CPUs as JSON")
     info.set_defaults(func=_info)
+    from .replay.command import add_replay_parser
+
+    add_replay_parser(sub)
     return parser
 
 

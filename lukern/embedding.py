@@ -111,7 +111,7 @@ def embedding_bag(table, indices, offsets, *, weights=None, mode="sum", out=None
                 st = adapter._state  # read once: a consistent (hash, A, B)
                 lora = (st.keys, st.vals, st.mask, st.bitmap, st.A, st.B, table.dtype.type(st.scale))
                 _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size,
-                           driver, lora)
+                           driver, lora, op="lora_lookup")
                 if g0 == adapter.generation and not g0 & 1:
                     break
             return out
@@ -151,9 +151,10 @@ def _fused(adapter, plain, indices, offsets, weights, mode, out):
 
 
 def _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver,
-               lora=()):
-    """The lookup itself; ``lora`` holds the fused kernels' adapter arguments."""
-    plan = resolve_plan("embedding_bag", n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
+               lora=(), op="embedding_bag"):
+    """The lookup itself; ``lora`` holds the fused kernels' adapter arguments (their
+    plan is tuned under its own op name, ``lora_lookup``)."""
+    plan = resolve_plan(op, n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
                         bucket=_bucket(d, n_bags, n_ids, table.dtype), n_items=n_bags)
     ks = K.bag_kernels(d, table.dtype, mode == "max")
     m = K.MODES[mode]

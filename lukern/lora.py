@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _validate as V
+from ._io import atomic_write
 from ._kernels import lora as LK
 from ._kernels.checks import first_non_finite
 
@@ -149,32 +149,12 @@ def save_factors(path, factors: Factors) -> None:
     >>> lukern.load_factors(p).scale
     0.5
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
     _check_factors(factors)
     arrays = dict(row_ids=np.ascontiguousarray(factors.row_ids, dtype=np.int64), A=np.ascontiguousarray(factors.A),
                   B=np.ascontiguousarray(factors.B), scale=np.array(factors.scale, np.float64),
                   version=np.array(factors.version, np.int64), format=np.array(_FORMAT))
     arrays["checksum"] = np.array(_checksum(arrays["row_ids"], arrays["A"], arrays["B"], factors.scale, factors.version))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lukern-factors-", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - some filesystems refuse a directory fsync
-        pass
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_factors(path) -> Factors:
@@ -290,20 +270,20 @@ class LoRAAdapter:
     def _new_state(self, capacity, rank, B, acc_b=None):
         hcap = _pow2_at_least(2 * capacity)
         st = _State(
-            keys=np.full(hcap, -1, np.int64), vals=np.full(hcap, -1, np.int64), mask=hcap - 1,
+            keys=np.full(hcap, -1, np.int64), vals=np.full(hcap, -1, np.int32), mask=hcap - 1,
             bitmap=np.zeros((self.n_rows + 63) // 64, np.uint64),
             A=np.zeros((capacity, rank), self.dtype), B=B, scale=self.alpha / rank,
             slot_row=np.full(capacity, -1, np.int64), acc_a=np.zeros(capacity, self.dtype),
             acc_b=np.zeros((rank, self.dim), self.dtype) if acc_b is None else acc_b,
             last_step=np.full(capacity, -1, np.int64))
-        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # a stack: slot 0 on top
+        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int32)  # a stack: slot 0 on top
         self._n_free = capacity
         return st
 
     def _alloc_pending(self, capacity, rank):
-        self._local = np.full(capacity, -1, np.int64)
-        self._uniq = np.zeros(capacity, np.int64)
-        self._G = np.zeros((0, rank), np.float64)  # grows to the largest unique count seen
+        self._local = np.full(capacity, -1, np.int32)
+        self._uniq = np.zeros(capacity, np.int32)
+        self._G = np.zeros((0, rank), self.dtype)  # grows to the largest unique count seen
         self._n_u = 0
         self._dB = None
 
@@ -441,7 +421,7 @@ class LoRAAdapter:
         self._dB = dB if self._dB is None else self._dB + dB
         need = self._n_u + int(np.count_nonzero(slots >= 0))
         if self._G.shape[0] < min(need, self.capacity):
-            G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), self.rank), np.float64)
+            G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), self.rank), self.dtype)
             G[:self._n_u] = self._G[:self._n_u]
             self._G = G
         self._n_u = LK.scatter_grad_a(slots, offsets, w, weights is not None, m, U, self._local, self._uniq, self._G,
@@ -456,7 +436,7 @@ class LoRAAdapter:
         st = self._state
         uniq = self._uniq[:self._n_u]
         dB = np.zeros((self.rank, self.dim)) if self._dB is None else self._dB.copy()
-        return st.slot_row[uniq].copy(), self._G[:self._n_u].copy(), dB
+        return st.slot_row[uniq].copy(), self._G[:self._n_u].astype(np.float64), dB
 
     def step(self) -> bool:
         """Apply the optimizers to the accumulated gradients, then clear them.
@@ -579,7 +559,6 @@ class LoRAAdapter:
         st = self._new_state(capacity, rank, np.ascontiguousarray(B, dtype=self.dtype), acc_b=acc_b)
         k = rows.size
         if k:
-            slots = np.arange(k, dtype=np.int64)
             st.A[:k] = A_rows
             st.slot_row[:k] = rows
             if acc_a is not None:
@@ -587,10 +566,9 @@ class LoRAAdapter:
             if last_step is not None:
                 st.last_step[:k] = last_step
             LK.rebuild_hash(st.slot_row, st.keys, st.vals, st.mask, st.bitmap)
-            self._free = np.arange(capacity - 1, k - 1, -1, dtype=np.int64)
-            self._free = np.concatenate([self._free, np.zeros(k, np.int64)])  # stack keeps capacity entries
+            self._free = np.zeros(capacity, np.int32)  # the stack keeps capacity entries
+            self._free[:capacity - k] = np.arange(capacity - 1, k - 1, -1)
             self._n_free = capacity - k
-            del slots
         self.generation += 1
         self._alloc_pending(capacity, rank)
         self._state = st

@@ -46,13 +46,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 from . import _config, plan
+from ._io import atomic_write
 
 __all__ = [
     "PROFILE_FORMAT",
@@ -155,25 +154,8 @@ def write_profile(profile: dict, path=None) -> Path:
     """
     validate_profile(profile)
     path = Path(path) if path is not None else default_profile_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(profile, fh, indent=1, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    text = json.dumps(profile, indent=1, sort_keys=False) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
     if str(path) == str(_current_path()):
         _reset()
     return path

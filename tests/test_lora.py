@@ -383,3 +383,12 @@ def test_readers_see_consistent_states_while_trainer_trains_folds_and_resizes():
         t.join()
     assert errors == []
     assert checked[0] > 0 and a.evicted_rows > 0 and k > 10
+
+
+def test_fused_generic_width_matches_dense():
+    # d = 5 has no specialised kernel: the correction runs as a second pass
+    W, a = _trained(dim=5, n_rows=300, capacity=100)
+    p = make_lookup_problem(n_rows=300, dim=5, n_bags=20, pooling=(0, 6), dtype=np.float64, table=W, seed=2)
+    ref = reference_embedding_bag(W + a.dense_delta(), p.indices, p.offsets, None, "mean")
+    np.testing.assert_allclose(lukern.embedding_bag(W, p.indices, p.offsets, adapter=a, mode="mean"), ref,
+                               rtol=1e-12, atol=1e-12)

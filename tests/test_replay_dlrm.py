@@ -142,9 +142,10 @@ def test_bad_batches_and_arguments(small):
 
 
 def test_synthetic_is_seeded_and_drifts():
-    a = synthetic_stream(n_events=20_000, seed=5)
-    b = synthetic_stream(n_events=20_000, seed=5)
-    c = synthetic_stream(n_events=20_000, seed=6)
+    kw = dict(n_events=20_000, n_users=3000, n_items=1500, new_items=3000, days=7)
+    a = synthetic_stream(seed=5, **kw)
+    b = synthetic_stream(seed=5, **kw)
+    c = synthetic_stream(seed=6, **kw)
     np.testing.assert_array_equal(a.cat, b.cat)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert not np.array_equal(a.cat, c.cat)
@@ -155,3 +156,38 @@ def test_synthetic_is_seeded_and_drifts():
     assert np.isin(items[-5000:], list(first)).mean() < 0.7
     assert len(last - first) > 100
     assert 0.15 < a.labels.mean() < 0.6
+
+
+def test_weighted_and_table_major_pooled_gradient(small):
+    m = tiny_model(small)
+    b = small.batch(0, 10)
+    w = np.linspace(0.5, 2.0, 10)
+    c = m.forward_cache(b)
+    loss, g = m.backward_pooled(c, b.labels, weights=w, norm=7.0)
+    z = c.logits
+    assert loss == pytest.approx(float(np.sum(w * (np.logaddexp(0, z) - b.labels * z)) / 7.0))
+    # weighted gradient = weights * per-row gradient of the unweighted mean loss, rescaled
+    _, g1 = m.backward_pooled(c, b.labels)
+    np.testing.assert_allclose(g, g1 * (w * 10 / 7.0)[:, None], rtol=1e-10)
+    _, gt = m.backward_pooled(c, b.labels, table_major=True)
+    assert gt.shape == (3, 10, 4) and gt[1].flags.c_contiguous
+    np.testing.assert_array_equal(gt.transpose(1, 0, 2).reshape(10, -1), g1)
+
+
+def test_concat_caches_equals_one_backward(small):
+    m = tiny_model(small)
+    b1, b2 = small.batch(0, 6), small.batch(6, 15)
+    c = m.concat_caches([m.forward_cache(b1), m.forward_cache(b2)])
+    _, g = m.backward_pooled(c, np.concatenate([b1.labels, b2.labels]))
+    _, want = m.grad_pooled(small.batch(0, 15), small.batch(0, 15).labels)
+    np.testing.assert_allclose(g, want, rtol=1e-12)
+
+
+def test_early_stopping_keeps_the_best_epoch(small):
+    m = DLRM(small.cat_sizes, small.n_dense, dim=8, seed=0)
+    info = m.fit_early_stopping(small, 0, 2000, max_epochs=3, batch_size=100)
+    assert 1 <= info["epochs"] <= 3 and len(info["val_logloss"]) >= info["epochs"]
+    assert info["epochs"] == int(np.argmin(info["val_logloss"])) + 1
+    assert np.isfinite(m.evaluate(small, 2000, 2500))
+    with pytest.raises(ValueError, match="too few rows"):
+        m.fit_early_stopping(small, 0, 1, batch_size=10)

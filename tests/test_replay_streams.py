@@ -60,6 +60,15 @@ def test_movielens_with_movies_beside(tmp_path, gz, prefix):
     np.testing.assert_allclose(yr, [0, 0.25, 0.25, 0.25])  # movie 99 unknown -> 0
 
 
+def test_folder_with_one_log(tmp_path):
+    write(tmp_path / "ratings.csv.gz", ML_HEADER + "1,10,4.0,3\n", gz=True)
+    write(tmp_path / "movies.csv", "movieId,title,genres\n10,X (2001),Drama\n")
+    assert read_stream(tmp_path).cat_names == ["user", "item", "genres"]
+    write(tmp_path / "u.data", "1\t2\t3\t4\n")
+    with pytest.raises(StreamFormatError, match="is a folder; found ratings.csv.gz, u.data"):
+        read_stream(tmp_path)
+
+
 def test_movielens_without_movies_and_no_header(tmp_path):
     p = write(tmp_path / "ratings.csv", "1,10,4.0,3\n2,10,2.0,1\n")
     s = read_stream(p)
@@ -307,3 +316,13 @@ def test_shared_talkingdata(shared_data):
 def test_shared_format_fixtures(shared_data, name, rows, pos):
     s = read_stream(shared_data / name)
     assert len(s) == rows and int(s.labels.sum()) == pos and s.n_skipped == 0
+
+
+def test_trailing_counts_against_brute_force():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 5, 200)
+    t = np.sort(rng.uniform(0, 100, 200))
+    t[10] = t[11]  # a tie
+    got = S._trailing_counts(ids, t, 7.5)
+    want = [int(np.sum((ids[:i] == ids[i]) & (t[:i] >= t[i] - 7.5))) for i in range(200)]
+    np.testing.assert_array_equal(got, want)

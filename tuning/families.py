@@ -177,10 +177,10 @@ def _estimate_lookup(shape: dict) -> dict:
             "batch_bytes": n_ids * 8 + (shape["n_bags"] * n_t + 1) * 8}
 
 
-def _build_embedding_bag(shape: dict, ws: Workspace) -> Case:
-    import lukern
+def _lookup_ring(shape: dict, ws: Workspace):
+    """(table, batches, bucket) of a single-table lookup shape."""
     from lukern.embedding import _bucket
-    from lukern.testing import make_offsets, reference_embedding_bag
+    from lukern.testing import make_offsets
 
     d, dtype, n_bags = int(shape["d"]), np.dtype(shape["dtype"]), int(shape["n_bags"])
     table = ws.table(d, dtype)
@@ -191,6 +191,15 @@ def _build_embedding_bag(shape: dict, ws: Workspace) -> Case:
         return _ids(rng, int(off[-1]), table.shape[0], shape.get("distribution", "zipf")), off
 
     batches, bucket = _ring(one, lambda b: _bucket(d, n_bags, len(b[0]), dtype), ws.n_batches, shape["label"])
+    return table, batches, bucket
+
+
+def _build_embedding_bag(shape: dict, ws: Workspace) -> Case:
+    import lukern
+    from lukern.testing import reference_embedding_bag
+
+    d, dtype, n_bags = int(shape["d"]), np.dtype(shape["dtype"]), int(shape["n_bags"])
+    table, batches, bucket = _lookup_ring(shape, ws)
     out = np.empty((n_bags, d), dtype=dtype)
     expected = reference_embedding_bag(table, *batches[0])
     n = len(batches)
@@ -206,6 +215,47 @@ def _build_embedding_bag(shape: dict, ws: Workspace) -> Case:
 
 register(Family("embedding_bag", "one table, pooled lookup (lukern.embedding_bag)", EMBEDDING_AXES,
                 EMBEDDING_BAG_SHAPES, _build_embedding_bag, _estimate_lookup))
+
+
+# -- lora_lookup -----------------------------------------------------------------------------
+
+LORA_SHAPES = (
+    {"label": "2048 bags x 20-40 ids, r=8, 5% active", "n_bags": 2048, "pooling": (20, 40), "d": 64,
+     "dtype": "float32", "rank": 8, "active": 0.05},
+    {"label": "512 bags x 20-40 ids, r=8, 5% active", "n_bags": 512, "pooling": (20, 40), "d": 64,
+     "dtype": "float32", "rank": 8, "active": 0.05},
+)
+
+
+def _build_lora_lookup(shape: dict, ws: Workspace) -> Case:
+    import lukern
+    from lukern.testing import reference_embedding_bag
+
+    table, batches, bucket = _lookup_ring(shape, ws)
+    rng = ws.rng(shape["label"] + "/adapter")
+    n_active = int(table.shape[0] * shape["active"])
+    adapter = lukern.LoRAAdapter(table.shape[0], table.shape[1], rank=int(shape["rank"]), capacity=n_active,
+                                 dtype=table.dtype)
+    rows = rng.choice(table.shape[0], n_active, replace=False).astype(np.int64)
+    adapter.backward(rows, np.array([0, rows.size]), np.zeros((1, table.shape[1]), table.dtype))
+    adapter.step()
+    adapter.A[:] = (rng.standard_normal(adapter.A.shape) * 0.01).astype(table.dtype)
+    expected = reference_embedding_bag((table + adapter.dense_delta()).astype(table.dtype), *batches[0])
+    out = np.empty_like(expected)
+    n = len(batches)
+
+    def call(plan, i):
+        idx, off = batches[i % n]
+        return lukern.embedding_bag(table, idx, off, out=out, adapter=adapter, **plan)
+
+    f32 = table.dtype == np.float32
+    return Case("lora_lookup", shape["label"], bucket, len(batches[0][0]), int(shape["n_bags"]), call, expected, n,
+                rtol=1e-4 if f32 else 1e-10, atol=1e-4 if f32 else 1e-10, nbytes=table.nbytes + adapter.nbytes,
+                shape=dict(shape))
+
+
+register(Family("lora_lookup", "fused LoRA lookup (lukern.embedding_bag with adapter=)", EMBEDDING_AXES,
+                LORA_SHAPES, _build_lora_lookup, _estimate_lookup))
 
 
 # -- table_batch -----------------------------------------------------------------------------

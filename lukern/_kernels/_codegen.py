@@ -8,6 +8,7 @@ between processes (a cold compile of one set takes ~1.3 s; a cached load a few m
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -54,6 +55,19 @@ def with_slp(dispatcher):
     return dispatcher
 
 
+@functools.lru_cache(maxsize=1)
+def _kernels_digest() -> str:
+    """Hash of lukern's kernel sources: generated modules import them, and numba's cache
+    checks only the generated file's own stamp, so a new lukern gets a new folder."""
+    h = hashlib.sha256()
+    folder = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()[:12]
+
+
 def _cache_dir() -> str | None:
     root = os.environ.get("LUKERN_CACHE_DIR")
     if not root:
@@ -63,7 +77,7 @@ def _cache_dir() -> str | None:
             root = platformdirs.user_cache_dir("lukern")
         except ImportError:  # pragma: no cover - platformdirs is a dependency
             return None
-    path = os.path.join(root, f"kernels-numba{numba.__version__}")
+    path = os.path.join(root, f"kernels-numba{numba.__version__}-{_kernels_digest()}")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError:

@@ -11,6 +11,15 @@ from numba.extending import intrinsic
 __all__ = ["prefetch", "prefetch_elem", "prefetch_row"]
 
 
+def _emit_prefetch(builder, ptr):
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    # rw=0 (read), locality=3 (keep in all cache levels), cache type=1 (data)
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
 @intrinsic
 def prefetch(typingctx, table, row, col):
     """Software-prefetch the cache line holding ``table[row, col]`` for reading.
@@ -34,12 +43,7 @@ def prefetch(typingctx, table, row, col):
             strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
             inds=[r, c], wraparound=False, boundscheck=False,
         )
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # rw=0 (read), locality=3 (keep in all cache levels), cache type=1 (data)
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        _emit_prefetch(builder, ptr)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -70,11 +74,7 @@ def prefetch_elem(typingctx, arr, i):
             strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
             inds=[idx], wraparound=False, boundscheck=False,
         )
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        _emit_prefetch(builder, ptr)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -33,6 +33,11 @@ SPECIALISED_DIMS = (4, 8, 16, 32, 48, 64, 96, 128)
 #: (uniform and Zipf, 1 thread; 8 was 1.5x slower), about two DRAM latencies of work
 PREFETCH_DISTANCE = 64
 PF = PREFETCH_DISTANCE
+#: fused LoRA lookups: how far ahead the hash lines, then the A rows, of active ids are
+#: prefetched (the A stage probes the hash, which the first stage brought in); 128/32,
+#: 128/64 and 192/64 were no better on a 4M x 64 table with 5% of rows active
+LORA_PF_HASH = 64
+LORA_PF_A = 32
 
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
@@ -58,10 +63,11 @@ def _pool_snippet(d: int, dtype: str, itemsize: int, pad: str, store: str = "o[{
     if lora:
         # two-stage pipeline for active ids: their hash lines PF ids ahead, their A rows
         # PF/2 ids ahead (the probe then hits cache); 1.9x -> see lukern.bench lora
-        pf += ["rn = indices[j + PF]",
+        assert LORA_PF_A <= LORA_PF_HASH <= PREFETCH_DISTANCE  # both run inside "j + PF < pf_end"
+        pf += ["rn = indices[j + PFH]",
                "if (bitmap[np.uint64(rn) >> np.uint64(6)] >> (np.uint64(rn) & np.uint64(63))) & np.uint64(1):",
                "    prefetch_probe(keys, vals, mask, rn)",
-               "rm = indices[j + PF // 2]",
+               "rm = indices[j + PFA]",
                "if (bitmap[np.uint64(rm) >> np.uint64(6)] >> (np.uint64(rm) & np.uint64(63))) & np.uint64(1):",
                "    slm = find_slot(keys, vals, mask, rm)",
                "    if slm >= 0:",
@@ -121,6 +127,8 @@ from lukern._kernels._intrinsics import prefetch
 from lukern._kernels.lora import find_slot, prefetch_probe
 
 PF = {PREFETCH_DISTANCE}
+PFH = {LORA_PF_HASH}
+PFA = {LORA_PF_A}
 
 
 @njit(nogil=True, cache=True)

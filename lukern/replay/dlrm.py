@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+
+from .._io import atomic_write
 
 from ..embedding import TableBatch
 
@@ -238,8 +239,14 @@ class DLRM:
             pooled = self.tables.lookup(idx, off, unchecked=True)
         else:
             pooled = self.tables.lookup(idx, off, adapters=list(adapters), unchecked=True)
+        rows = idx + np.repeat(self.row_offsets[:-1], n)
+        return self._forward_pooled(pooled, batch.dense, rows)
+
+    def _forward_pooled(self, pooled, dense, rows=None) -> ForwardCache:
+        """Everything after the lookup: bottom MLP, interaction, top MLP."""
+        n = pooled.shape[0]
         p = self.params
-        h = batch.dense.astype(self.dtype, copy=False) if self.n_dense else np.ones((n, 1), self.dtype)
+        h = dense.astype(self.dtype, copy=False) if self.n_dense else np.ones((n, 1), self.dtype)
         bottom_acts = [h]
         for i in range(self.n_bottom):
             h = np.maximum(h @ p[f"bottom{i}.W"] + p[f"bottom{i}.b"], 0)
@@ -254,8 +261,20 @@ class DLRM:
             h = h @ p[f"top{i}.W"] + p[f"top{i}.b"]
             if i < self.n_top - 1:
                 h = np.maximum(h, 0)
-        rows = idx + np.repeat(self.row_offsets[:-1], n)
+        rows = np.zeros(0, np.int64) if rows is None else rows
         return ForwardCache(n, bottom_acts[0], bottom_acts, pooled, z, top_acts, h[:, 0], rows)
+
+    def loss_grad_pooled(self, pooled, labels, dense):
+        """``(loss, d loss / d pooled)`` for given pooled embeddings ``(n, n_tables * dim)``
+        and dense features: the ``loss_grad`` callback of :class:`lukern.LiveUpdater`
+        (records carry the dense features as ``extra``)."""
+        pooled = np.asarray(pooled)
+        if pooled.ndim != 2 or pooled.shape[1] != self.n_tables * self.dim:
+            raise ValueError(f"`pooled` must have shape (n, {self.n_tables * self.dim}); got {pooled.shape}.")
+        dense = np.asarray(dense)
+        if dense.shape != (pooled.shape[0], self.n_dense):
+            raise ValueError(f"`dense` must have shape ({pooled.shape[0]}, {self.n_dense}); got {dense.shape}.")
+        return self.backward_pooled(self._forward_pooled(pooled.astype(self.dtype, copy=False), dense), labels)
 
     def forward(self, batch, *, adapters=None):
         """Logits ``(n,)`` and pooled embeddings ``(n, n_tables * dim)`` of ``batch``."""
@@ -274,12 +293,24 @@ class DLRM:
             raise ValueError(f"`labels` must have shape ({n},); got {y.shape}.")
         return y.astype(self.dtype, copy=False)
 
-    def _backward_top(self, c: ForwardCache, labels, want_weights: bool):
-        """Back through loss, top MLP and interaction. Returns loss, dz (n, K, d), dx0_direct, grads."""
+    def _backward_top(self, c: ForwardCache, labels, want_weights: bool, weights=None, norm=None):
+        """Back through loss, top MLP and interaction. Returns loss, dz (n, K, d), dx0_direct, grads.
+
+        The loss is ``sum_i w_i l_i / norm`` (defaults: w = 1, norm = n)."""
         y = self._check_labels(labels, c.n)
         p = self.params
-        loss = bce_with_logits(c.logits, y)
-        g = ((_sigmoid(c.logits.astype(np.float64)) - y) / max(c.n, 1)).astype(self.dtype)[:, None]
+        norm = float(max(c.n, 1) if norm is None else norm)
+        r = _sigmoid(c.logits.astype(np.float64)) - y
+        if weights is None:
+            loss = bce_with_logits(c.logits, y)
+        else:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (c.n,):
+                raise ValueError(f"`weights` must have shape ({c.n},); got {w.shape}.")
+            z = c.logits.astype(np.float64)
+            loss = float(np.sum(w * (np.logaddexp(0.0, z) - y * z)) / norm)
+            r = r * w
+        g = (r / norm).astype(self.dtype)[:, None]
         grads = {}
         for i in reversed(range(self.n_top)):
             a = c.top_acts[i]
@@ -297,13 +328,33 @@ class DLRM:
         dz = np.matmul(dt + dt.transpose(0, 2, 1), c.z)
         return loss, dz, dx0, grads
 
-    def backward_pooled(self, cache: ForwardCache, labels):
+    @staticmethod
+    def concat_caches(caches) -> ForwardCache:
+        """One cache for several forward passes (enough for :meth:`backward_pooled`):
+        a trainer can collect the serving passes of a few requests and run one backward."""
+        caches = list(caches)
+        if len(caches) == 1:
+            return caches[0]
+        cat = np.concatenate
+        return ForwardCache(n=sum(c.n for c in caches), dense_in=cat([c.dense_in for c in caches]),
+                            bottom_acts=[cat(a) for a in zip(*(c.bottom_acts for c in caches))],
+                            pooled=cat([c.pooled for c in caches]), z=cat([c.z for c in caches]),
+                            top_acts=[cat(a) for a in zip(*(c.top_acts for c in caches))],
+                            logits=cat([c.logits for c in caches]),
+                            rows=np.zeros(0, np.int64))  # table-major rows do not concatenate; unused here
+
+    def backward_pooled(self, cache: ForwardCache, labels, *, weights=None, norm=None, table_major=False):
         """Loss and d loss / d pooled embeddings ``(n, n_tables * dim)`` from a kept forward.
 
         The co-located trainer calls this on the activations the serving forward already
-        computed, so learning costs a backward pass but no second forward.
+        computed, so learning costs a backward pass but no second forward. ``weights``
+        and ``norm`` give the weighted loss ``sum_i w_i l_i / norm`` (e.g. importance weights).
+        With ``table_major=True`` the gradient comes as ``(n_tables, n, dim)`` so that each
+        table's slice is contiguous.
         """
-        loss, dz, _, _ = self._backward_top(cache, labels, want_weights=False)
+        loss, dz, _, _ = self._backward_top(cache, labels, want_weights=False, weights=weights, norm=norm)
+        if table_major:
+            return loss, np.ascontiguousarray(dz[:, 1:, :].transpose(1, 0, 2))
         return loss, np.ascontiguousarray(dz[:, 1:, :].reshape(cache.n, -1))
 
     def grad_pooled(self, batch, labels, *, adapters=None):
@@ -334,9 +385,14 @@ class DLRM:
                 g = g @ p[f"bottom{i}.W"].T
         # d pooled in table-major order matches c.rows (t*n + b).
         demb = dz[:, 1:, :].transpose(1, 0, 2).reshape(-1, self.dim)
-        rows, inv = np.unique(c.rows, return_inverse=True)
-        row_grads = np.zeros((rows.shape[0], self.dim), self.dtype)
-        np.add.at(row_grads, inv.reshape(-1), demb)
+        # Sum the gradients of repeated rows: sort, then one segmented sum (about 4x
+        # faster than np.add.at at batch 256 x 5 tables; the training side deserves a
+        # fair implementation since its CPU time is what lukern is compared with).
+        order = np.argsort(c.rows, kind="stable")
+        sr = c.rows[order]
+        starts = np.flatnonzero(np.concatenate(([True], sr[1:] != sr[:-1]))) if sr.size else np.zeros(0, np.int64)
+        rows = sr[starts]
+        row_grads = np.add.reduceat(demb[order], starts, axis=0) if sr.size else np.zeros((0, self.dim), self.dtype)
         return loss, grads, (rows, row_grads)
 
     def apply_gradients(self, grads, emb, *, dense=True):
@@ -391,6 +447,44 @@ class DLRM:
             losses.append(total / max(count, 1))
         return losses
 
+    def fit_early_stopping(self, stream, start=0, stop=None, *, max_epochs=4, val_frac=0.1, batch_size=256, seed=0,
+                           progress=None):
+        """Train on ``start:stop`` until the log loss on its most recent ``val_frac`` stops
+        improving (at most ``max_epochs``), keep the best epoch, then learn the held-out
+        rows once, so the model has seen everything up to ``stop``.
+
+        Click models overfit their embeddings after one or two passes; the right count
+        depends on the log, so it is measured rather than fixed.
+
+        Returns ``{"epochs": best, "val_logloss": [...], "train_loss": [...]}``.
+        """
+        stop = len(stream) if stop is None else stop
+        split = stop - max(1, int(val_frac * (stop - start)))
+        if split <= start:
+            raise ValueError(f"too few rows ({stop - start}) to hold out {val_frac:.0%} for early stopping.")
+        val, train_loss, best, best_state = [], [], np.inf, None
+        for e in range(int(max_epochs)):
+            train_loss += self.fit(stream, start, split, epochs=1, batch_size=batch_size, seed=seed + e,
+                                   progress=progress)
+            ll = self.evaluate(stream, split, stop, batch_size=4 * batch_size)
+            val.append(ll)
+            if ll < best:
+                best, best_state = ll, self.copy()
+            else:
+                break
+        self.load_state(best_state)
+        self.fit(stream, split, stop, epochs=1, batch_size=batch_size, seed=seed + 1000, progress=progress)
+        return {"epochs": int(np.argmin(val)) + 1, "val_logloss": val, "train_loss": train_loss}
+
+    def evaluate(self, stream, start=0, stop=None, *, batch_size=1024) -> float:
+        """Mean log loss of the model on rows ``start:stop``."""
+        stop = len(stream) if stop is None else stop
+        total = 0.0
+        for a in range(start, stop, batch_size):
+            b = stream.batch(a, min(stop, a + batch_size))
+            total += bce_with_logits(self.forward(b)[0], b.labels) * len(b)
+        return total / max(stop - start, 1)
+
     # ------------------------------------------------------------------ persistence
 
     def save(self, path, *, optimizer=True):
@@ -416,19 +510,7 @@ class DLRM:
             for k in self.params:
                 arrays[f"adam_m/{k}"] = self.adam_m[k]
                 arrays[f"adam_v/{k}"] = self.adam_v[k]
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path) -> "DLRM":

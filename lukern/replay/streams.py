@@ -362,6 +362,26 @@ def _prior_counts(ids: np.ndarray) -> np.ndarray:
     return out
 
 
+def _trailing_counts(ids: np.ndarray, t: np.ndarray, window: float) -> np.ndarray:
+    """For rows in time order: how many earlier rows carry the same id within the last
+    ``window`` seconds (a windowed counter, as feature stores keep: its distribution does
+    not grow with the age of the log the way a running total does)."""
+    n = ids.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64)
+    _, inv = np.unique(ids, return_inverse=True)
+    inv = inv.reshape(-1).astype(np.float64)
+    t0 = t - t.min()
+    span = float(t0.max()) + float(window) + 1.0
+    key = inv * span + t0
+    order = np.lexsort((np.arange(n), key))  # by id, then time, then row
+    sk = key[order]
+    left = np.searchsorted(sk, sk - window, side="left")
+    out = np.empty(n, np.int64)
+    out[order] = np.arange(n) - left
+    return out
+
+
 def _log_count(c):
     return (np.log1p(c) / 5.0).astype(np.float32)
 
@@ -888,6 +908,7 @@ def infer_format(path) -> str:
     >>> infer_format("ml-100k/u.data")
     'ml-100k'
     """
+    path = _resolve_folder(os.fspath(path))
     stem = _stem(path).lower()
     if stem == "u.data" or stem.startswith("u.data") or "ml-100k" in stem:
         return "ml-100k"
@@ -922,12 +943,29 @@ def infer_format(path) -> str:
                                   f"pass --format (one of {', '.join(FORMATS)}).")
 
 
+_FOLDER_NAMES = ("ratings.csv", "u.data", "train_sample.csv", "train.csv", "train.txt")
+
+
+def _resolve_folder(path: str) -> str:
+    """A folder given as data: pick its one log file (e.g. ``ml-latest-small/ratings.csv``)."""
+    if not os.path.isdir(path):
+        return path
+    names = sorted(os.listdir(path))
+    hits = [n for n in names if any(_stem(n) == k or _stem(n).endswith("_" + k) for k in _FOLDER_NAMES)]
+    if len(hits) == 1:
+        return os.path.join(path, hits[0])
+    found = ", ".join(hits) if hits else "none of " + ", ".join(_FOLDER_NAMES)
+    raise StreamFormatError(path, f"is a folder; found {found}. Pass the log file itself.")
+
+
 def read_stream(path, format=None, **kwargs) -> Stream:
     """Read any supported log into a time-ordered :class:`Stream`.
 
     Parameters
     ----------
     path : str or path-like
+        The log file, or a folder holding exactly one known log (``ratings.csv``,
+        ``u.data``, ``train_sample.csv``, ... plain or .gz).
     format : {"movielens", "ml-100k", "talkingdata", "criteo", "avazu"}, optional
         Inferred with :func:`infer_format` when None.
     **kwargs
@@ -941,7 +979,7 @@ def read_stream(path, format=None, **kwargs) -> Stream:
     >>> read_stream(p).format
     'movielens'
     """
-    path = os.fspath(path)
+    path = _resolve_folder(os.fspath(path))
     fmt = infer_format(path) if format is None else format
     if fmt not in _READERS:
         raise ValueError(f"`format` must be one of {', '.join(FORMATS)}; got {format!r}.")

@@ -3,27 +3,33 @@
 The generative story, in stream time (``days`` days of traffic):
 
 - **Items** belong to a category and carry a latent taste vector near their category's
-  centre plus a quality bias. A catalogue exists at t=0; **new items keep appearing**
-  (births spread over the whole stream), each arriving with a burst of popularity that
-  decays with age (half-life ``novelty_days``), so the head of the power-law popularity
-  curve **shifts** to items the initial model never saw.
+  centre plus an *appeal* (a logit offset). A catalogue exists at t=0; **new items keep
+  appearing** (births spread over the whole stream), each arriving with a burst of
+  popularity that decays with age (half-life ``novelty_days``), so the head of the
+  power-law popularity curve **shifts** to items the initial model never saw.
+- **Appeal drifts**: every item's appeal takes a random walk (``appeal_walk`` per
+  square-root day): items go in and out of fashion, the per-row effect a served model
+  loses first.
 - **Popularity** is power-law: every item has a Zipf weight (exponent ``zipf``) times its
   novelty factor; events pick items by that weight.
 - **Users** have a power-law activity and a taste vector built from a few favourite
-  categories. **Interests move**: every user's taste takes a random-walk step each time
-  block, and users occasionally switch to a new favourite category.
-- **Labels**: ``P(click) = sigmoid(gain * <user, item> + quality + user bias + bias)``.
+  categories. **Interests move**: every user's taste takes a small random-walk step each
+  time block, and users occasionally switch to a new favourite category.
+- **Labels**: ``P(click) = sigmoid(gain * <user, item> + appeal + user bias + bias)``.
 
-Features: tables ``user``, ``item``, ``category`` (closed vocabularies: rows exist for
-items not yet born, as a hashed production table would have); dense: hour of day (sin,
-cos), log item age, and causal log-counts of the user's and the item's earlier events.
+Tables are shaped like production ones: far more rows (50k users, 26k items) than any
+one window touches (a few thousand), most of them cold. Features: tables ``user``,
+``item``, ``category`` (closed vocabularies: rows exist for items not yet born, as a
+hashed production table would have); dense: hour of day (sin, cos), log item age, and
+log-counts of the user's and the item's events in the previous 24 hours (windowed
+counters, as a feature store keeps).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .streams import Stream, _hour_features, _log_count, _prior_counts
+from .streams import Stream, _hour_features, _log_count, _trailing_counts
 
 __all__ = ["DEFAULT_EVENTS", "synthetic_stream"]
 
@@ -32,13 +38,20 @@ __all__ = ["DEFAULT_EVENTS", "synthetic_stream"]
 DEFAULT_EVENTS = 240_000
 
 
+def _draw(rng, cdf, k):
+    """k draws from the weights whose running sum is ``cdf`` (inverse-CDF sampling: one
+    binary search per draw, no per-call normalisation of a long weight vector)."""
+    return np.minimum(np.searchsorted(cdf, rng.random(k) * cdf[-1], side="right"), cdf.shape[0] - 1)
+
+
 def _normalise(v):
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3000, new_items=6000,
+def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=50_000, n_items=20_000, new_items=6000,
                      n_categories=24, days=28.0, latent=8, zipf=1.1, novelty_days=3.0, user_zipf=0.9,
-                     walk=0.12, switch_per_day=0.03, gain=3.5, bias=-1.0, n_blocks=None) -> Stream:
+                     walk=0.05, switch_per_day=0.03, gain=3.5, bias=-1.0, appeal_walk=0.3, n_blocks=None,
+                     start=1_704_067_200) -> Stream:
     """Generate a time-ordered synthetic stream (deterministic for a given ``seed``).
 
     Parameters
@@ -49,7 +62,7 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
     n_users, n_items, new_items, n_categories : int
         Users, items present at t=0, items born during the stream, item categories.
     days : float
-        Stream length in days (timestamps are seconds from 0).
+        Stream length in days (timestamps are Unix seconds from ``start``).
     latent : int
         Width of the hidden taste vectors.
     zipf, user_zipf : float
@@ -62,8 +75,13 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
         Probability per user and day of switching to a new favourite category.
     gain, bias : float
         Scale of the taste match and the global logit offset.
+    appeal_walk : float
+        Random-walk step per square-root day of every item's appeal (its logit offset):
+        items go in and out of fashion.
     n_blocks : int, optional
         Time blocks of the simulation (drift steps); default one per 2 hours.
+    start : int
+        Unix time of the stream's start (default 2024-01-01 00:00 UTC, a midnight).
 
     Examples
     --------
@@ -100,7 +118,7 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
     user_vec = _normalise(centres[fav].sum(axis=1) + 0.5 * rng.standard_normal((n_users, latent)) / np.sqrt(latent))
     user_b = 0.5 * rng.standard_normal(n_users)
     user_w = 1.0 / (1.0 + rng.permutation(n_users)) ** user_zipf
-    user_p = user_w / user_w.sum()
+    user_cdf = np.cumsum(user_w)
 
     # Events per block follow a diurnal rate (busier in the evening).
     edges = np.linspace(0.0, span, n_blocks + 1)
@@ -124,6 +142,8 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
             new_fav = rng.choice(n_categories, size=int(switch.sum()), p=cat_pop / cat_pop.sum())
             user_vec[switch] = 0.4 * user_vec[switch] + 0.9 * centres[new_fav]
         user_vec = _normalise(user_vec)
+        if appeal_walk:
+            item_q += appeal_walk * np.sqrt(block_days) * rng.standard_normal(n_all)
         if k == 0:
             continue
         tb = np.sort(rng.uniform(edges[b], edges[b + 1], k))
@@ -131,8 +151,8 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
         alive = age >= 0
         novelty = np.where(alive, 0.25 + 4.0 * 0.5 ** (np.maximum(age, 0) / half_life), 0.0)
         w = item_w * novelty
-        u = rng.choice(n_users, size=k, p=user_p)
-        i = rng.choice(n_all, size=k, p=w / w.sum())
+        u = _draw(rng, user_cdf, k)
+        i = _draw(rng, np.cumsum(w), k)
         # Items born inside this block cannot be seen before their birth.
         tb = np.maximum(tb, birth[i])
         order = np.argsort(tb, kind="stable")
@@ -145,13 +165,17 @@ def synthetic_stream(n_events=DEFAULT_EVENTS, *, seed=0, n_users=4000, n_items=3
     order = np.argsort(t, kind="stable")
     t, users, items, logits = t[order], users[order], items[order], logits[order]
     labels = (rng.random(n_events) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    t = t + float(start)
+    birth = birth + float(start)
     hs, hc = _hour_features(t)
     age_days = np.maximum(t - birth[items], 0.0) / 86400.0
-    dense = np.stack([hs, hc, (np.log1p(age_days) / 3.0).astype(np.float32), _log_count(_prior_counts(users)),
-                      _log_count(_prior_counts(items))], axis=1).astype(np.float32)
+    day = 86400.0
+    dense = np.stack([hs, hc, (np.log1p(age_days) / 3.0).astype(np.float32),
+                      _log_count(_trailing_counts(users, t, day)), _log_count(_trailing_counts(items, t, day))],
+                     axis=1).astype(np.float32)
     cat = np.stack([users, items, item_cat[items]], axis=1).astype(np.int64)
     return Stream(name=f"synthetic(seed={seed}, n={n_events})", format="synthetic", t=t, dense=dense, cat=cat,
                   labels=labels, cat_names=["user", "item", "category"],
                   cat_sizes=[int(n_users), n_all, int(n_categories)],
-                  dense_names=["hour_sin", "hour_cos", "log_item_age", "log_prior_user", "log_prior_item"],
+                  dense_names=["hour_sin", "hour_cos", "log_item_age", "log_user_events_24h", "log_item_events_24h"],
                   hashed=[False, False, False], was_sorted=True, source="synthetic")

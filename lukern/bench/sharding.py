@@ -1,0 +1,71 @@
+"""Sharding: per-node load imbalance of three partitioners on Zipf(1.05) ids, and the cost
+of a ShardedTable lookup against the plain one (same inputs, one run).
+
+    python -m lukern.bench sharding
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from .. import ShardedTable, embedding_bag, partition_rows
+from ..memory import empty_table
+from ..testing import zipf_ids
+from .lookup import _batches, _median_times
+
+
+def _ids(rng, n_rows, n, permuted):
+    if permuted:
+        return zipf_ids(rng, n, n_rows)
+    c = np.cumsum(np.arange(1, n_rows + 1, dtype=np.float64) ** -1.05)
+    return np.minimum(np.searchsorted(c / c[-1], rng.random(n)), n_rows - 1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lukern.bench sharding", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=4_000_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--stream", type=int, default=4_000_000, help="ids in the recorded stream")
+    p.add_argument("--replicate-mib", type=float, default=1.0, help="replica budget per node")
+    p.add_argument("--repeats", type=int, default=40)
+    a = p.parse_args(argv)
+    rng = np.random.default_rng(0)
+    row_bytes = a.dim * 4
+    print(f"load imbalance (max/mean per node), Zipf(1.05) over {a.rows} rows, {a.stream} ids; frequency-aware "
+          f"replicates {a.replicate_mib} MiB per node")
+    print(f"{'hot ids':10} {'nodes':>5} {'frequency':>10} {'range':>8} {'hash':>8} {'replicated':>11} {'map bytes':>10}")
+    for permuted in (True, False):
+        freq = np.bincount(_ids(rng, a.rows, a.stream, permuted), minlength=a.rows).astype(np.float64)
+        for nodes in (2, 4):
+            fa = partition_rows(freq, nodes, replicate_bytes=int(a.replicate_mib * 2**20), row_bytes=row_bytes)
+            r = partition_rows(freq, nodes, strategy="range")
+            h = partition_rows(freq, nodes, strategy="hash")
+            print(f"{'permuted' if permuted else 'low rows':10} {nodes:>5} {fa.imbalance(freq):>10.3f} "
+                  f"{r.imbalance(freq):>8.3f} {h.imbalance(freq):>8.3f} {fa.replicated.size * row_bytes * nodes / 2**20:>8.1f} MiB "
+                  f"{fa.map_nbytes():>10}")
+    table = empty_table(a.rows, a.dim)
+    table[:] = rng.standard_normal((a.rows, a.dim), dtype=np.float32)
+    one = ShardedTable(table, partition_rows(np.ones(a.rows), 1))
+    freq = np.bincount(_ids(rng, a.rows, a.stream, True), minlength=a.rows).astype(np.float64)
+    two = ShardedTable(table, partition_rows(freq, 2, replicate_bytes=2**20, row_bytes=row_bytes))
+    out = np.empty((2048, a.dim), np.float32)
+    print(f"\nlookup, {a.rows} x {a.dim} float32, batch 2048, pooling 20-40, 1 thread; medians of {a.repeats}")
+    for dist in ("uniform", "zipf"):
+        batches = _batches(rng, a.rows, 2048, (20, 40), dist, 16)
+        med = _median_times({
+            "plain": lambda i, o: embedding_bag(table, i, o, out=out, n_threads=1),
+            "1 shard": lambda i, o: one.lookup(i, o, out=out, n_threads=1),
+            "2 shards": lambda i, o: two.lookup(i, o, out=out, n_threads=1),
+        }, batches, a.repeats)
+        print(f"  {dist:8} plain {med['plain'] * 1e3:.3f} ms, 1 shard {med['1 shard'] * 1e3:.3f} ms "
+              f"({med['1 shard'] / med['plain']:.2f}x), 2 shards {med['2 shards'] * 1e3:.3f} ms "
+              f"({med['2 shards'] / med['plain']:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,645 @@
+"""Model-refresh strategies compared by the replay (DESIGN section 7).
+
+Every strategy serves one model and is run prequentially: :meth:`Strategy.predict` scores
+a batch (after applying any update that has *arrived* by the batch's time), then
+:meth:`Strategy.learn` sees its labels, and :meth:`Strategy.end_window` is called at each
+window boundary (where the shipping strategies send their update).
+
+- ``stale``: the initial model, never updated.
+- ``full``: every T windows the training side's model (trained continuously on the
+  stream, like a production retraining pipeline) is shipped whole.
+- ``delta``: every T windows all rows changed since the last shipment plus the MLP weights.
+- ``priority``: every T windows only the top ``p`` % of changed rows by update magnitude
+  ``||W_trainer[row] - W_served[row]||`` plus the MLP weights (QuickUpdate-style); rows
+  not sent keep their gap and compete again next time.
+- ``lukern``: the served model learns in place through row-sparse LoRA adapters on its
+  embedding tables, trained from the same labelled traffic on the serving node; nothing
+  is shipped.
+
+Shipments arrive ``bytes / bandwidth`` after they are sent, with the bandwidth model of
+:class:`Bandwidth`. CPU-seconds spent on updating are measured with
+:func:`time.process_time`: for the shipping strategies the training side's steps (its own
+forward and backward over every labelled batch) plus packing and applying the update; for
+lukern the adapter trainer's steps (backward from the kept serving activations, adapter
+optimizer, rank control).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dlrm import DLRM, _sigmoid
+
+__all__ = ["Bandwidth", "ClusterTrainer", "DeltaSync", "FullSync", "LukernStrategy", "PriorityDelta",
+           "Stale", "Strategy", "adapter_available"]
+
+#: bytes of one shipped row id (int64).
+ID_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Transfer time of a shipment, scaled to a production setting.
+
+    The replay's tables are tiny, so shipping them over any real link would be instant.
+    What matters is the *ratio* of sync time to table size in production: a table of
+    ``prod_table_bytes`` behind a link of ``prod_link_bps`` bits/s takes
+    ``prod_table_bytes * 8 / prod_link_bps`` seconds to ship whole. A shipment of
+    ``b`` bytes of a replay model whose tables hold ``table_bytes`` takes the same
+    fraction of that time: ``b / table_bytes * seconds_per_table``.
+
+    The default is DESIGN section 7's example: a 200 TB table over 100 GbE, so 10 % of it
+    (20 TB) takes 1,600 s (26.7 min) and the whole table 16,000 s (4.4 h). The link is
+    assumed to carry nothing else and to run at line rate (optimistic for shipping).
+
+    Examples
+    --------
+    >>> bw = Bandwidth()
+    >>> round(bw.seconds(10, table_bytes=100) / 60, 1)
+    26.7
+    """
+
+    prod_table_bytes: float = 200e12
+    prod_link_bps: float = 100e9
+
+    @property
+    def seconds_per_table(self) -> float:
+        return self.prod_table_bytes * 8.0 / self.prod_link_bps
+
+    def seconds(self, nbytes: float, *, table_bytes: float) -> float:
+        return float(nbytes) / float(table_bytes) * self.seconds_per_table
+
+    def describe(self) -> dict:
+        return {"prod_table_bytes": self.prod_table_bytes, "prod_link_bps": self.prod_link_bps,
+                "seconds_per_table": self.seconds_per_table,
+                "seconds_per_10pct": 0.1 * self.seconds_per_table}
+
+
+def adapter_available() -> bool:
+    """True when :class:`lukern.LoRAAdapter` can be imported."""
+    try:
+        from .. import LoRAAdapter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class WindowStats:
+    bytes_shipped: int = 0
+    update_cpu_s: float = 0.0
+    adapter_mem_pct: float | None = None
+    syncs_sent: int = 0
+    syncs_applied: int = 0
+    rank: list | None = None
+    rank_decisions: list = field(default_factory=list)
+    evictions: int | None = None
+
+
+class Strategy:
+    """Base class: serves ``self.model``; subclasses learn or receive updates."""
+
+    name = "strategy"
+
+    def __init__(self, model: DLRM):
+        self.model = model
+        self.stats = WindowStats()
+        self.total_bytes = 0
+        self.total_cpu = 0.0
+
+    def predict(self, batch, now: float) -> np.ndarray:
+        return _sigmoid(self.model.forward(batch)[0].astype(np.float64))
+
+    def learn(self, batch) -> None:
+        pass
+
+    def flush(self) -> None:
+        """Train on labelled rows still buffered (called at every window end)."""
+
+    def end_window(self, index: int, now: float) -> None:
+        pass
+
+    def take_stats(self) -> WindowStats:
+        """Stats of the window just finished; starts a new window."""
+        s = self.stats
+        self.total_bytes += s.bytes_shipped
+        self.total_cpu += s.update_cpu_s
+        self.stats = WindowStats()
+        return s
+
+    def settings(self) -> dict:
+        return {}
+
+
+class Stale(Strategy):
+    """The initial model, never updated."""
+
+    name = "stale"
+
+
+class ClusterTrainer:
+    """The training side shared by the shipping strategies: one model trained continuously
+    on the labelled stream in mini-batches of ``train_batch`` rows (full training: MLPs by
+    Adam, touched rows by row-wise Adagrad).
+
+    Each shipping strategy would run its own training pipeline in production; they would
+    all compute the same thing, so the replay runs it once and charges its CPU time to
+    each of them.
+    """
+
+    def __init__(self, model: DLRM, *, train_batch: int = 1024):
+        self.model = model
+        self.train_batch = int(train_batch)
+        self.cpu_window = 0.0
+        self.touched_since = {}  # strategy name -> bool mask of global rows changed since its last send
+        self._buffer = []
+        self._buffered = 0
+
+    def register(self, name: str):
+        self.touched_since[name] = np.zeros(self.model.emb_buffer.shape[0], dtype=bool)
+
+    def learn(self, batch):
+        self._buffer.append(batch)
+        self._buffered += len(batch)
+        if self._buffered >= self.train_batch:
+            self.flush()
+
+    def flush(self):
+        if not self._buffer:
+            return
+        c0 = time.process_time()
+        b = _concat(self._buffer)
+        self._buffer, self._buffered = [], 0
+        _, rows = self.model.train_step(b)
+        for mask in self.touched_since.values():
+            mask[rows] = True
+        self.cpu_window += time.process_time() - c0
+
+    def take_cpu(self) -> float:
+        c, self.cpu_window = self.cpu_window, 0.0
+        return c
+
+
+def _concat(batches):
+    from .streams import Batch
+
+    if len(batches) == 1:
+        return batches[0]
+    return Batch(*(np.concatenate([getattr(b, f) for b in batches]) for f in ("t", "dense", "cat", "labels")))
+
+
+@dataclass
+class _Shipment:
+    arrival: float
+    rows: np.ndarray | None     # None: the whole model
+    values: np.ndarray | None
+    dense: dict
+    nbytes: int
+
+
+class _Shipping(Strategy):
+    """Common machinery: pending shipments that arrive after their transfer time.
+    Subclasses define ``_select() -> (rows or None for the whole table, row values)``."""
+
+    def __init__(self, model: DLRM, trainer: ClusterTrainer, *, every: int, bandwidth: Bandwidth):
+        super().__init__(model)
+        if every < 1:
+            raise ValueError(f"`every` (T, in windows) must be >= 1; got {every}.")
+        self.trainer = trainer
+        self.every = int(every)
+        self.bandwidth = bandwidth
+        self.pending: list[_Shipment] = []
+        self.syncs = []
+        trainer.register(self.name)
+
+    def _apply_due(self, now: float):
+        while self.pending and self.pending[0].arrival <= now:
+            c0 = time.process_time()
+            s = self.pending.pop(0)
+            if s.rows is None:
+                np.copyto(self.model.emb_buffer, s.values)
+            elif s.rows.size:
+                self.model.emb_buffer[s.rows] = s.values
+            for k, v in s.dense.items():
+                np.copyto(self.model.params[k], v)
+            self.stats.update_cpu_s += time.process_time() - c0
+            self.stats.syncs_applied += 1
+
+    def predict(self, batch, now):
+        self._apply_due(now)
+        return super().predict(batch, now)
+
+    def end_window(self, index, now):
+        if (index + 1) % self.every:
+            return
+        c0 = time.process_time()
+        rows, values = self._select()
+        dense = {k: v.copy() for k, v in self.trainer.model.params.items()}
+        dense_bytes = self.trainer.model.dense_nbytes
+        if rows is None:
+            nbytes = self.trainer.model.table_nbytes + dense_bytes
+        else:
+            nbytes = int(rows.size) * (ID_BYTES + values.shape[1] * values.itemsize) + dense_bytes
+        delay = self.bandwidth.seconds(nbytes, table_bytes=self.model.table_nbytes)
+        self.pending.append(_Shipment(now + delay, rows, values, dense, nbytes))
+        self.stats.update_cpu_s += time.process_time() - c0
+        self.stats.bytes_shipped += nbytes
+        self.stats.syncs_sent += 1
+        self.syncs.append({"window": index, "sent_t": now, "arrives_t": now + delay, "transfer_s": delay,
+                           "bytes": nbytes, "rows": None if rows is None else int(rows.size)})
+
+    def settings(self):
+        return {"every_windows": self.every}
+
+
+class FullSync(_Shipping):
+    """Ship the whole trained model every T windows."""
+
+    name = "full"
+
+    def _select(self):
+        self.trainer.touched_since[self.name][:] = False
+        return None, self.trainer.model.emb_buffer.copy()
+
+
+class DeltaSync(_Shipping):
+    """Ship every row changed since the last shipment, plus the MLP weights."""
+
+    name = "delta"
+
+    def _select(self):
+        mask = self.trainer.touched_since[self.name]
+        rows = np.flatnonzero(mask)
+        mask[:] = False
+        return rows, self.trainer.model.emb_buffer[rows].copy()
+
+
+class PriorityDelta(_Shipping):
+    """Ship the top ``pct`` % of changed rows by update magnitude, plus the MLP weights."""
+
+    name = "priority"
+
+    def __init__(self, model, trainer, *, every, bandwidth, pct=20.0):
+        if not 0 < pct <= 100:
+            raise ValueError(f"`pct` must be in (0, 100]; got {pct}.")
+        super().__init__(model, trainer, every=every, bandwidth=bandwidth)
+        self.pct = float(pct)
+        # rows changed on the trainer and not yet sent: they stay candidates until sent
+        self.candidates = trainer.touched_since[self.name]
+
+    def _select(self):
+        cand = np.flatnonzero(self.candidates)
+        if cand.size == 0:
+            return cand, np.zeros((0, self.model.dim), self.model.dtype)
+        gap = np.linalg.norm(self.trainer.model.emb_buffer[cand] - self.model.emb_buffer[cand], axis=1)
+        # Rows already shipped in flight count from the served copy; good enough at T >= 1 window.
+        k = max(1, int(np.ceil(cand.size * self.pct / 100.0)))
+        top = np.argpartition(-gap, k - 1)[:k] if k < cand.size else np.arange(cand.size)
+        rows = np.sort(cand[top])
+        self.candidates[rows] = False
+        return rows, self.trainer.model.emb_buffer[rows].copy()
+
+    def settings(self):
+        return {**super().settings(), "pct_of_changed_rows": self.pct}
+
+
+class LukernStrategy(Strategy):
+    """The served model learns in place: one row-sparse LoRA adapter per embedding table,
+    trained on the serving node from the labelled batches, MLP weights frozen, nothing
+    shipped.
+
+    The trainer reuses the serving forward's activations (:meth:`DLRM.backward_pooled`):
+    co-located, it needs no second forward pass.
+
+    Parameters
+    ----------
+    model : DLRM
+        The initial model (copied; evicted adapter rows are folded into its tables).
+    rank, alpha, lr_a, lr_b : adapter settings (see :class:`lukern.LoRAAdapter`).
+    budget_pct : float
+        Adapter memory budget as % of the tables; sets each adapter's capacity.
+    demand : sequence of int, optional
+        How much each table wants slots: the runner passes the number of ids seen at
+        least twice in the last window of traffic (a row seen once gains little from a
+        slot). The byte budget is water-filled over the demands, then any leftover is
+        shared in proportion to them (default demand: the table's rows).
+    prior_acc : bool
+        Start the row-wise Adagrad accumulator of a newly admitted slot from its row's
+        accumulator in the base model instead of zero. Without it a fresh slot's first
+        steps have full normalised size whatever the row's history, which on rare-label
+        logs (TalkingData) makes lukern worse than stale; with it lukern beats delta there.
+    min_rows_for_adapter : int
+        Tables with fewer rows get no adapter (their few rows are learned well already).
+    rank_control : bool
+        Attach :class:`lukern.RankController` when it is available.
+    train_batch : int
+        Rows per trainer step (the training side uses the same mini-batches).
+    rank_every : int
+        Trainer steps between two decisions of each table's rank controller.
+    rank_energy, min_rank : float, int
+        The controller keeps the smallest rank (at least ``min_rank``) holding
+        ``rank_energy`` of the correction's energy.
+    """
+
+    name = "lukern"
+
+    def __init__(self, model: DLRM, *, rank=4, alpha=None, lr_a=0.1, lr_b=0.01, budget_pct=1.0,
+                 rank_control=True, min_rows_for_adapter=64, demand=None, optimizer_a="rowwise_adagrad",
+                 optimizer_b="adagrad", eviction="lru", prior_acc=True,
+                 train_batch=1024, rank_every=8, rank_energy=0.999, min_rank=2):
+        super().__init__(model)
+        from .. import LoRAAdapter
+
+        self.rank = int(rank)
+        self.alpha = float(alpha) if alpha is not None else float(rank)
+        self.lr_a, self.lr_b = float(lr_a), float(lr_b)
+        self.budget_pct = float(budget_pct)
+        d = model.dim
+        from .. import LeastRecentlyUsed, SmallestNorm
+
+        policies = {"lru": LeastRecentlyUsed, "smallest_norm": SmallestNorm}
+        if eviction not in policies:
+            raise ValueError(f"`eviction` must be one of {sorted(policies)}; got {eviction!r}.")
+        self.optimizer_a, self.optimizer_b, self.eviction = optimizer_a, optimizer_b, eviction
+        self._kw = dict(rank=self.rank, alpha=self.alpha, dtype=model.dtype, lr_a=self.lr_a, lr_b=self.lr_b,
+                        seed=model.seed, optimizer_a=optimizer_a, optimizer_b=optimizer_b,
+                        eviction=policies[eviction]())
+        eligible = [t for t, n in enumerate(model.cat_sizes) if n >= min_rows_for_adapter]
+        if demand is None:
+            demand = model.cat_sizes
+        budget = self.budget_pct / 100.0 * model.table_nbytes
+        # One probe adapter per table gives the byte model (worst case, pending gradients
+        # at their largest: the figure the rank controller enforces too).
+        probes = {t: LoRAAdapter(model.cat_sizes[t], d, capacity=1, **self._kw) for t in eligible}
+        shares = _water_fill(probes, model, eligible, [int(demand[t]) for t in eligible], budget)
+        self.adapters = [None] * model.n_tables
+        self.capacity = [0] * model.n_tables
+        self.share_bytes = [0.0] * model.n_tables
+        for t, share in zip(eligible, shares):
+            cap = _fit_capacity(probes[t], model.cat_sizes[t], share)
+            if cap < 1:
+                continue
+            self.capacity[t] = cap
+            self.share_bytes[t] = share
+            self.adapters[t] = LoRAAdapter(model.cat_sizes[t], d, capacity=cap, **{**self._kw, "seed": model.seed + t})
+        # Row-wise Adagrad history of every base row (the training pipeline's accumulators
+        # ship with the model): a newly admitted slot starts from its row's history.
+        self.prior_acc = model.emb_acc.copy() if prior_acc else None
+        self.controllers = [None] * model.n_tables
+        self.model_names = list(getattr(model, "table_names", None) or range(model.n_tables))
+        self.rank_control_note = None
+        if rank_control:
+            try:
+                from .. import RankController
+            except ImportError:
+                RankController = None
+                self.rank_control_note = "lukern.RankController is not available in this build"
+            if RankController is not None:
+                for t, a in enumerate(self.adapters):
+                    if a is None:
+                        continue
+                    # the controller keeps this table's share of the global budget
+                    share = min(1.0, self.share_bytes[t] / model.table(t).nbytes)
+                    self.controllers[t] = RankController(a, model.table(t), budget=share, every=rank_every,
+                                                         max_rank=min(d, max(16, self.rank)),
+                                                         energy=rank_energy, min_rank=min(min_rank, self.rank))
+        self._cache = None
+        self.train_batch = int(train_batch)
+        self._pending, self._n_pending = [], 0
+        self._warmup(LoRAAdapter)
+
+    def init_directions(self, batches) -> list:
+        """Start each adapter's B at the top-r directions of recent embedding gradients.
+
+        A LoRA update of row i is ``s * A_i @ B``: it can only move the row inside B's
+        row space. A random B captures about r/d of a gradient's energy, and B only turns
+        once A is non-zero, so early learning is slow. The gradients d loss / d pooled of
+        the served model on recent labelled traffic (computed once, from the training
+        side's last window: the node has served and logged it) have a few dominant
+        directions; their top-r eigenvectors make B point where updates are needed.
+        The corrections stay zero (A is zero), so served values do not change.
+        Returns, per table, the share of gradient energy inside B's span (None: no adapter).
+        """
+        d = self.model.dim
+        grams = [np.zeros((d, d)) for _ in self.adapters]
+        for b in batches:
+            _, g = self.model.grad_pooled(b, b.labels)
+            for t, a in enumerate(self.adapters):
+                if a is not None:
+                    gt = g[:, t * d:(t + 1) * d].astype(np.float64)
+                    grams[t] += gt.T @ gt
+        captured = []
+        for t, a in enumerate(self.adapters):
+            if a is None:
+                captured.append(None)
+                continue
+            w, v = np.linalg.eigh(grams[t])
+            top = v[:, ::-1][:, :a.rank].T  # (r, d), orthonormal rows like B's default scale
+            total = float(w.sum())
+            captured.append(float(w[::-1][:a.rank].sum() / total) if total > 0 else 0.0)
+            a.refactor(np.zeros((a.n_active, a.rank), a.dtype), np.ascontiguousarray(top, dtype=a.dtype))
+        self.init_captured = captured
+        return captured
+
+    def _warmup(self, cls):
+        """Compile the fused lookup and the trainer kernels now, on scratch copies, so that
+        JIT time is neither served nor charged to updating (a real node warms up too)."""
+        m = self.model
+        scratch = [None if a is None else cls(a.n_rows, a.dim, capacity=min(4, a.capacity), **self._kw)
+                   for a in self.adapters]
+        tables = [np.zeros_like(m.table(t)) for t in range(m.n_tables)]
+        from ..embedding import TableBatch
+
+        tb = TableBatch(tables)
+        n = 2
+        idx = np.zeros(n * m.n_tables, np.int64)
+        off = np.arange(n * m.n_tables + 1, dtype=np.int64)
+        tb.lookup(idx, off, adapters=scratch, unchecked=True)
+        for t, a in enumerate(scratch):
+            if a is not None:
+                # more distinct ids than slots: the eviction and folding path compiles too
+                k = min(a.n_rows, 2 * a.capacity + 2)
+                a.train_step(tb.tables[t], np.arange(k, dtype=np.int64), np.arange(k + 1, dtype=np.int64),
+                             np.ones((k, m.dim), m.dtype))
+                a.train_step(tb.tables[t], np.arange(k, dtype=np.int64)[::-1].copy(),
+                             np.arange(k + 1, dtype=np.int64), np.ones((k, m.dim), m.dtype))
+
+    def predict(self, batch, now):
+        c = self.model.forward_cache(batch, adapters=self.adapters)
+        self._cache = c
+        return _sigmoid(c.logits.astype(np.float64))
+
+    def learn(self, batch):
+        """Keep the labels with the serving forward's activations; train every
+        ``train_batch`` rows (the same mini-batches as the training side)."""
+        c = self._cache
+        if c is None or c.n != len(batch):
+            raise RuntimeError("LukernStrategy.learn() must follow predict() on the same batch.")
+        self._cache = None
+        self._pending.append((c, batch))
+        self._n_pending += len(batch)
+        if self._n_pending >= self.train_batch:
+            self.flush()
+
+    def flush(self):
+        if not self._pending:
+            return
+        c0 = time.process_time()
+        caches, batches = zip(*self._pending)
+        self._pending, self._n_pending = [], 0
+        # d loss / d pooled from the activations the serving forwards kept: a co-located
+        # trainer never runs a second forward pass.
+        labels = np.concatenate([b.labels for b in batches]) if len(batches) > 1 else batches[0].labels
+        cat = np.concatenate([b.cat for b in batches]) if len(batches) > 1 else batches[0].cat
+        _, g = self.model.backward_pooled(self.model.concat_caches(caches), labels, table_major=True)
+        n = cat.shape[0]
+        off = np.arange(n + 1, dtype=np.int64)
+        idx_all = np.ascontiguousarray(cat.T)
+        for t, a in enumerate(self.adapters):
+            if a is None:
+                continue
+            if a.backward(idx_all[t], off, g[t], table=self.model.table(t)):
+                if self.prior_acc is not None:
+                    self._seed_fresh_slots(t, a)
+                a.step()
+        for t, ctl in enumerate(self.controllers):
+            if ctl is not None:
+                a = self.adapters[t]
+                rows, slots = a.active_rows()
+                acc = a._state.acc_a[slots].copy()
+                decision = ctl.step()
+                if decision:
+                    self._unit_rows(a)
+                    self._restore_acc(a, rows, acc)
+                    grown = self._refill_capacity(t, a, ctl)
+                    if grown:
+                        decision = {**decision, "capacity": grown}
+                    _record(self.stats, {"table": self.model_names[t], **decision})
+        self.stats.update_cpu_s += time.process_time() - c0
+        self._note_memory()
+
+    @staticmethod
+    def _unit_rows(a):
+        """Rescale the factors so that B's rows have unit norm (A B unchanged). The
+        controller's balanced factors give B rows of norm sqrt(sigma / s); the A step
+        size was tuned for unit rows, so the served update per step keeps its scale."""
+        B = a.B.astype(np.float64)
+        n = np.linalg.norm(B, axis=1)
+        n[n == 0] = 1.0
+        _, slots = a.active_rows()
+        a.refactor((a.A[slots] * n).astype(a.dtype), (B / n[:, None]).astype(a.dtype))
+
+    def _refill_capacity(self, t, a, ctl):
+        """After a rank change, spend the table's budget share on rows: a lower rank makes
+        every slot cheaper, so more recently active rows can keep their corrections."""
+        cap = _fit_capacity(a, a.n_rows, ctl.limit_bytes)
+        if cap <= a.capacity:
+            return None
+        old = a.capacity
+        a.resize(cap)
+        self.capacity[t] = cap
+        return {"old": old, "new": cap}
+
+    @staticmethod
+    def _restore_acc(a, rows, acc):
+        # A rank change re-factors A and restarts its optimizer state; the rows' Adagrad
+        # history still says how settled each row is, so it is carried over by row id.
+        st = a._state
+        new_rows, new_slots = a.active_rows()
+        order = np.argsort(rows, kind="stable")
+        rows_sorted = rows[order]
+        pos = np.searchsorted(rows_sorted, new_rows)
+        ok = (pos < rows_sorted.size) & (rows_sorted[np.minimum(pos, rows_sorted.size - 1)] == new_rows) \
+            if rows_sorted.size else np.zeros(new_rows.size, bool)
+        st.acc_a[new_slots[ok]] = acc[order][pos[ok]]
+
+    def _seed_fresh_slots(self, t, a):
+        # LoRAAdapter has no public hook for a per-row starting accumulator yet, so the
+        # slots admitted by this backward (accumulator still 0) are seeded here, between
+        # backward() and step(), from the base rows' history.
+        st = a._state
+        fresh = np.flatnonzero((st.acc_a == 0) & (st.slot_row >= 0))
+        if fresh.size:
+            st.acc_a[fresh] = self.prior_acc[self.model.row_offsets[t] + st.slot_row[fresh]]
+
+    def _note_memory(self):
+        pct = 100.0 * self.adapter_nbytes / self.model.table_nbytes
+        if self.stats.adapter_mem_pct is None or pct > self.stats.adapter_mem_pct:
+            self.stats.adapter_mem_pct = pct
+
+    @property
+    def adapter_nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.adapters if a is not None))
+
+    def take_stats(self):
+        self.stats.rank = [None if a is None else int(a.rank) for a in self.adapters]
+        if self.stats.adapter_mem_pct is None:
+            self._note_memory()
+        return super().take_stats()
+
+    def settings(self):
+        return {"rank": self.rank, "alpha": self.alpha, "lr_a": self.lr_a, "lr_b": self.lr_b,
+                "optimizer_a": self.optimizer_a, "optimizer_b": self.optimizer_b, "eviction": self.eviction,
+                "budget_pct": self.budget_pct, "capacity": self.capacity,
+                "rank_control": any(c is not None for c in self.controllers)}
+
+
+def _record(stats: WindowStats, decision):
+    if decision:
+        stats.rank_decisions.append(decision if isinstance(decision, (dict, str)) else str(decision))
+
+
+def _bytes(probe, capacity) -> int:
+    """Worst-case bytes of an adapter like ``probe`` at ``capacity`` (its rank)."""
+    from ..rank import adapter_bytes
+
+    return adapter_bytes(probe, int(capacity), probe.rank)
+
+
+def _water_fill(probes, model, tables, demand, budget) -> list:
+    """Bytes per table. First the demands, water-filled (the smallest are met in full,
+    the rest share equally: a busy 600-row user table must not starve behind a big item
+    table); then, if every demand is met, the leftover in proportion to demand, no table
+    above an adapter over all its rows."""
+    need, full = [], []
+    for t, dm in zip(tables, demand):
+        n = model.cat_sizes[t]
+        need.append(_bytes(probes[t], max(1, min(int(dm), n))))
+        full.append(_bytes(probes[t], n))
+    out = [0.0] * len(tables)
+    left = float(budget)
+    order = sorted(range(len(tables)), key=lambda i: need[i])
+    for k, i in enumerate(order):
+        out[i] = min(need[i], left / (len(order) - k))
+        left -= out[i]
+    weight = [float(max(dm, 1)) for dm in demand]
+    open_ = {i for i in range(len(tables)) if out[i] < full[i]}
+    while open_ and left > 1e-9:
+        total = sum(weight[i] for i in open_)
+        capped = [i for i in open_ if out[i] + left * weight[i] / total >= full[i]]
+        if not capped:
+            for i in open_:
+                out[i] += left * weight[i] / total
+            break
+        for i in capped:
+            left -= full[i] - out[i]
+            out[i] = full[i]
+            open_.discard(i)
+    return out
+
+
+def _fit_capacity(probe, n_rows, budget_bytes) -> int:
+    """Largest capacity whose adapter stays within ``budget_bytes`` (0 if none does)."""
+    lo, hi = 0, int(n_rows)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _bytes(probe, mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
