@@ -305,7 +305,7 @@ def _main(args):
     # capacity = closed-loop throughput now, with whatever else runs on the machine (on a
     # shared VM it can be half of 1 / service time); --rate overrides the offered load
     cap_closed = _capacity(model, reqs, args.batch, args.workers, seconds=3.0)
-    cap = cap_closed
+    cap = min(cap_closed, args.workers / svc)  # never above what the median service time allows
     rate = args.rate if args.rate else args.load * cap
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     active = float(np.mean([a.n_active / a.capacity for a in model.adapters]))
@@ -321,8 +321,7 @@ def _main(args):
     good = {"mode": args.mode, "target_p99": args.target_p99, "pause_in_flight": args.pause_in_flight}
     if args.mode == "process":
         good["publish_every"] = args.publish_every
-    if args.mode == "thread":
-        good["switch_interval"] = args.switch_interval
+    good["switch_interval"] = args.switch_interval
     thread_good = {"mode": "thread", "switch_interval": args.switch_interval, "target_p99": args.target_p99}
     bad = {"mode": "thread", "qos": "none", "pause": False}
     def show(r):
