@@ -153,8 +153,7 @@ def test_gradient_window_ring_and_residual():
     w = lukern.GradientWindow(4, 6, per_add=4)
     w.add(np.arange(40, dtype=np.float64).reshape(10, 4))  # 10 rows -> 4 evenly spaced
     assert w.n == 4 and w.n_seen == 10
-    np.testing.assert_array_equal(w.rows()[0], [0, 1, 2, 3])
-    np.testing.assert_array_equal(w.rows()[3], [36, 37, 38, 39])
+    np.testing.assert_array_equal(w.rows()[:, 0], [4, 12, 24, 32])  # rows 1, 3, 6, 8
     w.add(np.ones((3, 4)))  # wraps around the ring
     assert w.n == 6 and w.nbytes == 6 * 4 * 4
     w.clear()

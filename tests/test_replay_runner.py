@@ -316,3 +316,15 @@ def test_cli_live_mode(tmp_path, capsys):
     assert code == 0
     rep = json.loads(out.read_text())
     assert set(rep["strategies"]["lukern"]["p99_ms"]) == {"on", "off"}
+
+
+@needs_live
+def test_live_mode_with_the_sidecar_trainer(tiny):
+    from lukern.replay.live import run_live
+
+    r = run_live(tiny, tiny_cfg(strategies=("lukern",), train_batch=400, budget_pct=20.0, trainer="process"),
+                 progress=False)
+    assert r["live"]["trainer"]["mode"] == "process"
+    assert r["live"]["trainer"]["samples"] == sum(w["rows"] for w in r["windows"])
+    assert any("rank control" in p for p in r["pending"])
+    assert r["strategies"]["lukern"]["p99_ms"]["on"] > 0

@@ -399,3 +399,17 @@ def test_multi_hot_bags_match_a_manual_step():
                      g[:, c0:c1])
     for a, b in zip(up.adapters, ref.adapters):
         np.testing.assert_allclose(a.dense_delta(), b.dense_delta(), rtol=1e-5, atol=1e-7)
+
+
+def test_placement_on_a_fake_two_node_topology():
+    from pathlib import Path
+
+    from lukern.topology import CpuModel, read_topology
+    topo = read_topology(Path(__file__).parent / "fixtures" / "sysfs" / "two_node_64cpu",
+                         cpu=CpuModel("Fake", (), "x86_64", "test"), threading_layer="omp")
+    up = updater(pin=True, topology=topo)
+    # where numa_maps cannot tell (or says node 0), the tables' node is 0: its CPUs
+    assert up.node == 0 and up.cpus == topo.cpus_of(0)
+    with up:  # pinning to CPUs this host lacks falls back to the allowed ones, training goes on
+        up.record(ids_batch(np.random.default_rng(0), 16), np.ones(16))
+        assert up.flush(timeout=30)

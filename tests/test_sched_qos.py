@@ -87,6 +87,20 @@ def test_cgroup_v1_and_v2_writers_on_fake_trees(tmp_path):
     assert (g / "cgroup.threads").read_text().split() == ["9"]
 
 
+def test_cgroup_quota_and_cpuset(tmp_path):
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    g = Q.apply_cgroup({"version": 1, "parent": str(v1)}, [5], cpu_max="20000 100000")
+    assert (g / "cpu.cfs_quota_us").read_text() == "20000\n" and (g / "cpu.cfs_period_us").read_text() == "100000\n"
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    g = Q.apply_cgroup({"version": 2, "parent": str(v2)}, [5], cpu_max="max 100000", cpus=[0, 1, 2, 5])
+    assert (g / "cpu.max").read_text() == "max 100000\n" and (g / "cpuset.cpus").read_text() == "0-2,5\n"
+    with pytest.raises(ValueError, match="cpu_max"):
+        Q.apply_cgroup({"version": 2, "parent": str(tmp_path / "v3")}, [5], cpu_max="fast")
+    assert not (tmp_path / "v3").exists()  # validated before anything was created
+
+
 def test_cgroup_unusable_reasons(tmp_path):
     lv = Q.probe_ladder(resctrl_root=tmp_path, cgroup_root=tmp_path / "none", probe_threads=False).level("cgroup")
     assert not lv.usable and "no cgroup" in lv.reason

@@ -53,28 +53,32 @@ def gather_block(table, row_ids, start, n, buf):
 
 
 @njit(nogil=True)
-def _fold_gram_apply(blk, Q, Z):
-    # Z += blk^T (blk Q): the block is read twice while it is in cache
-    Y = np.dot(blk, Q)
-    Z += np.dot(blk.T, Y)
+def _fold_gram_apply(blk, Q, Z, Y, keep, b0):
+    # Z += blk^T (blk Q): the block is read twice while it is in cache; with ``keep``
+    # the sketch rows blk Q are stored too (the last pass, so U needs no extra pass)
+    Yb = np.dot(blk, Q)
+    Z += np.dot(blk.T, Yb)
+    if keep:
+        Y[b0:b0 + blk.shape[0]] = Yb
 
 
 @njit(nogil=True)
-def gram_apply_dense(M, Q, Z, lo, hi):
-    """``Z += M[lo:hi]^T (M[lo:hi] Q)``; ``Q`` (d x l), ``Z`` (d x l, float64)."""
+def gram_apply_dense(M, Q, Z, Y, keep, lo, hi):
+    """``Z += M[lo:hi]^T (M[lo:hi] Q)``; ``Q`` (d x l), ``Z`` (d x l, float64); with
+    ``keep``, also ``Y[lo:hi] = M[lo:hi] Q`` (``Y`` n x l, else any 2-D array)."""
     for b0 in range(lo, hi, BLOCK_ROWS):
         b1 = min(b0 + BLOCK_ROWS, hi)
-        _fold_gram_apply(M[b0:b1], Q, Z)
+        _fold_gram_apply(M[b0:b1], Q, Z, Y, keep, b0)
 
 
 @njit(nogil=True)
-def gram_apply_gathered(table, row_ids, Q, Z, buf, lo, hi):
+def gram_apply_gathered(table, row_ids, Q, Z, Y, keep, buf, lo, hi):
     """``Z += T^T (T Q)`` with ``T = table[row_ids[lo:hi]]`` gathered block by block into
-    ``buf`` (BLOCK_ROWS x d), never materialised whole."""
+    ``buf`` (BLOCK_ROWS x d), never materialised whole; ``keep``: as gram_apply_dense."""
     for b0 in range(lo, hi, BLOCK_ROWS):
         n = min(BLOCK_ROWS, hi - b0)
         gather_block(table, row_ids, b0, n, buf)
-        _fold_gram_apply(buf[:n], Q, Z)
+        _fold_gram_apply(buf[:n], Q, Z, Y, keep, b0)
 
 
 @njit(nogil=True)

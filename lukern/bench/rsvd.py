@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -37,15 +38,16 @@ def _time(fn):
     return time.perf_counter() - t, out
 
 
-def run_case(name, operand, dense_fn, ks, oversample, n_iter, repeats):
+def run_case(name, operand, dense_fn, ks, oversample, n_iter, repeats, n_threads=None):
     """Alternate every variant once per repeat; return rows of medians and ratios."""
     sk = _sklearn()
     rows = []
     for k in ks:
         variants = {
             "lukern_randomized": lambda k=k: randomized_svd(operand, k, oversample=oversample, n_iter=n_iter,
-                                                            method="randomized"),
-            "lukern_auto": lambda k=k: randomized_svd(operand, k, oversample=oversample, n_iter=n_iter),
+                                                            method="randomized", n_threads=n_threads),
+            "lukern_auto": lambda k=k: randomized_svd(operand, k, oversample=oversample, n_iter=n_iter,
+                                                      n_threads=n_threads),
         }
         if sk is not None:
             if dense_fn is not None:  # gathered case: sklearn needs the rows copied first
@@ -105,6 +107,8 @@ def main(argv=None):
     p.add_argument("--oversample", type=int, default=10)
     p.add_argument("--n-iter", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None,
+                   help="pin both sides: lukern n_threads and BLAS threads (scikit-learn's only parallelism)")
     p.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     a = p.parse_args(argv)
@@ -117,15 +121,24 @@ def main(argv=None):
     M *= (0.95 ** np.arange(a.cols)).astype(np.float32)
     print(f"dense {a.rows} x {a.cols} float32; gathered {a.ids} ids of a {a.table_rows} x {a.table_dim} float32 "
           f"table ({a.table_rows * a.table_dim * 4 / 2**30:.2f} GiB); oversample {a.oversample}, n_iter {a.n_iter}, "
-          f"{a.repeats} alternating repeats; sklearn {'installed' if _sklearn() else 'absent'}", file=sys.stderr)
-    rows = run_case(f"dense {a.rows}x{a.cols}", M, None, ks, a.oversample, a.n_iter, a.repeats)
+          f"{a.repeats} alternating repeats; threads {a.threads or 'default'}; "
+          f"sklearn {'installed' if _sklearn() else 'absent'}", file=sys.stderr)
+    limit = nullcontext
+    if a.threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        def limit():
+            return threadpool_limits(a.threads)
+    with limit():
+        rows = run_case(f"dense {a.rows}x{a.cols}", M, None, ks, a.oversample, a.n_iter, a.repeats, a.threads)
     del M
     table = rng.standard_normal((a.table_rows, a.table_dim), dtype=np.float32)
     table *= (0.95 ** np.arange(a.table_dim)).astype(np.float32)
     ids = rng.choice(a.table_rows, a.ids, replace=False).astype(np.int64)
     g = GatheredRows(table, ids)
-    rows += run_case(f"gathered {a.ids}/{a.table_rows}x{a.table_dim}", g, lambda: table[ids], ks, a.oversample,
-                     a.n_iter, a.repeats)
+    with limit():
+        rows += run_case(f"gathered {a.ids}/{a.table_rows}x{a.table_dim}", g, lambda: table[ids], ks, a.oversample,
+                         a.n_iter, a.repeats, a.threads)
     if a.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -75,6 +75,9 @@ def add_replay_parser(sub) -> argparse.ArgumentParser:
                    help="start new adapter slots from zero Adagrad history, not their rows' history (ablation)")
     g.add_argument("--qos", default=d.qos, choices=("auto", "none", "sched_idle", "nice", "cgroup", "cooperative"),
                    help="live mode: CPU priority of the trainer thread")
+    g.add_argument("--trainer", choices=("thread", "process"), default=d.trainer,
+                   help="live mode: the trainer as a thread (evicted rows fold into the served tables) or as "
+                        "LiveUpdater's sidecar process (no folding: rows without a free slot are dropped)")
     g.add_argument("--target-p99-ms", type=float, default=None,
                    help="live mode: inference P99 the trainer's controller steers against")
     g = p.add_argument_group("replicas (lukern.distributed)")
@@ -99,7 +102,7 @@ def _config(args):
                         prod_link_gbps=args.prod_link_gbps, rows_per_second=args.rows_per_second, rank=args.rank,
                         alpha=args.alpha, lr_a=args.lr_a, lr_b=args.lr_b, budget_pct=args.budget_pct,
                         rank_control=not args.no_rank_control, strategies=strategies, qos=args.qos,
-                        target_p99_ms=args.target_p99_ms, prior_acc=args.prior_acc)
+                        target_p99_ms=args.target_p99_ms, prior_acc=args.prior_acc, trainer=args.trainer)
 
 
 def _run_replicas(stream, cfg, args):

@@ -1,8 +1,9 @@
 """``lukern replay --mode live``: lukern's strategy with the real co-located trainer.
 
-The served model's adapters are trained by a :class:`lukern.LiveUpdater` thread (pinned,
-low priority, pausing while requests are in flight) from the labelled samples the
-serving loop records, instead of synchronously after each batch as in ``sim`` mode. The
+The served model's adapters are trained by a :class:`lukern.LiveUpdater` (a thread by
+default here, or its sidecar process with ``--trainer process``; pinned, low priority,
+pausing while requests are in flight) from the labelled samples the serving loop records,
+instead of synchronously after each batch as in ``sim`` mode. The
 serving forward hands the trainer its pooled embeddings, so the trainer runs a backward
 but no second forward. Every request's latency is measured; after the stream, the same
 requests are served again with the trainer stopped, so the report holds inference
@@ -22,6 +23,18 @@ from .dlrm import _sigmoid
 from .strategies import LukernStrategy, _record
 
 __all__ = ["LiveLukern", "latency_summary", "run_live"]
+
+
+def _process_cpu(pid) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (0 if unreadable)."""
+    import os
+
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return 0.0
 
 
 def _thread_cpu(thread) -> float:
@@ -86,9 +99,25 @@ class LiveLukern(LukernStrategy):
 
     name = "lukern"
 
-    def __init__(self, model, *, qos="auto", target_p99_ms=None, pin=True, flush_timeout=120.0, **kwargs):
+    def __init__(self, model, *, qos="auto", target_p99_ms=None, pin=True, flush_timeout=120.0, trainer=None,
+                 **kwargs):
         kwargs.setdefault("rank_every", 1)
+        import os
+
+        if trainer is None:
+            trainer = "process" if hasattr(os, "fork") else "thread"  # LiveUpdater's own default
+        if trainer not in ("thread", "process"):
+            raise ValueError(f"`trainer` must be 'thread' or 'process'; got {trainer!r}.")
+        if trainer == "process" and kwargs.get("rank_control", True):
+            # The sidecar child owns the adapters' training state and publishes factors
+            # back every 0.2 s: a rank change made here would be overwritten.
+            kwargs["rank_control"] = False
+            self._rank_note = "rank control runs with --trainer thread only (the sidecar owns the factors)"
+        else:
+            self._rank_note = None
         super().__init__(model, **kwargs)
+        if self._rank_note:
+            self.rank_control_note = self._rank_note
         from .. import LiveUpdater
 
         self.latencies = []
@@ -97,11 +126,19 @@ class LiveLukern(LukernStrategy):
         trained = [a if a is None or self.prior_acc is None
                    else _SeedingAdapter(a, lambda t=t, a=a: self._seed_fresh_slots(t, a))
                    for t, a in enumerate(self.adapters)]
+        extra = dict(extra_width=self.model.n_dense, record_pooled=True) if trainer == "process" else {}
+        self.trainer_mode = trainer
         self.updater = LiveUpdater(self.model.tables, self.model.loss_grad_pooled, adapters=trained,
-                                   batch_size=self.train_batch, qos=qos, pin=pin,
-                                   target_p99=None if target_p99_ms is None else target_p99_ms * 1e-3)
+                                   batch_size=self.train_batch, qos=qos, pin=pin, mode=trainer,
+                                   target_p99=None if target_p99_ms is None else target_p99_ms * 1e-3, **extra)
         self.updater.start()
-        self._cpu_mark = _thread_cpu(self.updater._thread)
+        self._cpu_mark = self._trainer_cpu()
+
+    def _trainer_cpu(self) -> float:
+        u = self.updater
+        if self.trainer_mode == "process":
+            return _process_cpu(getattr(u, "_pid", None))
+        return _thread_cpu(getattr(u, "_thread", None))
 
     def predict(self, batch, now):
         with self.updater.serving():
@@ -123,7 +160,7 @@ class LiveLukern(LukernStrategy):
         if not self.updater.flush(timeout=self.flush_timeout):
             raise RuntimeError(f"the live trainer did not catch up within {self.flush_timeout} s "
                                f"({self.updater.stats()}).")
-        cpu = _thread_cpu(self.updater._thread)
+        cpu = self._trainer_cpu()
         self.stats.update_cpu_s += max(cpu - self._cpu_mark, 0.0)
         c0 = time.process_time()  # rank decisions run on this thread, between trainer steps
         for t, ctl in enumerate(self.controllers):
@@ -140,7 +177,7 @@ class LiveLukern(LukernStrategy):
                         decision = {**decision, "capacity": grown}
                     _record(self.stats, {"table": self.model_names[t], **decision})
         self.stats.update_cpu_s += time.process_time() - c0
-        self._cpu_mark = _thread_cpu(self.updater._thread)
+        self._cpu_mark = self._trainer_cpu()
         self._note_memory()
 
     def stop(self):
@@ -160,7 +197,7 @@ class LiveLukern(LukernStrategy):
         return out
 
     def settings(self):
-        return {**super().settings(), "trainer": "LiveUpdater thread"}
+        return {**super().settings(), "trainer": f"LiveUpdater ({self.trainer_mode})"}
 
 
 def run_live(stream, cfg=None, *, progress=True, on_window=None, command=None) -> dict:

@@ -59,6 +59,10 @@ class ReplayConfig:
     rank_energy: float = 0.999
     qos: str = "auto"              # live mode: the trainer thread's CPU priority
     target_p99_ms: float | None = None  # live mode: inference P99 the trainer steers against
+    # live mode: "thread" (default here: evicted rows fold into the served tables and the
+    # rank controller can act) or "process" (LiveUpdater's sidecar: no folding, rows that
+    # find no free slot are dropped, so a 1 % budget learns little)
+    trainer: str = "thread"
     min_rank: int = 2
     optimizer_a: str = "rowwise_adagrad"
     optimizer_b: str = "adagrad"
@@ -201,7 +205,7 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None,
                 from .live import LiveLukern
 
                 out[name] = LiveLukern(m0.copy(), prior_acc=cfg.prior_acc, rank_every=1, qos=cfg.qos,
-                                       target_p99_ms=cfg.target_p99_ms, **kw)
+                                       target_p99_ms=cfg.target_p99_ms, trainer=cfg.trainer, **kw)
             else:
                 out[name] = LukernStrategy(m0.copy(), prior_acc=cfg.prior_acc,
                                            rank_every=max(1, (window_rows or cfg.train_batch) // cfg.train_batch),
@@ -381,9 +385,11 @@ def _live_latency(report, stream, live, edges, cfg):
     with _single_threaded():
         off = latency_summary(live.serve_again(stream, spans))
     stats = live.updater.stats()
-    report["live"] = {"on": on, "off": off, "trainer": {k_: stats[k_] for k_ in (
-        "steps", "samples", "recorded", "dropped", "pauses", "paused_s", "qos", "node", "cpus", "loss_errors",
-        "rejected")}}
+    report["live"] = {"on": on, "off": off, "trainer": {k_: stats.get(k_) for k_ in (
+        "mode", "steps", "samples", "recorded", "dropped", "pauses", "paused_s", "qos", "node", "cpus",
+        "loss_errors", "rejected")}}
+    report["live"]["trainer"]["dropped_admissions"] = int(sum(
+        a.dropped_admissions for a in live.adapters if a is not None))
     lk = report["strategies"].get("lukern")
     if lk is not None:
         lk["p50_ms"] = {"on": on["p50_ms"], "off": off["p50_ms"]}

@@ -140,7 +140,9 @@ class LiveUpdater:
     max_rate : float, optional
         Steps per second cap (the controller sets one when latency slack runs out).
     switch_interval : float, optional
-        ``sys.setswitchinterval`` while running (process-wide; restored by stop()).
+        ``sys.setswitchinterval`` while running (process-wide; restored by stop()). In
+        process mode it bounds how long a serving thread waits for the GIL while the
+        receiver thread adopts published factors.
     period : float
         Slow controller period in seconds.
     pause_in_flight : int, optional
@@ -605,15 +607,15 @@ class LiveUpdater:
         """Start the trainer thread (no-op when running). Probes the QoS ladder once."""
         if self.running:
             return self
+        if self.switch_interval is not None and self._old_switch is None:
+            self._old_switch = sys.getswitchinterval()
+            sys.setswitchinterval(self.switch_interval)
         if self.mode == "process":
             return self._start_process()
         if self.ladder is None and self.qos_request in ("auto", "resctrl", "cgroup"):
             self.ladder = _qos.probe_ladder()
         self._stop.clear()
         self.guard.reset()
-        if self.switch_interval is not None:
-            self._old_switch = sys.getswitchinterval()
-            sys.setswitchinterval(self.switch_interval)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lukern-trainer", daemon=True)
         self._thread.start()
@@ -625,16 +627,17 @@ class LiveUpdater:
         """Stop the trainer: a running step finishes (without pausing) and is committed,
         then the thread is joined. Samples still queued stay queued for the next start()."""
         if self.mode == "process":
-            return self._stop_process(timeout)
-        t = self._thread
-        if t is None:
-            return
-        self._stop.set()
-        self.guard.wake()
-        t.join(timeout)
-        if t.is_alive():
-            raise TimeoutError(f"the trainer thread did not stop within {timeout} s.")
-        self._thread = None
+            self._stop_process(timeout)
+        else:
+            t = self._thread
+            if t is None:
+                return
+            self._stop.set()
+            self.guard.wake()
+            t.join(timeout)
+            if t.is_alive():
+                raise TimeoutError(f"the trainer thread did not stop within {timeout} s.")
+            self._thread = None
         if self._old_switch is not None:
             sys.setswitchinterval(self._old_switch)
             self._old_switch = None

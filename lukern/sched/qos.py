@@ -213,18 +213,46 @@ def _probe_cgroup(root: Path) -> Level:
     return Level("cgroup", False, f"no cgroup v2 or v1 cpu hierarchy under {root}")
 
 
-def apply_cgroup(detail: dict, tids, *, group: str = GROUP_NAME) -> Path:
-    """Create the trainer group below ``detail["parent"]`` and move ``tids`` into it:
-    v2 a threaded group with ``cpu.idle = 1`` (``cgroup.threads``); v1 ``cpu.shares = 2``
-    (``tasks``). Returns the group directory (remove it once the threads have exited)."""
+def apply_cgroup(detail: dict, tids, *, group: str = GROUP_NAME, cpu_max: str | None = None,
+                 cpus=None) -> Path:
+    """Create the trainer group below ``detail["parent"]`` and move ``tids`` into it.
+
+    v2: a threaded group with ``cpu.idle = 1`` (threads go to ``cgroup.threads``),
+    optionally ``cpu.max`` (e.g. ``"20000 100000"``: 20 % of one CPU) and ``cpuset.cpus``.
+    v1: ``cpu.shares = 2``, optionally ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` from
+    ``cpu_max`` (threads go to ``tasks``); cpusets live in another v1 hierarchy and are
+    left to affinity. Returns the group directory (remove it once the threads exited).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> g = apply_cgroup({"version": 2, "parent": str(root)}, [], cpu_max="20000 100000", cpus=[0, 1])
+    >>> (g / "cpu.max").read_text().strip(), (g / "cpuset.cpus").read_text().strip()
+    ('20000 100000', '0-1')
+    """
+    from ..topology import format_cpulist
+
+    if cpu_max is not None:
+        parts = str(cpu_max).split()
+        if len(parts) != 2 or not (parts[0] == "max" or parts[0].isdigit()) or not parts[1].isdigit():
+            raise ValueError(f"`cpu_max` must be '<quota_us|max> <period_us>', e.g. '20000 100000'; got {cpu_max!r}.")
     gdir = Path(detail["parent"]) / group
     gdir.mkdir(exist_ok=True)
     if detail.get("version") == 2:
         (gdir / "cgroup.type").write_text("threaded\n")
         (gdir / "cpu.idle").write_text("1\n")
+        if cpu_max is not None:
+            (gdir / "cpu.max").write_text(f"{cpu_max}\n")
+        if cpus is not None:
+            (gdir / "cpuset.cpus").write_text(format_cpulist(cpus) + "\n")
         target = gdir / "cgroup.threads"
     else:
         (gdir / "cpu.shares").write_text("2\n")
+        if cpu_max is not None:
+            quota, period = parts
+            (gdir / "cpu.cfs_period_us").write_text(f"{period}\n")
+            (gdir / "cpu.cfs_quota_us").write_text(("-1" if quota == "max" else quota) + "\n")
         target = gdir / "tasks"
     for tid in tids:
         with open(target, "a") as f:
