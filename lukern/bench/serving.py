@@ -262,8 +262,8 @@ def main(argv=None):
     p.add_argument("--train-batch", type=int, default=1024, help="samples per trainer step (default 1024)")
     p.add_argument("--buffer", type=int, default=16384, help="trainer ring capacity in samples (default 16384)")
     p.add_argument("--rows", type=int, default=20000, help="rows per table (26 tables, d = 16)")
-    p.add_argument("--switch-interval", type=float, default=None,
-                   help="sys.setswitchinterval while the well-behaved trainer runs (default: leave it)")
+    p.add_argument("--switch-interval", type=float, default=0.0005,
+                   help="sys.setswitchinterval while the well-behaved trainers run (default 0.0005 s)")
     p.add_argument("--arms", default="off,on,thread,misbehave,idle,on90",
                    help="comma-separated arms to run (default: all)")
     p.add_argument("--mode", default="process", choices=("process", "thread"),
@@ -273,7 +273,7 @@ def main(argv=None):
                    help="P99 budget (s) for the slow controller (default: none, the controller holds)")
     p.add_argument("--pause-in-flight", type=int, default=None,
                    help="the well-behaved trainer pauses with this many requests in flight (default: LiveUpdater's)")
-    p.add_argument("--publish-every", type=float, default=0.5, help="sidecar publication period (s)")
+    p.add_argument("--publish-every", type=float, default=1.0, help="sidecar publication period (s, default 1)")
     p.add_argument("--no-reuse", action="store_true",
                    help="the trainer recomputes the forward instead of reusing the served pooled embeddings")
     p.add_argument("--json", action="store_true", help="print JSON only")
@@ -321,6 +321,7 @@ def _main(args):
     good = {"mode": args.mode, "target_p99": args.target_p99, "pause_in_flight": args.pause_in_flight}
     if args.mode == "process":
         good["publish_every"] = args.publish_every
+    good = {k: v for k, v in good.items() if v is not None}
     good["switch_interval"] = args.switch_interval
     thread_good = {"mode": "thread", "switch_interval": args.switch_interval, "target_p99": args.target_p99}
     bad = {"mode": "thread", "qos": "none", "pause": False}
