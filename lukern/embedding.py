@@ -14,10 +14,12 @@ import numpy as np
 
 from . import _validate as V
 from ._kernels import embedding as K
+from ._kernels import lora as LK
 from ._kernels.checks import first_out_of_range_batched
 from ._pool import run_ranges, split_by_work
 from ._threading import prange_guard
 from .memory import empty_table
+from .lora import LoRAAdapter, read_consistent
 from .plan import resolve_plan
 
 __all__ = ["TableBatch", "embedding_bag", "warmup"]
@@ -104,26 +106,12 @@ def embedding_bag(table, indices, offsets, *, weights=None, mode="sum", out=None
     if n_bags == 0:
         return out
     if adapter is not None:
-        if K.bag_kernels(d, table.dtype, False).lora_bag_range is not None:
-            # one fused pass; repeated when a trainer mutation overlapped it
-            for _ in range(_FUSED_RETRIES):
-                g0 = adapter.generation
-                st = adapter._state  # read once: a consistent (hash, A, B)
-                lora = (st.keys, st.vals, st.mask, st.bitmap, st.A, st.B, table.dtype.type(st.scale))
-                _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size,
-                           driver, lora, op="lora_lookup")
-                if g0 == adapter.generation and not g0 & 1:
-                    break
-            return out
-        return _fused(adapter, lambda: _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d,
-                                                  n_threads, chunk_size, driver),
-                      indices, offsets, weights, mode, out)
+        return _fused_lookup(adapter, table, indices, offsets, weights, w, use_w, mode, out, n_ids, n_bags, d,
+                             n_threads, chunk_size, driver)
     return _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver)
 
 
 def _check_adapter(adapter, table, mode, name="adapter"):
-    from .lora import LoRAAdapter
-
     if not isinstance(adapter, LoRAAdapter):
         raise TypeError(f"`{name}` must be a lukern.LoRAAdapter or None; got {type(adapter).__name__}.")
     if (adapter.n_rows, adapter.dim) != table.shape or adapter.dtype != table.dtype:
@@ -133,32 +121,37 @@ def _check_adapter(adapter, table, mode, name="adapter"):
         raise ValueError(f"`{name}` works with mode 'sum' or 'mean' (a max of corrected rows is not low-rank); got 'max'.")
 
 
-#: how many times a fused lookup repeats itself when a trainer mutation overlapped it
-_FUSED_RETRIES = 3
+def _fused_lookup(adapter, table, indices, offsets, weights, w, use_w, mode, out, n_ids, n_bags, d, n_threads,
+                  chunk_size, driver):
+    """Plain lookup plus the adapter's correction from one consistent adapter state
+    (:func:`lukern.lora.read_consistent`): one fused pass for the specialised widths, a
+    second pass otherwise."""
+    fused = LK.fused_kernels(d, table.dtype)
 
+    def run(states):
+        st = states[0]
+        if fused is not None:
+            lora = (st.keys, st.vals, st.mask, st.bitmap, st.A, st.B, table.dtype.type(st.scale))
+            _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver,
+                       lora, fused, op="lora_lookup")
+        else:
+            _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver)
+            adapter._add_correction_state(st, indices, offsets, out, weights, mode)
 
-def _fused(adapter, plain, indices, offsets, weights, mode, out):
-    """Plain lookup plus the adapter's correction, repeated (a few times at most) when
-    the trainer mutated the adapter or the table meanwhile, so that the result matches
-    one consistent state."""
-    for _ in range(_FUSED_RETRIES):
-        g0 = adapter.generation
-        plain()
-        adapter.add_correction(indices, offsets, out, weights=weights, mode=mode)
-        if g0 == adapter.generation and not g0 & 1:
-            break
+    read_consistent([adapter], run)
     return out
 
 
 def _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver,
-               lora=(), op="embedding_bag"):
-    """The lookup itself; ``lora`` holds the fused kernels' adapter arguments (their
-    plan is tuned under its own op name, ``lora_lookup``)."""
+               lora=(), fused=None, op="embedding_bag"):
+    """The lookup itself; with ``fused`` (:func:`lukern._kernels.lora.fused_kernels`)
+    ``lora`` holds its adapter arguments (the plan is tuned under its own op name,
+    ``lora_lookup``)."""
     plan = resolve_plan(op, n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
                         bucket=_bucket(d, n_bags, n_ids, table.dtype), n_items=n_bags)
     ks = K.bag_kernels(d, table.dtype, mode == "max")
     m = K.MODES[mode]
-    serial, parallel = (ks.lora_bag_range, ks.lora_bag_parallel) if lora else (ks.bag_range, ks.bag_parallel)
+    serial, parallel = (fused.range, fused.parallel) if lora else (ks.bag_range, ks.bag_parallel)
     if plan.driver == "serial":
         serial(table, indices, offsets, w, use_w, m, out, 0, n_bags, *lora)
     elif plan.driver == "threads":
@@ -315,16 +308,15 @@ class TableBatch:
             return out
         if not active:
             return self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
-        for _ in range(_FUSED_RETRIES):
-            g0 = [a.generation for _, a in active]
+        def run(states):
             self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
-            for t, a in active:
+            for (t, a), st in zip(active, states):
                 s, e = int(offsets[t * n_bags]), int(offsets[(t + 1) * n_bags])
                 c0, c1 = int(self.col_offsets[t]), int(self.col_offsets[t + 1])
-                a.add_correction(indices[s:e], offsets[t * n_bags:(t + 1) * n_bags + 1] - s, out[:, c0:c1],
-                                 weights=None if weights is None else weights[s:e], mode=mode)
-            if g0 == [a.generation for _, a in active] and not any(g & 1 for g in g0):
-                break
+                a._add_correction_state(st, indices[s:e], offsets[t * n_bags:(t + 1) * n_bags + 1] - s,
+                                        out[:, c0:c1], None if weights is None else weights[s:e], mode)
+
+        read_consistent([a for _, a in active], run)
         return out
 
     def _plain(self, indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver):

@@ -9,14 +9,22 @@ are *folded* into the table (``W[row] += s * A[slot] @ B``) and their slots reus
 Concurrency: the trainer is the only writer. Per-row updates happen in place; every
 structural change (resize, rank change, adopting factors) builds new arrays and swaps
 the one ``_state`` reference, so a lookup that read the reference once sees a
-consistent (hash, A, B). Every writer mutation also bumps ``generation`` (odd while it
-runs); the fused lookup repeats itself when a mutation overlapped it.
+consistent (hash, A, B). Every writer mutation (optimizer step, fold, eviction, swap)
+runs inside :meth:`LoRAAdapter._mutating`: it holds the adapter's write lock and keeps
+``generation`` odd meanwhile. Lookups are optimistic (see :func:`read_consistent`): they
+run without a lock and check ``generation`` afterwards; when a mutation overlapped them
+twice in a row, the third attempt runs under the write lock. Every result therefore
+equals the lookup of one state the writer published, never a mix. Admitting a row
+needs no window: its A row is zero, so a lookup that sees it and one that does not give
+the same values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -26,6 +34,7 @@ from . import _validate as V
 from ._io import atomic_write
 from ._kernels import lora as LK
 from ._kernels.checks import first_non_finite
+from ._pool import run_ranges, split_by_work
 
 __all__ = [
     "Factors",
@@ -33,6 +42,7 @@ __all__ = [
     "LoRAAdapter",
     "SmallestNorm",
     "load_factors",
+    "read_consistent",
     "save_factors",
 ]
 
@@ -54,6 +64,29 @@ class _State:
         for k, v in kw.items():
             setattr(new, k, v)
         return new
+
+
+#: optimistic attempts of a lookup before it takes the adapters' write locks
+_OPTIMISTIC_READS = 2
+
+
+def read_consistent(adapters, fn):
+    """Call ``fn(states)`` with the current state of every adapter in ``adapters`` such
+    that no writer mutation overlapped the call: up to ``_OPTIMISTIC_READS`` lock-free
+    attempts (checked with ``generation``), then one under the adapters' write locks
+    (taken in a fixed order; writers hold one lock at a time, so this cannot deadlock).
+    ``fn`` must be idempotent: it may run more than once."""
+    for _ in range(_OPTIMISTIC_READS):
+        g0 = [a.generation for a in adapters]
+        if any(g & 1 for g in g0):
+            continue  # a mutation is under way: do not waste a pass
+        fn([a._state for a in adapters])
+        if all(a.generation == g for a, g in zip(adapters, g0)):
+            return
+    with contextlib.ExitStack() as stack:
+        for a in sorted({id(a): a for a in adapters}.values(), key=id):
+            stack.enter_context(a._write_lock)
+        fn([a._state for a in adapters])
 
 
 # --- eviction policies -------------------------------------------------------------------
@@ -244,8 +277,12 @@ class LoRAAdapter:
         for name, v in (("lr_a", lr_a), ("lr_b", lr_b), ("weight_decay", weight_decay), ("eps", eps)):
             if not np.isfinite(v) or v < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0; got {v!r}.")
+        if alpha is not None and not np.isfinite(alpha):
+            raise ValueError(f"`alpha` must be a finite number; got {alpha!r}.")
         if not 0 < evict_fraction <= 1:
             raise ValueError(f"`evict_fraction` must be in (0, 1]; got {evict_fraction!r}.")
+        if eviction is not None and not callable(getattr(eviction, "choose", None)):
+            raise TypeError(f"`eviction` must have a choose(adapter, n) method; got {type(eviction).__name__}.")
         self.n_rows, self.dim, self.dtype = n_rows, dim, dtype
         self.alpha = float(alpha) if alpha is not None else float(rank)
         self.optimizer_a, self.optimizer_b = optimizer_a, optimizer_b
@@ -260,6 +297,8 @@ class LoRAAdapter:
         self.dropped_admissions = 0
         self.evicted_rows = 0
         self._warned_nonfinite = False
+        # re-entrant: a lookup made by the writer thread inside a mutation cannot deadlock
+        self._write_lock = threading.RLock()
         rng = np.random.default_rng(seed)
         B = (rng.standard_normal((rank, dim)) / np.sqrt(dim)).astype(dtype)
         self._state = self._new_state(capacity, rank, B)
@@ -281,11 +320,22 @@ class LoRAAdapter:
         return st
 
     def _alloc_pending(self, capacity, rank):
-        self._local = np.full(capacity, -1, np.int32)
-        self._uniq = np.zeros(capacity, np.int32)
-        self._G = np.zeros((0, rank), self.dtype)  # grows to the largest unique count seen
+        self._local = np.full(capacity, -1, np.int32)  # slot -> pending row, or -1
+        self._uniq = np.zeros(capacity, np.int32)  # pending row -> slot
+        self._blocal = np.full(capacity, -1, np.int32)  # slot -> group of the current batch
+        self._G = np.zeros((0, rank), self.dtype)  # pending dA rows; grows to the most seen
         self._n_u = 0
         self._dB = None
+
+    @contextlib.contextmanager
+    def _mutating(self):
+        """A writer mutation: under the write lock, with ``generation`` odd meanwhile."""
+        with self._write_lock:
+            self.generation += 1
+            try:
+                yield
+            finally:
+                self.generation += 1
 
     # -- read-only properties ---------------------------------------------------------------
 
@@ -319,7 +369,8 @@ class LoRAAdapter:
         parts = {name: getattr(st, name).nbytes for name in ("keys", "vals", "bitmap", "A", "B", "slot_row", "acc_a",
                                                              "acc_b", "last_step")}
         parts.update(free=self._free.nbytes, pending_local=self._local.nbytes, pending_uniq=self._uniq.nbytes,
-                     pending_grad_a=self._G.nbytes, pending_grad_b=0 if self._dB is None else self._dB.nbytes)
+                     pending_groups=self._blocal.nbytes, pending_grad_a=self._G.nbytes,
+                     pending_grad_b=0 if self._dB is None else self._dB.nbytes)
         return parts
 
     @property
@@ -327,6 +378,18 @@ class LoRAAdapter:
         """Everything the adapter owns: hash, bitmap, A, B, optimizer state, slot
         bookkeeping and the pending-gradient buffers."""
         return int(sum(self.nbytes_breakdown().values()))
+
+    def nbytes_at(self, capacity: int | None = None, rank: int | None = None) -> int:
+        """``nbytes`` at ``capacity`` and ``rank`` (default: the current ones) once the
+        pending-gradient buffers have grown to their largest: the figure a memory budget
+        has to hold at every step."""
+        capacity = self.capacity if capacity is None else int(capacity)
+        rank = self.rank if rank is None else int(rank)
+        it = self.dtype.itemsize
+        hcap = _pow2_at_least(2 * capacity)
+        return int(hcap * (8 + 4) + (self.n_rows + 63) // 64 * 8 + capacity * rank * it * 2  # hash, bitmap, A, G
+                   + 2 * rank * self.dim * it + rank * self.dim * 8  # B, acc_b, dB
+                   + capacity * (8 + it + 8 + 4 * 4))  # slot_row, acc_a, last_step, free/local/uniq/groups
 
     def active_rows(self):
         """(row_ids, slots) of the active rows, in slot order."""
@@ -346,13 +409,24 @@ class LoRAAdapter:
         if table.dtype != self.dtype:
             raise TypeError(f"`{name}` must have the adapter's dtype {self.dtype}; got {table.dtype}.")
 
-    def add_correction(self, indices, offsets, out, *, weights=None, mode="sum", P=None):
-        """``out[b] += s * (pooled A rows of bag b) @ B`` (inputs already validated).
+    def add_correction(self, indices, offsets, out, *, weights=None, mode="sum"):
+        """``out[b] += s * (pooled A rows of bag b) @ B`` for inputs that are already
+        validated (the second pass of lookups without a fused kernel). ``out`` must hold
+        the plain lookup; the correction is computed from one consistent state.
         Returns the pooled A rows ``P`` (n_bags x r)."""
-        st = self._state  # read once: a consistent (hash, A, B)
+        base = out.copy()  # a retry starts again from the plain values
+        res = []
+
+        def run(states):
+            out[...] = base
+            res[:] = [self._add_correction_state(states[0], indices, offsets, out, weights, mode)]
+
+        read_consistent([self], run)
+        return res[0]
+
+    def _add_correction_state(self, st, indices, offsets, out, weights, mode):
         n_bags = offsets.shape[0] - 1
-        if P is None:
-            P = np.empty((n_bags, st.A.shape[1]), self.dtype)
+        P = np.empty((n_bags, st.A.shape[1]), self.dtype)
         w = weights if weights is not None else _EMPTY[self.dtype]
         m = 1 if mode == "mean" else 0
         LK.lora_pool_range(indices, offsets, w, weights is not None, m, st.keys, st.vals, st.mask, st.bitmap, st.A,
@@ -361,7 +435,8 @@ class LoRAAdapter:
         return P
 
     def dense_delta(self) -> np.ndarray:
-        """The dense correction ``s * A_dense @ B`` (n_rows x d): for tests and small tables."""
+        """The dense correction ``s * A_dense @ B`` (n_rows x d, float64): for tests and
+        small tables."""
         st = self._state
         delta = np.zeros((self.n_rows, self.dim), np.float64)
         rows, slots = self.active_rows()
@@ -370,19 +445,35 @@ class LoRAAdapter:
 
     # -- backward and step ---------------------------------------------------------------
 
-    def backward(self, indices, offsets, grad, *, weights=None, mode="sum", table=None) -> bool:
+    def backward(self, indices, offsets, grad, *, weights=None, mode="sum", table=None, n_threads=None) -> bool:
         """Accumulate the gradients of A (touched rows) and B for one batch.
 
         ``grad`` (n_bags x d) is the gradient of the loss with respect to the pooled
-        outputs. Rows without a slot are admitted (A row zero); when no slot is free the
-        coldest ``evict_fraction`` of the capacity is folded into ``table`` first (with
+        outputs ``y_b``. With ``u_b = s g_b B^T`` and ``P`` the pooled A rows per bag,
+        ``dA[slot(i_j)] += w_j u_b`` and ``dB += s P^T G`` (DESIGN section 2). Rows without
+        a slot are admitted (A row zero); when no slot is free the coldest
+        ``evict_fraction`` of the capacity is folded into ``table`` first (with
         ``table=None`` such rows are skipped and counted in ``dropped_admissions``).
+
+        Deterministic: the B gradient is summed per fixed chunk of bags and merged in
+        chunk order, the A gradient per slot in id order (a counting sort by slot), so
+        ``n_threads`` (default 1: the trainer runs beside serving) never changes a bit.
         Returns False, writes nothing and counts the step in ``rejected_steps`` when
         ``grad`` holds NaN or Inf.
+
+        Examples
+        --------
+        >>> import numpy as np, lukern
+        >>> a = lukern.LoRAAdapter(10, 4, rank=2, capacity=4, dtype=np.float64)
+        >>> a.backward(np.array([3, 3, 5]), np.array([0, 2, 3]), np.ones((2, 4)))
+        True
+        >>> sorted(a.pending_gradients()[0].tolist())
+        [3, 5]
         """
         V.check_indices(indices, self.n_rows)
         V.check_offsets(offsets, indices.shape[0])
         n_bags = offsets.shape[0] - 1
+        n_ids = indices.shape[0]
         V.check_array("grad", grad, 2)
         if grad.shape != (n_bags, self.dim):
             raise ValueError(f"`grad` must have shape (n_bags, dim) = ({n_bags}, {self.dim}); got {grad.shape}.")
@@ -390,16 +481,20 @@ class LoRAAdapter:
         if weights is not None:
             if mode != "sum":
                 raise ValueError("`weights` are defined only for mode='sum'.")
-            V.check_weights(weights, indices.shape[0], self.dtype)
+            V.check_weights(weights, n_ids, self.dtype)
         if table is not None:
             V.check_table(table)
             self._check_compatible(table)
-        grad = np.ascontiguousarray(grad, dtype=np.float64)
+        n_threads = 1 if n_threads is None else V.check_positive_int("n_threads", n_threads, allow_none=False)
+        if n_ids >= 2**31:
+            raise ValueError(f"`indices` may hold at most 2**31 - 1 ids per backward; got {n_ids}. Split the batch.")
+        if grad.dtype not in V.FLOAT_DTYPES or not grad.flags.c_contiguous:
+            grad = np.ascontiguousarray(grad, dtype=np.float64)
         if first_non_finite(grad) >= 0:
             self._reject("`grad` holds NaN or Inf")
             return False
         st = self._state
-        slots = np.empty(indices.shape[0], np.int64)
+        slots = np.empty(n_ids, np.int64)
         self._n_free, missed = LK.assign_slots(indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row,
                                                st.last_step, self._free, self._n_free, self.step_count, True, slots)
         if missed:
@@ -411,21 +506,38 @@ class LoRAAdapter:
                                                        True, slots)
             self.dropped_admissions += int(missed)
         w = weights if weights is not None else _EMPTY[self.dtype]
+        use_w = weights is not None
         m = 1 if mode == "mean" else 0
-        P = np.empty((n_bags, self.rank), np.float64)
-        LK.pool_by_slots(slots, offsets, w, weights is not None, m, st.A, P)
-        s = st.scale
-        B64 = st.B.astype(np.float64)
-        U = s * (grad @ B64.T)  # u_b = s g_b B^T
-        dB = s * (P.T @ grad)  # dB = s P^T G
-        self._dB = dB if self._dB is None else self._dB + dB
-        need = self._n_u + int(np.count_nonzero(slots >= 0))
-        if self._G.shape[0] < min(need, self.capacity):
-            G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), self.rank), self.dtype)
+        r = self.rank
+        # bag side: u_b and the chunk partials of dB
+        U = np.empty((n_bags, r), np.float64)
+        n_chunks = -(-n_bags // _BACKWARD_CHUNK)
+        parts = np.empty((n_chunks, r, self.dim), np.float64)
+        scale = float(st.scale)
+        _run_split(lambda c0, c1: LK.backward_bags(slots, offsets, w, use_w, m, grad, st.A, st.B, scale, U, parts,
+                                                   _BACKWARD_CHUNK, c0, c1),
+                   n_chunks, n_threads)
+        dB = np.zeros((r, self.dim), np.float64) if self._dB is None else self._dB
+        LK.sum_parts(parts, dB)
+        # id side: group the ids by slot, then one sum per slot
+        need = min(self._n_u + n_ids, self.capacity)
+        if self._G.shape[0] < need:
+            G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), r), self.dtype)
             G[:self._n_u] = self._G[:self._n_u]
             self._G = G
-        self._n_u = LK.scatter_grad_a(slots, offsets, w, weights is not None, m, U, self._local, self._uniq, self._G,
-                                      self._n_u)
+        border = np.empty(min(n_ids, self.capacity), np.int32)
+        bstart = np.empty(border.shape[0] + 1, np.int64)
+        perm_j = np.empty(n_ids, np.int32)
+        perm_b = np.empty(n_ids, np.int32)
+        self._n_u, nb = LK.group_ids(slots, offsets, self._local, self._uniq, self._n_u, self._G, self._blocal, border,
+                                     bstart, perm_j, perm_b)
+        if n_threads > 1 and nb > 1:
+            ranges = split_by_work(bstart[:nb + 1], n_threads)
+        else:
+            ranges = [(0, nb)]
+        run_ranges(lambda i0, i1: LK.reduce_groups(border, bstart, perm_j, perm_b, w, use_w, U, self._local, self._G,
+                                                   self._blocal, i0, i1), ranges)
+        self._dB = dB
         if self.grad_window is not None:
             self.grad_window.add(grad)
         return True
@@ -438,44 +550,55 @@ class LoRAAdapter:
         dB = np.zeros((self.rank, self.dim)) if self._dB is None else self._dB.copy()
         return st.slot_row[uniq].copy(), self._G[:self._n_u].astype(np.float64), dB
 
-    def step(self) -> bool:
+    def step(self, *, n_threads=None) -> bool:
         """Apply the optimizers to the accumulated gradients, then clear them.
-        Returns False (nothing written, ``rejected_steps`` incremented, a warning the
-        first time) when the accumulated gradients are not finite."""
+
+        Row-wise Adagrad (or SGD) touches only the pending A rows; B gets Adagrad (or SGD)
+        as a new array swapped in with the state. Returns False (nothing written,
+        ``rejected_steps`` incremented, a warning the first time) when the accumulated
+        gradients are not finite.
+        """
         if self._dB is None:
             return True
+        n_threads = 1 if n_threads is None else V.check_positive_int("n_threads", n_threads, allow_none=False)
         st = self._state
         n_u = self._n_u
-        G = self._G[:n_u]
-        if first_non_finite(G) >= 0 or first_non_finite(self._dB) >= 0:
+        if first_non_finite(self._G[:n_u]) >= 0 or first_non_finite(self._dB) >= 0:
             self._clear_pending()
             self._reject("the accumulated gradients hold NaN or Inf")
             return False
-        self.generation += 1
-        try:
-            if self.optimizer_a == "rowwise_adagrad":
-                LK.rowwise_adagrad_a(st.A, st.acc_a, self._uniq, self._G, n_u, self.lr_a, self.weight_decay, self.eps)
-            else:
-                LK.sgd_a(st.A, self._uniq, self._G, n_u, self.lr_a, self.weight_decay)
+        g = self._dB + self.weight_decay * st.B
+        if self.optimizer_b == "adagrad":
+            acc_b = st.acc_b + (g * g).astype(self.dtype)
+            B = (st.B - self.lr_b * g / (np.sqrt(acc_b) + self.eps)).astype(self.dtype)
+        else:
+            acc_b = st.acc_b
+            B = (st.B - self.lr_b * g).astype(self.dtype)
+        uniq, G = self._uniq, self._G
+        if self.optimizer_a == "rowwise_adagrad":
+            def apply(i0, i1):
+                LK.rowwise_adagrad_a(st.A, st.acc_a, uniq, G, self.lr_a, self.weight_decay, self.eps, i0, i1)
+        else:
+            def apply(i0, i1):
+                LK.sgd_a(st.A, uniq, G, self.lr_a, self.weight_decay, i0, i1)
+        with self._mutating():
+            _run_split(apply, n_u, n_threads)
             # B is small: copy-on-write, swapped with the state reference
-            g = self._dB + self.weight_decay * st.B
-            if self.optimizer_b == "adagrad":
-                acc_b = st.acc_b + (g * g).astype(self.dtype)
-                B = (st.B - self.lr_b * g / (np.sqrt(acc_b) + self.eps)).astype(self.dtype)
-            else:
-                acc_b = st.acc_b
-                B = (st.B - self.lr_b * g).astype(self.dtype)
             self._state = st.replace(B=B, acc_b=acc_b)
-        finally:
-            self.generation += 1
         self._clear_pending()
         self.step_count += 1
         self.version += 1
         return True
 
-    def train_step(self, table, indices, offsets, grad, *, weights=None, mode="sum") -> bool:
-        """:meth:`backward` then :meth:`step` (``table`` receives folded rows)."""
-        return self.backward(indices, offsets, grad, weights=weights, mode=mode, table=table) and self.step()
+    def train_step(self, table, indices, offsets, grad, *, weights=None, mode="sum", n_threads=None) -> bool:
+        """:meth:`backward` then :meth:`step` (``table`` receives folded rows).
+
+        The optimizer is not folded into the scatter on purpose: a step is rejected when
+        any accumulated gradient is not finite, which is known only once every row's
+        gradient is summed; the extra pass reads the touched rows' r floats only.
+        """
+        return (self.backward(indices, offsets, grad, weights=weights, mode=mode, table=table, n_threads=n_threads)
+                and self.step(n_threads=n_threads))
 
     def _clear_pending(self):
         LK.reset_local(self._local, self._uniq, self._n_u)
@@ -494,21 +617,21 @@ class LoRAAdapter:
     def _fold_and_free(self, slots: np.ndarray, table) -> None:
         st = self._state
         slots = np.ascontiguousarray(slots, dtype=np.int64)
-        self.generation += 1
-        try:
+        if slots.size and (slots.min() < 0 or slots.max() >= self.capacity):
+            raise IndexError(f"the eviction policy returned slots outside [0, {self.capacity}).")
+        with self._mutating():
             if table is not None:
                 LK.fold_rows(table, st.A, st.B, table.dtype.type(st.scale), st.slot_row, slots)
             # pending gradients of freed slots are dropped: the rows left the adapter
             self._clear_pending()
+            n_before = self._n_free
             self._n_free = LK.evict_slots(st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.A, st.acc_a,
                                           st.last_step, slots, self._free, self._n_free)
-        finally:
-            self.generation += 1
-        self.evicted_rows += int(slots.size)
+        self.evicted_rows += int(self._n_free - n_before)
         self.version += 1
 
     def _evict(self, n: int, table) -> np.ndarray:
-        slots = np.asarray(self.eviction.choose(self, int(n)), dtype=np.int64)
+        slots = np.unique(np.asarray(self.eviction.choose(self, int(n)), dtype=np.int64))
         self._fold_and_free(slots, table)
         return slots
 
@@ -521,7 +644,19 @@ class LoRAAdapter:
 
     def fold_all(self, table) -> None:
         """Merge every active row into ``table`` and reset A (B and its optimizer state
-        are kept). Afterwards the plain lookup of ``table`` equals the fused lookup before."""
+        are kept). Afterwards the plain lookup of ``table`` equals the fused lookup before.
+
+        Examples
+        --------
+        >>> import numpy as np, lukern
+        >>> W = np.zeros((10, 4)); a = lukern.LoRAAdapter(10, 4, rank=2, dtype=np.float64)
+        >>> _ = a.train_step(W, np.array([1]), np.array([0, 1]), np.ones((1, 4)))
+        >>> before = lukern.embedding_bag(W, np.array([1]), np.array([0, 1]), adapter=a)
+        >>> a.fold_all(W); a.n_active
+        0
+        >>> bool(np.allclose(W[1], before[0]))
+        True
+        """
         V.check_table(table)
         self._check_compatible(table)
         _, slots = self.active_rows()
@@ -534,8 +669,9 @@ class LoRAAdapter:
         rows, slots = self.active_rows()
         if rows.size > capacity:
             raise ValueError(f"`capacity` {capacity} is below the {rows.size} active rows; call evict() first.")
-        self._adopt(rows, self._state.A[slots], self._state.B, self._state.acc_b, capacity=capacity,
-                    acc_a=self._state.acc_a[slots], last_step=self._state.last_step[slots])
+        st = self._state
+        self._adopt(rows, st.A[slots], st.B, st.acc_b, capacity=capacity, acc_a=st.acc_a[slots],
+                    last_step=st.last_step[slots])
 
     def refactor(self, A_active, B, *, scale=None) -> None:
         """Replace the factors of the active rows (same rows, in :meth:`active_rows`
@@ -544,20 +680,32 @@ class LoRAAdapter:
         rows, slots = self.active_rows()
         A_active = np.asarray(A_active)
         B = np.asarray(B)
-        if A_active.ndim != 2 or A_active.shape[0] != rows.size:
-            raise ValueError(f"`A_active` must have one row per active row ({rows.size}); got shape {A_active.shape}.")
+        if A_active.ndim != 2 or A_active.shape[0] != rows.size or A_active.shape[1] < 1:
+            raise ValueError(f"`A_active` must have one row per active row ({rows.size}) and rank >= 1; "
+                             f"got shape {A_active.shape}.")
         if B.ndim != 2 or B.shape != (A_active.shape[1], self.dim):
             raise ValueError(f"`B` must have shape ({A_active.shape[1]}, {self.dim}); got {B.shape}.")
-        if scale is not None:
-            self.alpha = float(scale) * A_active.shape[1]
-        else:
-            self.alpha = self._state.scale * A_active.shape[1]  # keep s, whatever the rank
-        self._adopt(rows, A_active, B, None, capacity=self.capacity, last_step=self._state.last_step[slots])
+        if not (np.isfinite(A_active).all() and np.isfinite(B).all()):
+            raise ValueError("`A_active` and `B` must be finite.")
+        s = self._state.scale if scale is None else float(scale)
+        self._adopt(rows, A_active, B, None, capacity=self.capacity, last_step=self._state.last_step[slots],
+                    scale=s)
 
-    def _adopt(self, rows, A_rows, B, acc_b, *, capacity, acc_a=None, last_step=None):
+    def _adopt(self, rows, A_rows, B, acc_b, *, capacity, acc_a=None, last_step=None, scale=None):
+        """Build a state holding ``rows`` with ``A_rows`` and ``B`` aside, then swap it in."""
         rank = A_rows.shape[1]
-        st = self._new_state(capacity, rank, np.ascontiguousarray(B, dtype=self.dtype), acc_b=acc_b)
+        scale = self._state.scale if scale is None else scale
         k = rows.size
+        free = np.zeros(capacity, np.int32)  # the stack keeps capacity entries
+        free[:capacity - k] = np.arange(capacity - 1, k - 1, -1)
+        hcap = _pow2_at_least(2 * capacity)
+        st = _State(keys=np.full(hcap, -1, np.int64), vals=np.full(hcap, -1, np.int32), mask=hcap - 1,
+                    bitmap=np.zeros((self.n_rows + 63) // 64, np.uint64),
+                    A=np.zeros((capacity, rank), self.dtype), B=np.ascontiguousarray(B, dtype=self.dtype),
+                    scale=float(scale), slot_row=np.full(capacity, -1, np.int64),
+                    acc_a=np.zeros(capacity, self.dtype),
+                    acc_b=np.zeros((rank, self.dim), self.dtype) if acc_b is None else acc_b,
+                    last_step=np.full(capacity, -1, np.int64))
         if k:
             st.A[:k] = A_rows
             st.slot_row[:k] = rows
@@ -566,32 +714,59 @@ class LoRAAdapter:
             if last_step is not None:
                 st.last_step[:k] = last_step
             LK.rebuild_hash(st.slot_row, st.keys, st.vals, st.mask, st.bitmap)
-            self._free = np.zeros(capacity, np.int32)  # the stack keeps capacity entries
-            self._free[:capacity - k] = np.arange(capacity - 1, k - 1, -1)
-            self._n_free = capacity - k
-        self.generation += 1
-        self._alloc_pending(capacity, rank)
-        self._state = st
-        self.generation += 1
+        with self._mutating():
+            self._state = st
+            self._free, self._n_free = free, capacity - k
+            self.alpha = float(scale) * rank
+            self._alloc_pending(capacity, rank)
         self.version += 1
 
     # -- export / import --------------------------------------------------------------------------
 
     def export(self) -> Factors:
-        """The active rows' ids and A rows, B, the scale and the version (copies)."""
-        st = self._state
-        rows, slots = self.active_rows()
-        return Factors(rows, st.A[slots].copy(), st.B.copy(), float(st.scale), int(self.version))
+        """The active rows' ids and A rows, B, the scale and the version (copies, from
+        one consistent state)."""
+        out = []
 
-    def apply_factors(self, factors: Factors, *, table=None) -> None:
-        """Merge imported factors.
+        def run(states):
+            st = states[0]
+            slots = np.flatnonzero(st.slot_row >= 0)
+            out[:] = [Factors(st.slot_row[slots].copy(), st.A[slots].copy(), st.B.copy(), float(st.scale),
+                              int(self.version))]
 
-        With ``table``: fold their correction into the table (``table[rows] += s A B``),
-        leaving this adapter as it is (e.g. a peer's learning arriving at a replica).
-        Without: adopt them as this adapter's state (rows, A, B, scale), replacing it.
+        read_consistent([self], run)
+        return out[0]
+
+    def apply_factors(self, factors: Factors, *, table=None, how: str = "replace") -> None:
+        """Merge imported factors (e.g. another replica's learning).
+
+        Parameters
+        ----------
+        factors : Factors
+            From :meth:`export` or :func:`load_factors` (same ``dim``; any rank).
+        table : ndarray, optional
+            Fold their correction into this table, ``table[rows] += s A B``, and leave
+            the adapter as it is.
+        how : {"replace", "add"}
+            Without ``table``: "replace" adopts the factors as this adapter's state (rows,
+            A, B, scale); "add" adds their correction to this adapter's own, exactly, by
+            concatenating the ranks on the union of the rows (rank r + r', A of a row
+            missing on one side is zero there); shrink the rank afterwards with a
+            :class:`~lukern.RankController` or :meth:`refactor`.
+
         Mismatched factors raise and change nothing.
+
+        Examples
+        --------
+        >>> import numpy as np, lukern
+        >>> a = lukern.LoRAAdapter(10, 4, rank=1, dtype=np.float64)
+        >>> f = lukern.Factors(np.array([2]), np.ones((1, 1)), np.ones((1, 4)), 1.0, 0)
+        >>> a.apply_factors(f, how="add"); a.apply_factors(f, how="add")
+        >>> a.rank, a.dense_delta()[2].tolist()
+        (3, [2.0, 2.0, 2.0, 2.0])
         """
         _check_factors(factors)
+        V.check_choice("how", how, ("replace", "add"))
         rows, A, B = factors.row_ids, factors.A, factors.B
         if B.shape[1] != self.dim:
             raise ValueError(f"`factors` do not fit a dim-{self.dim} adapter: row_ids {rows.shape}, A {A.shape}, B {B.shape}.")
@@ -599,19 +774,84 @@ class LoRAAdapter:
             raise IndexError(f"`factors.row_ids` must be in [0, {self.n_rows}); got [{rows.min()}, {rows.max()}].")
         if np.unique(rows).size != rows.size:
             raise ValueError("`factors.row_ids` must be unique.")
+        if not (np.isfinite(A).all() and np.isfinite(B).all() and np.isfinite(factors.scale)):
+            raise ValueError("`factors` hold NaN or Inf; nothing was applied.")
+        rows = np.asarray(rows, np.int64)
         if table is not None:
             V.check_table(table)
             self._check_compatible(table)
-            self.generation += 1
-            try:
-                table[rows] += (factors.scale * (A.astype(np.float64) @ B.astype(np.float64))).astype(table.dtype)
-            finally:
-                self.generation += 1
+            delta = (factors.scale * (A.astype(np.float64) @ B.astype(np.float64))).astype(table.dtype)
+            with self._mutating():
+                table[rows] += delta
             return
-        if rows.size > self.capacity:
-            raise ValueError(f"`factors` hold {rows.size} rows, more than the capacity {self.capacity}; resize() first.")
-        self.alpha = factors.scale * A.shape[1]
-        self._adopt(np.asarray(rows, np.int64), A.astype(self.dtype), B, None, capacity=self.capacity)
+        if how == "replace":
+            if rows.size > self.capacity:
+                raise ValueError(f"`factors` hold {rows.size} rows, more than the capacity {self.capacity}; "
+                                 "resize() first.")
+            self._adopt(rows, A.astype(self.dtype), B, None, capacity=self.capacity, scale=float(factors.scale))
+            return
+        own_rows, own_slots = self.active_rows()
+        st = self._state
+        union = np.union1d(own_rows, rows)
+        if union.size > self.capacity:
+            raise ValueError(f"the merged adapter would hold {union.size} rows, more than the capacity "
+                             f"{self.capacity}; resize() first.")
+        r0, r1 = self.rank, A.shape[1]
+        A_cat = np.zeros((union.size, r0 + r1), self.dtype)
+        A_cat[np.searchsorted(union, own_rows), :r0] = st.A[own_slots]
+        # their correction s' A' B' = s (s'/s A') B': same scale for both halves
+        A_cat[np.searchsorted(union, rows), r0:] = (factors.scale / st.scale) * A.astype(np.float64)
+        B_cat = np.concatenate([st.B, B.astype(self.dtype)], axis=0)
+        last = np.full(union.size, self.step_count, np.int64)
+        last[np.searchsorted(union, own_rows)] = st.last_step[own_slots]
+        self._adopt(union, A_cat, B_cat, None, capacity=self.capacity, last_step=last)
+
+    # -- warm-up ---------------------------------------------------------------------------------
+
+    def warmup(self, *, index_dtypes=("int64", "int32"), drivers=("serial", "threads", "prange")) -> dict:
+        """Compile the lookup, backward and optimizer kernels this adapter uses, on a
+        scratch copy of its configuration (this adapter is not touched), so that neither
+        the serving path nor the trainer compiles later. Returns ``{"compiled": [...],
+        "seconds": float}``."""
+        import time
+
+        from .embedding import embedding_bag
+
+        t0 = time.perf_counter()
+        scratch = LoRAAdapter(64, self.dim, rank=self.rank, capacity=8, dtype=self.dtype,
+                              optimizer_a=self.optimizer_a, optimizer_b=self.optimizer_b)
+        table = np.zeros((64, self.dim), self.dtype)
+        done = []
+        for it in index_dtypes:
+            idx = np.array([1, 2, 3, 5], dtype=it)
+            off = np.array([0, 2, 4], dtype=it)
+            grad = np.ones((2, self.dim), self.dtype)
+            scratch.train_step(table, idx, off, grad)
+            scratch.train_step(table, idx, off, grad, weights=np.ones(4, self.dtype))
+            done.append(f"train_step {it}")
+            for mode in ("sum", "mean"):
+                for drv in drivers:
+                    embedding_bag(table, idx, off, mode=mode, adapter=scratch, driver=drv,
+                                  n_threads=1 if drv == "serial" else 2, chunk_size=1)
+                    done.append(f"lookup {it} {mode} {drv}")
+        return {"compiled": done, "seconds": time.perf_counter() - t0}
+
+
+#: bags per chunk of the backward's B gradient (the unit of its deterministic merge)
+_BACKWARD_CHUNK = 256
+
+
+def _run_split(fn, n: int, n_threads: int) -> None:
+    """``fn(i0, i1)`` over [0, n) in at most ``n_threads`` contiguous parts on lukern's
+    worker threads (the trainer's driver, DESIGN section 2 (b))."""
+    if n <= 0:
+        return
+    if n_threads <= 1 or n == 1:
+        fn(0, n)
+        return
+    k = min(n_threads, n)
+    bounds = [(i * n) // k for i in range(k + 1)]
+    run_ranges(fn, [(bounds[i], bounds[i + 1]) for i in range(k)])
 
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}

@@ -33,45 +33,22 @@ SPECIALISED_DIMS = (4, 8, 16, 32, 48, 64, 96, 128)
 #: (uniform and Zipf, 1 thread; 8 was 1.5x slower), about two DRAM latencies of work
 PREFETCH_DISTANCE = 64
 PF = PREFETCH_DISTANCE
-#: fused LoRA lookups: how far ahead the hash lines, then the A rows, of active ids are
-#: prefetched (the A stage probes the hash, which the first stage brought in); 128/32,
-#: 128/64 and 192/64 were no better on a 4M x 64 table with 5% of rows active
-LORA_PF_HASH = 64
-LORA_PF_A = 32
 
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
 
-def _pool_snippet(d: int, dtype: str, itemsize: int, pad: str, store: str = "o[{k}]", lora: bool = False) -> str:
+def _pool_snippet(d: int, dtype: str, itemsize: int, pad: str, store: str = "o[{k}]") -> str:
     """Source that pools bag [s, e) of ``table`` (row offset ``base``) into the view ``o``
     with ``d`` scalar accumulators (the store target is ``store``, formatted with the
     column ``k``); names ``table, indices, weights, use_w, mode, s, e, pf_end, base``
     must be in scope. Ids are cast to uint64 so numba emits no
-    negative-index wraparound (ids were validated as >= 0).
-
-    With ``lora`` the same pass also pools the adapter's rank-r rows of active ids into
-    ``p`` (names ``keys, vals, mask, bitmap, A, B, lscale, p`` in scope) and adds
-    ``lscale * p @ B`` once per bag: per id the correction costs one bitmap load and,
-    for active ids only, a hash probe and r floats."""
+    negative-index wraparound (ids were validated as >= 0)."""
     acc = [f"a{k}" for k in range(d)]
     lines_per_row = -(-d * itemsize // 64)
     step = 64 // itemsize
     pf = [f"q = np.uint64(base + indices[j + PF])"] + [f"prefetch(table, q, {c * step})" for c in range(lines_per_row)]
     # a row not aligned to 64 bytes spans one more line
     pf.append(f"prefetch(table, q, {d - 1})")
-
-    if lora:
-        # two-stage pipeline for active ids: their hash lines PF ids ahead, their A rows
-        # PF/2 ids ahead (the probe then hits cache); 1.9x -> see lukern.bench lora
-        assert LORA_PF_A <= LORA_PF_HASH <= PREFETCH_DISTANCE  # both run inside "j + PF < pf_end"
-        pf += ["rn = indices[j + PFH]",
-               "if (bitmap[np.uint64(rn) >> np.uint64(6)] >> (np.uint64(rn) & np.uint64(63))) & np.uint64(1):",
-               "    prefetch_probe(keys, vals, mask, rn)",
-               "rm = indices[j + PFA]",
-               "if (bitmap[np.uint64(rm) >> np.uint64(6)] >> (np.uint64(rm) & np.uint64(63))) & np.uint64(1):",
-               "    slm = find_slot(keys, vals, mask, rm)",
-               "    if slm >= 0:",
-               "        prefetch(A, slm, 0)"]
 
     def block(weighted):
         body = [f"for j in range(s, e):", f"    if j + PF < pf_end:"]
@@ -81,24 +58,11 @@ def _pool_snippet(d: int, dtype: str, itemsize: int, pad: str, store: str = "o[{
             body += [f"    w = weights[j]"] + [f"    {a} += w * r[{k}]" for k, a in enumerate(acc)]
         else:
             body += [f"    {a} += r[{k}]" for k, a in enumerate(acc)]
-        if lora:
-            body += ["    rid = np.uint64(indices[j])",
-                     "    if (bitmap[rid >> np.uint64(6)] >> (rid & np.uint64(63))) & np.uint64(1):",
-                     "        sl = find_slot(keys, vals, mask, indices[j])",
-                     "        if sl >= 0:",
-                     "            hit = True",
-                     "            for qq in range(rank):",
-                     f"                p[qq] += {'w * ' if weighted else ''}A[sl, qq]"]
         return body
 
     code = [f"{a} = np.{dtype}(0.0)" for a in acc]
-    if lora:
-        code += ["hit = False", "for qq in range(rank):", "    p[qq] = 0"]
     code += ["if use_w:"] + ["    " + x for x in block(True)]
     code += ["else:"] + ["    " + x for x in block(False)]
-    if lora:
-        code += ["if hit:", "    for qq in range(rank):", "        pq = lscale * p[qq]"]
-        code += [f"        {a} += pq * B[qq, {k}]" for k, a in enumerate(acc)]
     code += [f"scale = np.{dtype}(1.0)", "if mode == 1 and e > s:", f"    scale = np.{dtype}(1.0) / np.{dtype}(e - s)"]
     code += [f"{store.format(k=k)} = {a} * scale" for k, a in enumerate(acc)]
     return "\n".join(pad + x for x in code)
@@ -124,11 +88,8 @@ import numpy as np
 from numba import njit, prange
 
 from lukern._kernels._intrinsics import prefetch
-from lukern._kernels.lora import find_slot, prefetch_probe
 
 PF = {PREFETCH_DISTANCE}
-PFH = {LORA_PF_HASH}
-PFA = {LORA_PF_A}
 
 
 @njit(nogil=True, cache=True)
@@ -159,33 +120,6 @@ def tbe_range(table, row_off, col_off, tids, n_bags, indices, offsets, weights, 
             e = offsets[first + b + 1]
             o = out[b]
 {_pool_snippet(d, name, dtype.itemsize, " " * 12, store="o[c + np.uint64({k})]")}
-
-
-@njit(nogil=True, cache=True)
-def lora_bag_range(table, indices, offsets, weights, use_w, mode, out, b0, b1, keys, vals, mask, bitmap, A, B,
-                   lscale):
-    pf_end = offsets[b1]
-    base = 0
-    rank = A.shape[1]
-    p = np.zeros(rank, A.dtype)
-    j0 = offsets[b0]
-{_prologue_snippet(d, dtype.itemsize, " " * 4)}
-    for b in range(b0, b1):
-        s = offsets[b]
-        e = offsets[b + 1]
-        o = out[b]
-{_pool_snippet(d, name, dtype.itemsize, " " * 8, lora=True)}
-
-
-@njit(nogil=True, parallel=True, cache=True)
-def lora_bag_parallel(table, indices, offsets, weights, use_w, mode, out, chunk, keys, vals, mask, bitmap, A, B,
-                      lscale):
-    n = out.shape[0]
-    n_chunks = (n + chunk - 1) // chunk
-    for c in prange(n_chunks):
-        b0 = c * chunk
-        lora_bag_range(table, indices, offsets, weights, use_w, mode, out, b0, min(n, b0 + chunk), keys, vals, mask,
-                       bitmap, A, B, lscale)
 {_PARALLEL_SOURCE}'''
 
 
@@ -298,28 +232,23 @@ def _bag_kernels(d: int, dtype: str, use_max: bool):
     dtype = np.dtype(dtype)
     if d in SPECIALISED_DIMS and not use_max:
         m = load_generated(f"bag_d{d}_{dtype.name}", _specialised_source(d, dtype))
-        kernels = [with_slp(k) for k in (m.bag_range, m.bag_parallel, m.tbe_range, m.tbe_parallel,
-                                         m.lora_bag_range, m.lora_bag_parallel)]
+        kernels = [with_slp(k) for k in (m.bag_range, m.bag_parallel, m.tbe_range, m.tbe_parallel)]
         return KernelSet(*kernels, specialised=True)
     m = load_generated("bag_generic", _GENERIC_SOURCE)
-    return KernelSet(m.bag_range, m.bag_parallel, m.tbe_range, m.tbe_parallel, None, None, specialised=False)
+    return KernelSet(m.bag_range, m.bag_parallel, m.tbe_range, m.tbe_parallel, specialised=False)
 
 
 class KernelSet:
-    """The kernels of one (width, dtype, max-or-not); ``lora_*`` (fused LoRA lookups) are
-    None for the generic widths, where the correction runs as a second pass."""
+    """The kernels of one (width, dtype, max-or-not). The fused LoRA lookups live in
+    :mod:`lukern._kernels.lora`."""
 
-    __slots__ = ("bag_range", "bag_parallel", "tbe_range", "tbe_parallel", "lora_bag_range", "lora_bag_parallel",
-                 "specialised")
+    __slots__ = ("bag_range", "bag_parallel", "tbe_range", "tbe_parallel", "specialised")
 
-    def __init__(self, bag_range, bag_parallel, tbe_range, tbe_parallel, lora_bag_range, lora_bag_parallel,
-                 specialised):
+    def __init__(self, bag_range, bag_parallel, tbe_range, tbe_parallel, specialised):
         self.bag_range = bag_range
         self.bag_parallel = bag_parallel
         self.tbe_range = tbe_range
         self.tbe_parallel = tbe_parallel
-        self.lora_bag_range = lora_bag_range
-        self.lora_bag_parallel = lora_bag_parallel
         self.specialised = specialised
 
     def all(self):
