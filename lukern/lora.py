@@ -91,32 +91,53 @@ def read_consistent(adapters, fn):
 
 # --- eviction policies -------------------------------------------------------------------
 
+def _candidates(adapter, n: int) -> np.ndarray:
+    """Active slots a policy may evict: those not touched since the last step (a row
+    admitted by the batch being processed has a zero A row, which must not make it the
+    first to go), or every active slot when there are fewer than ``n`` of those."""
+    st = adapter._state
+    active = np.flatnonzero(st.slot_row >= 0)
+    older = active[st.last_step[active] < adapter.step_count]
+    return older if older.size >= n else active
+
+
 class LeastRecentlyUsed:
-    """Evict the slots touched longest ago (ties: lowest slot)."""
+    """Evict the slots touched longest ago (ties: lowest slot).
+
+    Examples
+    --------
+    >>> import numpy as np, lukern
+    >>> a = lukern.LoRAAdapter(10, 4, rank=2, capacity=4, eviction=lukern.LeastRecentlyUsed())
+    >>> W = np.zeros((10, 4), np.float32)
+    >>> for ids in ([1], [2], [3]):
+    ...     _ = a.train_step(W, np.array(ids), np.array([0, 1]), np.ones((1, 4), np.float32))
+    >>> a._state.slot_row[a.eviction.choose(a, 1)].tolist()  # row 1 was touched first
+    [1]
+    """
 
     name = "lru"
 
     def choose(self, adapter, n: int) -> np.ndarray:
         st = adapter._state
-        active = np.flatnonzero(st.slot_row >= 0)
-        if n >= active.size:
-            return active
-        order = np.argpartition(st.last_step[active], n)[:n]
-        return np.sort(active[order])
+        cand = _candidates(adapter, n)
+        if n >= cand.size:
+            return cand
+        return np.sort(cand[np.argpartition(st.last_step[cand], n)[:n]])
 
 
 class SmallestNorm:
-    """Evict the slots whose A rows carry the least correction (||A[slot]||)."""
+    """Evict the slots whose A rows carry the least correction (||A[slot]||): their fold
+    changes the table the least."""
 
     name = "smallest_norm"
 
     def choose(self, adapter, n: int) -> np.ndarray:
         st = adapter._state
-        active = np.flatnonzero(st.slot_row >= 0)
-        if n >= active.size:
-            return active
-        norms = np.einsum("ij,ij->i", st.A[active], st.A[active])
-        return np.sort(active[np.argpartition(norms, n)[:n]])
+        cand = _candidates(adapter, n)
+        if n >= cand.size:
+            return cand
+        norms = np.einsum("ij,ij->i", st.A[cand], st.A[cand])
+        return np.sort(cand[np.argpartition(norms, n)[:n]])
 
 
 # --- factors: export, save, load ------------------------------------------------------------
@@ -322,7 +343,6 @@ class LoRAAdapter:
     def _alloc_pending(self, capacity, rank):
         self._local = np.full(capacity, -1, np.int32)  # slot -> pending row, or -1
         self._uniq = np.zeros(capacity, np.int32)  # pending row -> slot
-        self._blocal = np.full(capacity, -1, np.int32)  # slot -> group of the current batch
         self._G = np.zeros((0, rank), self.dtype)  # pending dA rows; grows to the most seen
         self._n_u = 0
         self._dB = None
@@ -369,7 +389,7 @@ class LoRAAdapter:
         parts = {name: getattr(st, name).nbytes for name in ("keys", "vals", "bitmap", "A", "B", "slot_row", "acc_a",
                                                              "acc_b", "last_step")}
         parts.update(free=self._free.nbytes, pending_local=self._local.nbytes, pending_uniq=self._uniq.nbytes,
-                     pending_groups=self._blocal.nbytes, pending_grad_a=self._G.nbytes,
+                     pending_grad_a=self._G.nbytes,
                      pending_grad_b=0 if self._dB is None else self._dB.nbytes)
         return parts
 
@@ -389,7 +409,7 @@ class LoRAAdapter:
         hcap = _pow2_at_least(2 * capacity)
         return int(hcap * (8 + 4) + (self.n_rows + 63) // 64 * 8 + capacity * rank * it * 2  # hash, bitmap, A, G
                    + 2 * rank * self.dim * it + rank * self.dim * 8  # B, acc_b, dB
-                   + capacity * (8 + it + 8 + 4 * 4))  # slot_row, acc_a, last_step, free/local/uniq/groups
+                   + capacity * (8 + it + 8 + 4 * 3))  # slot_row, acc_a, last_step, free/local/uniq
 
     def active_rows(self):
         """(row_ids, slots) of the active rows, in slot order."""
@@ -456,8 +476,8 @@ class LoRAAdapter:
         ``table=None`` such rows are skipped and counted in ``dropped_admissions``).
 
         Deterministic: the B gradient is summed per fixed chunk of bags and merged in
-        chunk order, the A gradient per slot in id order (a counting sort by slot), so
-        ``n_threads`` (default 1: the trainer runs beside serving) never changes a bit.
+        chunk order, each pending A row by one thread in id order, so ``n_threads``
+        (default 1: the trainer runs beside serving) never changes a bit.
         Returns False, writes nothing and counts the step in ``rejected_steps`` when
         ``grad`` holds NaN or Inf.
 
@@ -494,21 +514,28 @@ class LoRAAdapter:
             self._reject("`grad` holds NaN or Inf")
             return False
         st = self._state
+        r = self.rank
+        need = min(self._n_u + n_ids, self.capacity)
+        if self._G.shape[0] < need:
+            G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), r), self.dtype)
+            G[:self._n_u] = self._G[:self._n_u]
+            self._G = G
         slots = np.empty(n_ids, np.int64)
-        self._n_free, missed = LK.assign_slots(indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row,
-                                               st.last_step, self._free, self._n_free, self.step_count, True, slots)
+        self._n_free, self._n_u, missed = LK.assign_slots(
+            indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.last_step, self._free, self._n_free,
+            self.step_count, slots, self._local, self._uniq, self._n_u, self._G)
         if missed:
             if table is not None:
+                # rows pending from this batch stay pending; evicted ones leave the list
                 self._evict(max(missed, int(self.capacity * self.evict_fraction)), table)
                 st = self._state
-                self._n_free, missed = LK.assign_slots(indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row,
-                                                       st.last_step, self._free, self._n_free, self.step_count,
-                                                       True, slots)
+                self._n_free, self._n_u, missed = LK.assign_slots(
+                    indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.last_step, self._free,
+                    self._n_free, self.step_count, slots, self._local, self._uniq, self._n_u, self._G)
             self.dropped_admissions += int(missed)
         w = weights if weights is not None else _EMPTY[self.dtype]
         use_w = weights is not None
         m = 1 if mode == "mean" else 0
-        r = self.rank
         # bag side: u_b and the chunk partials of dB
         U = np.empty((n_bags, r), np.float64)
         n_chunks = -(-n_bags // _BACKWARD_CHUNK)
@@ -519,24 +546,10 @@ class LoRAAdapter:
                    n_chunks, n_threads)
         dB = np.zeros((r, self.dim), np.float64) if self._dB is None else self._dB
         LK.sum_parts(parts, dB)
-        # id side: group the ids by slot, then one sum per slot
-        need = min(self._n_u + n_ids, self.capacity)
-        if self._G.shape[0] < need:
-            G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), r), self.dtype)
-            G[:self._n_u] = self._G[:self._n_u]
-            self._G = G
-        border = np.empty(min(n_ids, self.capacity), np.int32)
-        bstart = np.empty(border.shape[0] + 1, np.int64)
-        perm_j = np.empty(n_ids, np.int32)
-        perm_b = np.empty(n_ids, np.int32)
-        self._n_u, nb = LK.group_ids(slots, offsets, self._local, self._uniq, self._n_u, self._G, self._blocal, border,
-                                     bstart, perm_j, perm_b)
-        if n_threads > 1 and nb > 1:
-            ranges = split_by_work(bstart[:nb + 1], n_threads)
-        else:
-            ranges = [(0, nb)]
-        run_ranges(lambda i0, i1: LK.reduce_groups(border, bstart, perm_j, perm_b, w, use_w, U, self._local, self._G,
-                                                   self._blocal, i0, i1), ranges)
+        # id side: each pending row owned by one thread, summed in id order
+        G, local = self._G, self._local
+        _run_split(lambda lo, hi: LK.scatter_grad_a(slots, offsets, w, use_w, U, local, G, lo, hi),
+                   self._n_u, n_threads)
         self._dB = dB
         if self.grad_window is not None:
             self.grad_window.add(grad)
@@ -622,8 +635,8 @@ class LoRAAdapter:
         with self._mutating():
             if table is not None:
                 LK.fold_rows(table, st.A, st.B, table.dtype.type(st.scale), st.slot_row, slots)
-            # pending gradients of freed slots are dropped: the rows left the adapter
-            self._clear_pending()
+            # the freed rows leave the pending list; the others keep their gradients
+            self._n_u = LK.drop_pending(slots, self._local, self._uniq, self._G, self._n_u)
             n_before = self._n_free
             self._n_free = LK.evict_slots(st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.A, st.acc_a,
                                           st.last_step, slots, self._free, self._n_free)

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import threading
 
 import numba
 from numba.core.compiler_lock import global_compiler_lock
@@ -85,16 +86,32 @@ def _cache_dir() -> str | None:
     return path if os.access(path, os.W_OK) else None
 
 
+_load_lock = threading.RLock()
+
+
 def load_generated(name: str, source: str):
     """Import ``source`` as a module named after ``name`` and a hash of the text.
 
     The file is written atomically once (same text, same name) into the cache folder;
     when that folder is not writable the source is executed in memory, without caching.
+    Thread-safe: a second thread asking for the module while the first imports it waits
+    (it used to find a half-executed module in ``sys.modules``).
     """
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     modname = f"_lukern_gen_{name}_{digest}"
-    if modname in sys.modules:
-        return sys.modules[modname]
+    module = sys.modules.get(modname)
+    if module is not None and getattr(module, "__lukern_loaded__", False):
+        return module
+    with _load_lock:
+        module = sys.modules.get(modname)
+        if module is not None and getattr(module, "__lukern_loaded__", False):
+            return module
+        module = _load(modname, name, source)
+        module.__lukern_loaded__ = True
+        return module
+
+
+def _load(modname: str, name: str, source: str):
     folder = _cache_dir()
     if folder is None:
         module = type(sys)(modname)
