@@ -10,15 +10,20 @@ kept, and for windows of 1 and of 50 batches the script reports the share of the
 gradient energy held by the top 1%, 5% and 10% of the d singular directions (1, 3 and 6
 of 64; a Gaussian matrix of the same shape would hold about 1.6%, 4.7% and 9.4%).
 
-Part 2 (controller): a d = 16 DLRM is trained on the first 60% of the log and frozen;
-LoRA adapters (one per table) then learn from the next 30% as a co-located trainer would
-(gradient of the loss with respect to the pooled embeddings), and the last 10% is the
-test set. Two runs: fixed rank-16 adapters with room for every row, and adapters under
-:class:`lukern.RankController` with the adapters' total bytes kept under 1% of the
-model's embedding bytes (adapters' ``nbytes`` plus the controllers' gradient windows,
-checked after every step). Prints the final log losses; the bar's reference is the
-fixed rank-16 adapter with LoRAAdapter's default capacity (1% of rows, at least 64),
-the all-rows one (64% of the table bytes) is shown for context.
+Part 2 (controller): a DLRM (``--dim``, default 64) is trained on the first 60% of the
+log and frozen; LoRA adapters (one per table) then learn from the next 30% as a
+co-located trainer would (gradient of the loss with respect to the pooled embeddings),
+and the last 10% is the test set. Three runs: fixed rank-16 adapters with LoRAAdapter's
+default capacity (1% of rows, at least 64; the bar's reference), fixed rank-16 adapters
+with room for every row (about half the tables' bytes; context only), and adapters under
+:class:`lukern.RankController` with the adapters' total bytes kept under ``--budget``
+(1%) of the model's embedding bytes (adapters' ``nbytes`` plus the controllers' gradient
+windows, checked after every step). Prints the test and progressive log losses;
+``--seeds N`` repeats the three runs with N seeds and prints the ratios' mean and
+standard error (the TalkingData sample has about 60 positives in its test tenth, so one
+seed cannot resolve a 0.5% difference).
+
+    python -m lukern.bench gradient_spectrum --skip-spectra --seeds 10
 
 Data: ``/work/shared/data`` (or ``$LUKERN_DATA``); a data set whose file is absent is
 skipped with a message (exit status 0).
@@ -120,8 +125,10 @@ def _test_loss(model, stream, start, adapters=None, batch_size=4096):
     return tot / max(cnt, 1)
 
 
-def controller_run(stream, *, dim=64, batch_size=64, budget_total=0.01, every=20, seed=0):
+def controller_run(stream, *, dim=64, batch_size=64, budget_total=0.01, every=20, energy=0.95, seed=0, lr_a=0.05,
+                   lr_b=0.01, grow_threshold=0.9):
     """Fixed rank-16 adapters against controller-managed ones; losses and memory."""
+    kw = dict(lr_a=lr_a, lr_b=lr_b)
     n = len(stream)
     n_pre, n_upd = _split(n)
     base = DLRM(stream.cat_sizes, stream.n_dense, dim=dim, seed=seed)
@@ -133,10 +140,11 @@ def controller_run(stream, *, dim=64, batch_size=64, budget_total=0.01, every=20
         model = base.copy()
         tables = [model.table(t) for t in range(T)]
         if variant == "fixed_rank16":  # the bar's reference: default capacity, no controller
-            adapters = [LoRAAdapter(s, dim, rank=16, seed=seed + t) for t, s in enumerate(stream.cat_sizes)]
+            adapters = [LoRAAdapter(s, dim, rank=16, seed=seed + t, **kw) for t, s in enumerate(stream.cat_sizes)]
             ctls = []
         elif variant == "fixed_rank16_all_rows":  # context: room for every row, no budget
-            adapters = [LoRAAdapter(s, dim, rank=16, capacity=s, seed=seed + t) for t, s in enumerate(stream.cat_sizes)]
+            adapters = [LoRAAdapter(s, dim, rank=16, capacity=s, seed=seed + t, **kw)
+                        for t, s in enumerate(stream.cat_sizes)]
             ctls = []
         else:
             # one budget for all tables: total adapter bytes stay under budget_total of
@@ -160,9 +168,10 @@ def controller_run(stream, *, dim=64, batch_size=64, budget_total=0.01, every=20
                 continue
             adapters, ctls = [], []
             for t, sz in enumerate(stream.cat_sizes):
-                a = LoRAAdapter(sz, dim, rank=8, seed=seed + t)  # default capacity: 1% of rows, >= 64
-                ctls.append(RankController(a, tables[t], budget=min(1.0, shares[t] / tables[t].nbytes), energy=0.95,
-                                           max_rank=16, every=every, window=GradientWindow(dim, _WINDOW_ROWS)))
+                a = LoRAAdapter(sz, dim, rank=8, seed=seed + t, **kw)  # default capacity: 1% of rows, >= 64
+                ctls.append(RankController(a, tables[t], budget=min(1.0, shares[t] / tables[t].nbytes), energy=energy,
+                                           max_rank=16, every=every, window=GradientWindow(dim, _WINDOW_ROWS),
+                                           grow_threshold=grow_threshold))
                 adapters.append(a)
             for c in ctls:
                 c.step()  # first call: fit the budget before any training step
@@ -207,6 +216,35 @@ def controller_run(stream, *, dim=64, batch_size=64, budget_total=0.01, every=20
     return res
 
 
+def _summary(runs):
+    """Ratios controlled / fixed rank-16 over seeds (test and progressive log loss)."""
+    ok = [c for c in runs if "controlled_over_fixed" in c]
+    if not ok:
+        return None
+    test = np.array([c["controlled_over_fixed"] for c in ok])
+    prog = np.array([c["controlled"]["progressive_logloss"] / c["fixed_rank16"]["progressive_logloss"] for c in ok])
+    # paired by seed: the spread of the fixed adapter itself against the frozen model
+    # says how much of a ratio is noise
+    fixed_vs_frozen = np.array([c["fixed_rank16"]["test_logloss"] / c["frozen_test_logloss"] for c in ok])
+
+    def stats(x):
+        return {"mean": float(x.mean()), "se": float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0,
+                "min": float(x.min()), "max": float(x.max())}
+    return {"seeds": len(ok), "test_ratio": stats(test), "progressive_ratio": stats(prog),
+            "fixed_over_frozen_test": stats(fixed_vs_frozen),
+            "seeds_within_0.5pct": int(np.sum(test <= 1.005)),
+            "max_adapter_bytes_share": float(max(c["controlled"]["max_adapter_bytes_share"] for c in ok))}
+
+
+def _summary_line(name, s):
+    def f(x):
+        return f"{x['mean']:.4f} +- {x['se']:.4f} (min {x['min']:.4f}, max {x['max']:.4f})"
+    return (f"{name:<12} over {s['seeds']} seeds: controlled / fixed rank-16 test log loss {f(s['test_ratio'])}, "
+            f"progressive {f(s['progressive_ratio'])}; {s['seeds_within_0.5pct']} seeds within 0.5%; fixed / frozen "
+            f"test {f(s['fixed_over_frozen_test'])}; controlled adapters at most "
+            f"{100 * s['max_adapter_bytes_share']:.3f}% of the tables' bytes at any step")
+
+
 def _controller_line(name, c, budget):
     line = (f"{name:<12} frozen model test log loss {c['frozen_test_logloss']:.5f}; "
             f"fixed rank-16 (default capacity): {c['fixed_rank16']['test_logloss']:.5f} "
@@ -235,6 +273,13 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=20, help="controller period (training steps)")
     p.add_argument("--budget", type=float, default=0.01,
                    help="controlled adapters' bytes (with their gradient windows) as a share of the tables' bytes")
+    p.add_argument("--energy", type=float, default=0.95, help="the controllers' energy share")
+    p.add_argument("--grow-threshold", type=float, default=0.9,
+                   help="the controllers' grow_threshold (residual gradient energy that adds rank)")
+    p.add_argument("--lr-a", type=float, default=0.05, help="adapters' learning rate of A (LoRAAdapter's default)")
+    p.add_argument("--lr-b", type=float, default=0.01, help="adapters' learning rate of B (LoRAAdapter's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the models and adapters")
+    p.add_argument("--seeds", type=int, default=1, help="controller runs with seeds seed, seed + 1, ... (a summary)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     names = a.data.split(",")
@@ -259,9 +304,18 @@ def main(argv=None):
                       f"({row['n_windows']} windows): top {row['directions']} of 64 directions hold "
                       f"median {row['median_share']}, energy-weighted {row['energy_weighted_share']}", flush=True)
         if not a.skip_controller:
-            c = controller_run(stream, dim=a.dim, batch_size=a.batch, budget_total=a.budget, every=a.every)
-            r["controller"] = c
-            print(_controller_line(name, c, a.budget), flush=True)
+            runs = []
+            for seed in range(a.seed, a.seed + a.seeds):
+                c = controller_run(stream, dim=a.dim, batch_size=a.batch, budget_total=a.budget, every=a.every,
+                                   energy=a.energy, seed=seed, lr_a=a.lr_a, lr_b=a.lr_b,
+                                   grow_threshold=a.grow_threshold)
+                runs.append(c)
+                print(("" if a.seeds == 1 else f"seed {seed} ") + _controller_line(name, c, a.budget), flush=True)
+            r["controller"] = runs[0] if a.seeds == 1 else runs
+            if a.seeds > 1:
+                r["controller_summary"] = summary = _summary(runs)
+                if summary:
+                    print(_summary_line(name, summary), flush=True)
         report[name] = r
     if a.json:
         print(json.dumps(report, indent=1, default=float))
