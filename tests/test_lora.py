@@ -515,3 +515,12 @@ def test_property_fused_and_backward_match_dense(seed, n_bags, max_len, mode, we
     rows, dA, dB_got = a.pending_gradients()
     np.testing.assert_allclose(dA, dA_dense[rows], rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(dB_got, dB, rtol=1e-9, atol=1e-10)  # dropped rows have A = 0 in both
+
+
+def test_bench_hot_rows_follow_zipf_ids():
+    from lukern.bench.lora import _hot_rows
+    from lukern.testing import zipf_ids
+
+    ids = zipf_ids(np.random.default_rng(0), 20000, 10000)
+    hot = _hot_rows(10000, 0.05)
+    assert np.isin(ids, hot).mean() > 0.5  # the hottest 5% of rows draw most lookups
