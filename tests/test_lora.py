@@ -524,3 +524,50 @@ def test_bench_hot_rows_follow_zipf_ids():
     ids = zipf_ids(np.random.default_rng(0), 20000, 10000)
     hot = _hot_rows(10000, 0.05)
     assert np.isin(ids, hot).mean() > 0.5  # the hottest 5% of rows draw most lookups
+
+
+# --- the trainer's forward and its context ------------------------------------------------------
+
+@pytest.mark.parametrize("mode,weighted", [("sum", True), ("mean", False)])
+def test_forward_context_gives_the_same_bits_as_a_plain_backward(mode, weighted):
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((400, 16))
+    runs = []
+    for use_ctx in (False, True):
+        a = lukern.LoRAAdapter(400, 16, rank=4, capacity=40, dtype=np.float64, evict_fraction=0.25, seed=2)
+        W2 = W.copy()
+        outs = []
+        for k in range(6):  # the capacity runs out: evictions inside backward, stale slots
+            p = make_lookup_problem(n_rows=400, dim=16, n_bags=10, pooling=(0, 6), dtype=np.float64, table=W2,
+                                    seed=k, weighted=weighted)
+            G = rng.standard_normal((10, 16)) if not use_ctx else runs[0][2][k]
+            if use_ctx:
+                y, ctx = a.forward(W2, p.indices, p.offsets, weights=p.weights, mode=mode)
+                ref = lukern.embedding_bag(W2, p.indices, p.offsets, weights=p.weights, mode=mode, adapter=a)
+                np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+                assert a.train_step(W2, p.indices, p.offsets, G, weights=p.weights, mode=mode, context=ctx)
+            else:
+                assert a.train_step(W2, p.indices, p.offsets, G, weights=p.weights, mode=mode)
+            outs.append(G)
+        runs.append((a.export(), W2, outs))
+    (f0, W0, _), (f1, W1, _) = runs
+    assert np.array_equal(f0.row_ids, f1.row_ids) and np.array_equal(f0.A, f1.A) and np.array_equal(f0.B, f1.B)
+    assert np.array_equal(W0, W1)
+
+
+def test_forward_context_checks():
+    W, a = _trained()
+    p = make_lookup_problem(n_rows=500, dim=16, n_bags=5, pooling=(1, 4), dtype=np.float64, table=W, seed=2)
+    _, ctx = a.forward(W, p.indices, p.offsets)
+    with pytest.raises(ValueError, match="another batch"):
+        a.backward(p.indices.copy(), p.offsets, np.ones((5, 16)), context=ctx)
+    with pytest.raises(TypeError, match="LoRAAdapter.forward"):
+        a.backward(p.indices, p.offsets, np.ones((5, 16)), context=object())
+    # a step between forward and backward makes the context stale: it is ignored
+    q = make_lookup_problem(n_rows=500, dim=16, n_bags=5, pooling=(1, 4), dtype=np.float64, table=W, seed=3)
+    a.train_step(W, q.indices, q.offsets, np.ones((5, 16)))
+    b = lukern.LoRAAdapter(500, 16, rank=4, capacity=200, dtype=np.float64)
+    b.apply_factors(a.export())
+    assert a.backward(p.indices, p.offsets, np.ones((5, 16)), context=ctx)
+    assert b.backward(p.indices, p.offsets, np.ones((5, 16)))
+    np.testing.assert_array_equal(a.pending_gradients()[2], b.pending_gradients()[2])
