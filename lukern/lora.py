@@ -34,7 +34,7 @@ import numpy as np
 from . import _validate as V
 from ._kernels import lora as LK
 from ._kernels.checks import first_non_finite
-from ._pool import run_ranges, split_by_work
+from ._pool import run_ranges
 
 __all__ = [
     "Factors",

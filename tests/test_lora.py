@@ -44,20 +44,22 @@ def test_inactive_ids_contribute_only_w():
     assert np.array_equal(lukern.embedding_bag(W, inactive, off, adapter=a), W[inactive])
 
 
-def test_table_batch_with_adapters():
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_table_batch_with_adapters(mode, weighted):
     W1, a1 = _trained(seed=1)
-    W2 = np.random.default_rng(5).standard_normal((300, 8))
-    batch = lukern.TableBatch([W1, W2])
-    a1b = a1  # the adapter corrects table 0 (values copied into the batch buffer)
+    W2, a2 = _trained(n_rows=300, dim=8, rank=2, capacity=100, seed=2)
+    W3 = np.random.default_rng(5).standard_normal((200, 16))
+    batch = lukern.TableBatch([W1, W2, W3])
     rng = np.random.default_rng(3)
-    il = [rng.integers(0, 500, 30), rng.integers(0, 300, 30)]
-    ol = [np.linspace(0, 30, 11).astype(np.int64)] * 2
+    il = [rng.integers(0, n, 30) for n in (500, 300, 200)]
+    ol = [np.array([0, 0, 4, 11, 30])] * 3  # an empty bag too
     idx, off = batch.pack(il, ol)
-    got = batch.lookup(idx, off, adapters=[a1b, None])
-    ref = reference_table_batch([W1 + a1.dense_delta(), W2], idx, off)
+    w = rng.random(idx.size) if weighted else None
+    got = batch.lookup(idx, off, weights=w, mode=mode, adapters=[a1, a2, None])
+    ref = reference_table_batch([W1 + a1.dense_delta(), W2 + a2.dense_delta(), W3], idx, off, w, mode)
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="one adapter or None per table"):
-        batch.lookup(idx, off, adapters=[a1b])
+        batch.lookup(idx, off, adapters=[a1])
 
 
 def _dense_grads(a, W, p, G, mode):
