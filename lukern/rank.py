@@ -16,11 +16,10 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from contextlib import nullcontext
 
 from . import _validate as V
 from ._kernels import rsvd as K
@@ -61,30 +60,47 @@ def _blas_single_thread():
         return nullcontext()
 
 
-def _resolve_threads(n_threads, n_rows):
-    nt = available_cpus() if n_threads is None else int(n_threads)
-    # at least 8 blocks of rows per thread, or the split costs more than it brings
-    return max(1, min(nt, n_rows // (8 * K.BLOCK_ROWS)))
+# Partial sums of a pass are kept per *lane*, a range of rows fixed by the operand's shape
+# alone, and merged in lane order: the result is bit-for-bit the same for every thread
+# count (threads take whole lanes). A lane holds at least 8 blocks (fewer and the split
+# costs more than it brings), there are at most 64 of them (enough to balance 2..16
+# threads) and their accumulators take at most 32 MiB together.
+_LANE_BLOCKS = 8
+_MAX_LANES = 64
+_LANE_BYTES = 32 << 20
+
+
+def _lanes(n_rows, acc_nbytes):
+    """Row ranges ``[(lo, hi), ...]`` of a pass, block-aligned, a function of the shape only."""
+    n_blocks = -(-n_rows // K.BLOCK_ROWS)
+    n = max(1, min(-(-n_blocks // _LANE_BLOCKS), _MAX_LANES, _LANE_BYTES // max(int(acc_nbytes), 1)))
+    cuts = np.minimum(np.linspace(0, n_blocks, n + 1).astype(np.int64) * K.BLOCK_ROWS, n_rows)
+    return [(int(cuts[i]), int(cuts[i + 1])) for i in range(n)]
 
 
 def _split_rows(kernel, n_rows, n_threads, acc_shape=None):
-    """Run ``kernel(acc, lo, hi)`` over row ranges on lukern's threads; per-thread
-    float64 accumulators are summed in range order (deterministic per thread count)."""
-    nt = _resolve_threads(n_threads, n_rows)
-    bounds = np.linspace(0, n_rows, nt + 1).astype(np.int64)
-    ranges = [(int(bounds[i]), int(bounds[i + 1])) for i in range(nt)]
-    accs = {lo: (np.zeros(acc_shape, np.float64) if acc_shape is not None else None) for lo, _ in ranges}
+    """Run ``kernel(acc, lo, hi)`` over the lanes of ``n_rows`` on lukern's threads (each
+    thread takes a contiguous group of lanes); the per-lane float64 accumulators are summed
+    in lane order, so the result does not depend on ``n_threads``."""
+    acc_nbytes = 0 if acc_shape is None else 8 * int(np.prod(acc_shape))
+    lanes = _lanes(n_rows, acc_nbytes)
+    accs = [np.zeros(acc_shape, np.float64) if acc_shape is not None else None for _ in lanes]
+    nt = max(1, min(available_cpus() if n_threads is None else int(n_threads), len(lanes)))
+    groups = np.linspace(0, len(lanes), nt + 1).astype(np.int64)
 
-    def fn(lo, hi):
-        kernel(accs[lo], lo, hi)
+    def fn(g0, g1):
+        for i in range(g0, g1):
+            kernel(accs[i], *lanes[i])
 
-    with _blas_single_thread() if nt > 1 else nullcontext():
-        run_ranges(fn, ranges)
+    # BLAS on one thread whatever nt is: the same BLAS partitioning on every path, and
+    # lukern's threads over 1-thread BLAS measured faster (see _blas_single_thread)
+    with _blas_single_thread():
+        run_ranges(fn, [(int(groups[i]), int(groups[i + 1])) for i in range(nt)])
     if acc_shape is None:
         return None
-    total = accs[ranges[0][0]]
-    for lo, _ in ranges[1:]:
-        total += accs[lo]
+    total = accs[0]
+    for acc in accs[1:]:
+        total += acc
     return total
 
 
@@ -599,19 +615,15 @@ class GradientWindow:
 
 # --- the rank controller -------------------------------------------------------------------
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(4, int(n - 1).bit_length())
-
-
 def adapter_bytes(adapter, capacity, rank) -> int:
-    """Worst-case ``adapter.nbytes`` at ``capacity`` and ``rank``: every array the adapter
-    owns, with the pending-gradient buffers at their largest (they grow during backward),
-    so a budget kept on this figure holds at every step."""
-    it = adapter.dtype.itemsize
-    d = adapter.dim
-    hcap = _pow2_at_least(2 * capacity)
-    return int(2 * hcap * 8 + ((adapter.n_rows + 63) // 64) * 8 + capacity * rank * it + rank * d * it
-               + capacity * 8 * 5 + capacity * it + rank * d * it + capacity * rank * 8 + rank * d * 8)
+    """Worst-case ``adapter.nbytes`` at ``capacity`` and ``rank``: the adapter's own
+    :meth:`~lukern.LoRAAdapter.nbytes_at` (every array it owns, the pending-gradient
+    buffers at their largest), so a budget kept on this figure holds at every step.
+
+    (An earlier copy of the adapter's layout here over-counted by about 50% at small
+    capacities, which made the controller fold rows it had room for.)
+    """
+    return int(adapter.nbytes_at(capacity=int(capacity), rank=int(rank)))
 
 
 @dataclass
