@@ -472,6 +472,8 @@ class LoRAAdapter:
         ``embedding_bag(..., adapter=self)``, plus a :class:`ForwardContext` that lets
         :meth:`backward` (or :meth:`train_step`) of the same batch skip the hash probes of
         the ids found here and the pooling of A. Rows are still admitted by the backward.
+        Call it from the trainer's thread (the one writer): unlike the serving lookup it
+        does not guard against a concurrent mutation.
 
         Returns ``(out, context)``.
 
@@ -850,7 +852,8 @@ class LoRAAdapter:
             A, B, scale); "add" adds their correction to this adapter's own, exactly, by
             concatenating the ranks on the union of the rows (rank r + r', A of a row
             missing on one side is zero there); shrink the rank afterwards with a
-            :class:`~lukern.RankController` or :meth:`refactor`.
+            :class:`~lukern.RankController` or :meth:`refactor`. Both restart the
+            optimizer state (the factors are new parameters).
 
         Mismatched factors raise and change nothing.
 

@@ -573,3 +573,20 @@ def test_forward_context_checks():
     assert a.backward(p.indices, p.offsets, np.ones((5, 16)), context=ctx)
     assert b.backward(p.indices, p.offsets, np.ones((5, 16)))
     np.testing.assert_array_equal(a.pending_gradients()[2], b.pending_gradients()[2])
+
+
+def test_forward_generic_width():
+    W, a = _trained(dim=5, n_rows=300, capacity=100)
+    b = lukern.LoRAAdapter(300, 5, rank=4, capacity=100, dtype=np.float64)
+    b.apply_factors(a.export())
+    p = make_lookup_problem(n_rows=300, dim=5, n_bags=9, pooling=(0, 6), dtype=np.float64, table=W, seed=2)
+    y, ctx = b.forward(W, p.indices, p.offsets, mode="mean")
+    np.testing.assert_allclose(y, reference_embedding_bag(W + a.dense_delta(), p.indices, p.offsets, None, "mean"),
+                               atol=1e-12)
+    c = lukern.LoRAAdapter(300, 5, rank=4, capacity=100, dtype=np.float64)
+    c.apply_factors(a.export())
+    G = np.random.default_rng(1).standard_normal((9, 5))
+    assert b.backward(p.indices, p.offsets, G, mode="mean", context=ctx)
+    assert c.backward(p.indices, p.offsets, G, mode="mean")
+    for x, z in zip(b.pending_gradients(), c.pending_gradients()):
+        np.testing.assert_array_equal(x, z)

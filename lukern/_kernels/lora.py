@@ -228,55 +228,67 @@ def assign_slots(indices, keys, vals, mask, bitmap, slot_row, last_step, free, n
     return n_free, n_u, missed
 
 
+#: bags whose ``g_b B^T`` are accumulated together: their r-wide sums interleave, so no
+#: dependency chain of d additions stalls the loop (0.51 -> 0.30 ms for 2048 bags, d = 64)
+_U_BLOCK = 8
+
+
 @njit(nogil=True, cache=True)
 def backward_bags(slots, offsets, weights, use_w, mode, grad, A, B, Bt, scale, U, dB_parts, chunk, c0, c1, P, have_p):
     """Bag side of the backward for chunks [c0, c1) of ``chunk`` bags:
     ``U[b] = s f_b g_b B^T`` and ``dB_parts[c] = s sum_b f_b P_b^T g_b`` with
     ``P_b = sum_j w_j A[slots[j]]`` (slot -1 adds nothing; pooled in A's dtype like the
     forward, or taken from ``P`` when ``have_p``) and ``f_b`` = 1, or 1 / len(b) in mean
-    mode. ``Bt`` is ``B.T`` in float64 (so ``g_b B^T`` runs r-wide). Float64 sums; the
-    chunks are fixed by ``chunk``, not by the thread count, so summing ``dB_parts`` in
-    chunk order gives the same bits however the chunks were spread over threads."""
+    mode. ``Bt`` is ``B.T`` in float64. Float64 sums; the chunks are fixed by ``chunk``,
+    not by the thread count, so summing ``dB_parts`` in chunk order gives the same bits
+    however the chunks were spread over threads."""
     r, d = B.shape
     n_bags = offsets.shape[0] - 1
     p = np.empty(r, A.dtype)
-    u = np.empty(r)
+    acc = np.empty((_U_BLOCK, r))
     for c in range(c0, c1):
         dBc = dB_parts[c]
         for q in range(r):
             for k in range(d):
                 dBc[q, k] = 0.0
-        for b in range(c * chunk, min(n_bags, (c + 1) * chunk)):
-            s = offsets[b]
-            e = offsets[b + 1]
-            f = scale
-            if mode == 1 and e > s:
-                f = scale / (e - s)
-            if have_p:
+        end = min(n_bags, (c + 1) * chunk)
+        for b0 in range(c * chunk, end, _U_BLOCK):
+            nb = min(_U_BLOCK, end - b0)
+            for i in range(nb):
                 for q in range(r):
-                    p[q] = P[b, q]
-            else:
-                for q in range(r):
-                    p[q] = 0.0
-                for j in range(s, e):
-                    sl = slots[j]
-                    if sl >= 0:
-                        w = weights[j] if use_w else 1.0
-                        for q in range(r):
-                            p[q] += w * A[sl, q]
-            g = grad[b]
-            for q in range(r):
-                u[q] = 0.0
+                    acc[i, q] = 0.0
             for k in range(d):
-                gk = g[k]
+                for i in range(nb):
+                    gk = np.float64(grad[b0 + i, k])
+                    for q in range(r):
+                        acc[i, q] += gk * Bt[k, q]
+            for i in range(nb):
+                b = b0 + i
+                s = offsets[b]
+                e = offsets[b + 1]
+                f = scale
+                if mode == 1 and e > s:
+                    f = scale / (e - s)
                 for q in range(r):
-                    u[q] += gk * Bt[k, q]
-            for q in range(r):
-                U[b, q] = f * u[q]
-                pq = f * p[q]
-                if pq != 0.0:
-                    for k in range(d):
-                        dBc[q, k] += pq * g[k]
+                    U[b, q] = f * acc[i, q]
+                if have_p:
+                    for q in range(r):
+                        p[q] = P[b, q]
+                else:
+                    for q in range(r):
+                        p[q] = 0.0
+                    for j in range(s, e):
+                        sl = slots[j]
+                        if sl >= 0:
+                            w = weights[j] if use_w else 1.0
+                            for q in range(r):
+                                p[q] += w * A[sl, q]
+                g = grad[b]
+                for q in range(r):
+                    pq = f * p[q]
+                    if pq != 0.0:
+                        for k in range(d):
+                            dBc[q, k] += pq * g[k]
 
 
 @njit(nogil=True, cache=True)
