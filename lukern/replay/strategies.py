@@ -505,6 +505,13 @@ class LukernStrategy(Strategy):
                 if self.prior_acc is not None:
                     self._seed_fresh_slots(t, a)
                 a.step()
+        self._rank_step()
+        self.stats.update_cpu_s += time.process_time() - c0
+        self._note_memory()
+
+    def _rank_step(self):
+        """Let every table's RankController decide (between trainer steps), keeping the
+        rows' Adagrad history across a re-factor and refilling freed capacity."""
         for t, ctl in enumerate(self.controllers):
             if ctl is not None:
                 a = self.adapters[t]
@@ -518,8 +525,6 @@ class LukernStrategy(Strategy):
                     if grown:
                         decision = {**decision, "capacity": grown}
                     _record(self.stats, {"table": self.model_names[t], **decision})
-        self.stats.update_cpu_s += time.process_time() - c0
-        self._note_memory()
 
     @staticmethod
     def _unit_rows(a):
