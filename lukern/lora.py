@@ -938,6 +938,11 @@ class LoRAAdapter:
                     embedding_bag(table, idx, off, mode=mode, adapter=scratch, driver=drv,
                                   n_threads=1 if drv == "serial" else 2, chunk_size=1)
                     done.append(f"lookup {it} {mode} {drv}")
+        # structural changes (resize, refactor: the rank controller's) rebuild the hash
+        scratch.resize(scratch.capacity + 1)
+        rows, slots = scratch.active_rows()
+        scratch.refactor(scratch.A[slots], scratch.B)
+        done.append("resize / refactor")
         return {"compiled": done, "seconds": time.perf_counter() - t0}
 
 
