@@ -56,7 +56,12 @@ def _info(args) -> int:
     from lukern._pool import available_cpus
     from lukern._threading import threading_layer
 
-    info = {"lukern": lukern.__version__, "numba": numba.__version__, "threading_layer": threading_layer(),
+    from lukern.topology import predicted_threading_layer
+
+    layer = threading_layer()
+    if layer == "default":  # numba picks its layer at the first parallel launch: say which it will be
+        layer = f"{predicted_threading_layer()} (predicted)"
+    info = {"lukern": lukern.__version__, "numba": numba.__version__, "threading_layer": layer,
             "cpus": available_cpus()}
     print(json.dumps(info, indent=2))
     return 0

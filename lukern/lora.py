@@ -34,10 +34,11 @@ from . import _validate as V
 from ._io import atomic_write
 from ._kernels import lora as LK
 from ._kernels.checks import first_non_finite
-from ._pool import run_ranges, split_by_work
+from ._pool import run_ranges
 
 __all__ = [
     "Factors",
+    "ForwardContext",
     "LeastRecentlyUsed",
     "LoRAAdapter",
     "SmallestNorm",
@@ -238,6 +239,18 @@ def load_factors(path) -> Factors:
 
 
 # --- the adapter -------------------------------------------------------------------------------
+
+class ForwardContext:
+    """What :meth:`LoRAAdapter.forward` keeps for the backward of the same batch: the
+    slot of every id and the pooled A rows, so the backward neither probes the hash
+    for known ids nor pools A again."""
+
+    __slots__ = ("indices", "offsets", "weights", "mode", "slots", "P", "state", "version")
+
+    def __init__(self, indices, offsets, weights, mode, slots, P, state, version):
+        self.indices, self.offsets, self.weights, self.mode = indices, offsets, weights, mode
+        self.slots, self.P, self.state, self.version = slots, P, state, version
+
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(4, int(n - 1).bit_length())
@@ -454,6 +467,59 @@ class LoRAAdapter:
         LK.add_low_rank(P, st.B, self.dtype.type(st.scale), out, 0, n_bags)
         return P
 
+    def forward(self, table, indices, offsets, *, weights=None, mode="sum", out=None):
+        """The trainer's lookup: ``out = embedding_bag(table, ...) + correction``, like
+        ``embedding_bag(..., adapter=self)``, plus a :class:`ForwardContext` that lets
+        :meth:`backward` (or :meth:`train_step`) of the same batch skip the hash probes of
+        the ids found here and the pooling of A. Rows are still admitted by the backward.
+        Call it from the trainer's thread (the one writer): unlike the serving lookup it
+        does not guard against a concurrent mutation.
+
+        Returns ``(out, context)``.
+
+        Examples
+        --------
+        >>> import numpy as np, lukern
+        >>> W = np.ones((10, 4)); a = lukern.LoRAAdapter(10, 4, rank=2, dtype=np.float64)
+        >>> idx, off = np.array([1, 2]), np.array([0, 2])
+        >>> y, ctx = a.forward(W, idx, off)
+        >>> a.train_step(W, idx, off, y - 1.0, context=ctx)
+        True
+        """
+        from .embedding import embedding_bag
+
+        V.check_table(table)
+        self._check_compatible(table)
+        V.check_choice("mode", mode, ("sum", "mean"))
+        st = self._state
+        fused = LK.fused_kernels(self.dim, self.dtype)
+        if fused is None:  # generic width: plain lookup, then the correction
+            out = embedding_bag(table, indices, offsets, weights=weights, mode=mode, out=out, n_threads=1)
+        else:  # validation only (no rows): the fused kernel below writes every bag
+            V.check_indices(indices, self.n_rows)
+            V.check_offsets(offsets, indices.shape[0])
+            if weights is not None:
+                if mode != "sum":
+                    raise ValueError("`weights` are defined only for mode='sum'.")
+                V.check_weights(weights, indices.shape[0], self.dtype)
+            n_bags = offsets.shape[0] - 1
+            if out is None:
+                out = np.empty((n_bags, self.dim), self.dtype)
+            else:
+                V.check_out(out, (n_bags, self.dim), self.dtype)
+        slots = np.empty(indices.shape[0], np.int64)
+        P = np.empty((offsets.shape[0] - 1, st.A.shape[1]), self.dtype)
+        w = weights if weights is not None else _EMPTY[self.dtype]
+        m = 1 if mode == "mean" else 0
+        if fused is not None:
+            fused.train(table, indices, offsets, w, weights is not None, m, out, 0, offsets.shape[0] - 1, st.keys,
+                        st.vals, st.mask, st.bitmap, st.A, st.B, self.dtype.type(st.scale), slots, P)
+        else:
+            LK.find_slots(indices, st.keys, st.vals, st.mask, st.bitmap, slots)
+            LK.pool_slots(slots, offsets, w, weights is not None, st.A, P)
+            LK.add_pooled(P, offsets, m, st.B, float(st.scale), out)
+        return out, ForwardContext(indices, offsets, weights, mode, slots, P, st, self.version)
+
     def dense_delta(self) -> np.ndarray:
         """The dense correction ``s * A_dense @ B`` (n_rows x d, float64): for tests and
         small tables."""
@@ -465,7 +531,8 @@ class LoRAAdapter:
 
     # -- backward and step ---------------------------------------------------------------
 
-    def backward(self, indices, offsets, grad, *, weights=None, mode="sum", table=None, n_threads=None) -> bool:
+    def backward(self, indices, offsets, grad, *, weights=None, mode="sum", table=None, n_threads=None,
+                 context=None) -> bool:
         """Accumulate the gradients of A (touched rows) and B for one batch.
 
         ``grad`` (n_bags x d) is the gradient of the loss with respect to the pooled
@@ -479,7 +546,8 @@ class LoRAAdapter:
         chunk order, each pending A row by one thread in id order, so ``n_threads``
         (default 1: the trainer runs beside serving) never changes a bit.
         Returns False, writes nothing and counts the step in ``rejected_steps`` when
-        ``grad`` holds NaN or Inf.
+        ``grad`` holds NaN or Inf. ``context`` (from :meth:`forward` on the same arrays)
+        spares the probes and the pooling; a context from an older state is ignored.
 
         Examples
         --------
@@ -514,6 +582,16 @@ class LoRAAdapter:
             self._reject("`grad` holds NaN or Inf")
             return False
         st = self._state
+        if context is not None:
+            if not isinstance(context, ForwardContext):
+                raise TypeError(f"`context` must come from LoRAAdapter.forward; got {type(context).__name__}.")
+            if (context.indices is not indices or context.offsets is not offsets or context.weights is not weights
+                    or context.mode != mode):
+                raise ValueError("`context` belongs to another batch: pass the indices, offsets, weights and mode "
+                                 "given to forward().")
+            if context.state is not st or context.version != self.version:
+                context = None  # the state changed since the forward: probe and pool again
+        known = context.slots if context is not None else _NO_SLOTS
         r = self.rank
         need = min(self._n_u + n_ids, self.capacity)
         if self._G.shape[0] < need:
@@ -521,17 +599,22 @@ class LoRAAdapter:
             G[:self._n_u] = self._G[:self._n_u]
             self._G = G
         slots = np.empty(n_ids, np.int64)
+        pend = np.empty(n_ids, np.int32)  # every id's pending row
         self._n_free, self._n_u, missed = LK.assign_slots(
             indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.last_step, self._free, self._n_free,
-            self.step_count, slots, self._local, self._uniq, self._n_u, self._G)
+            self.step_count, slots, self._local, self._uniq, self._n_u, self._G, known, context is not None, pend)
         if missed:
             if table is not None:
-                # rows pending from this batch stay pending; evicted ones leave the list
+                # rows pending from this batch stay pending; evicted ones leave the list,
+                # and the forward's slots may be stale now: probe every id again
                 self._evict(max(missed, int(self.capacity * self.evict_fraction)), table)
                 st = self._state
                 self._n_free, self._n_u, missed = LK.assign_slots(
                     indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.last_step, self._free,
-                    self._n_free, self.step_count, slots, self._local, self._uniq, self._n_u, self._G)
+                    self._n_free, self.step_count, slots, self._local, self._uniq, self._n_u, self._G, known, False,
+                    pend)
+                # the folded rows left the parameters B acts on: pool A again without them
+                context = None
             self.dropped_admissions += int(missed)
         w = weights if weights is not None else _EMPTY[self.dtype]
         use_w = weights is not None
@@ -541,15 +624,16 @@ class LoRAAdapter:
         n_chunks = -(-n_bags // _BACKWARD_CHUNK)
         parts = np.empty((n_chunks, r, self.dim), np.float64)
         scale = float(st.scale)
-        _run_split(lambda c0, c1: LK.backward_bags(slots, offsets, w, use_w, m, grad, st.A, st.B, scale, U, parts,
-                                                   _BACKWARD_CHUNK, c0, c1),
+        P, have_p = (context.P, True) if context is not None else (_NO_P[self.dtype], False)
+        Bt = np.ascontiguousarray(st.B.T, dtype=np.float64)
+        _run_split(lambda c0, c1: LK.backward_bags(slots, offsets, w, use_w, m, grad, st.A, st.B, Bt, scale, U, parts,
+                                                   _BACKWARD_CHUNK, c0, c1, P, have_p),
                    n_chunks, n_threads)
         dB = np.zeros((r, self.dim), np.float64) if self._dB is None else self._dB
         LK.sum_parts(parts, dB)
         # id side: each pending row owned by one thread, summed in id order
-        G, local = self._G, self._local
-        _run_split(lambda lo, hi: LK.scatter_grad_a(slots, offsets, w, use_w, U, local, G, lo, hi),
-                   self._n_u, n_threads)
+        G = self._G
+        _run_split(lambda lo, hi: LK.scatter_grad_a(pend, offsets, w, use_w, U, G, lo, hi), self._n_u, n_threads)
         self._dB = dB
         if self.grad_window is not None:
             self.grad_window.add(grad)
@@ -603,14 +687,17 @@ class LoRAAdapter:
         self.version += 1
         return True
 
-    def train_step(self, table, indices, offsets, grad, *, weights=None, mode="sum", n_threads=None) -> bool:
-        """:meth:`backward` then :meth:`step` (``table`` receives folded rows).
+    def train_step(self, table, indices, offsets, grad, *, weights=None, mode="sum", n_threads=None,
+                   context=None) -> bool:
+        """:meth:`backward` then :meth:`step` (``table`` receives folded rows; ``context``
+        from :meth:`forward` of the same batch spares the probes and the pooling).
 
         The optimizer is not folded into the scatter on purpose: a step is rejected when
         any accumulated gradient is not finite, which is known only once every row's
         gradient is summed; the extra pass reads the touched rows' r floats only.
         """
-        return (self.backward(indices, offsets, grad, weights=weights, mode=mode, table=table, n_threads=n_threads)
+        return (self.backward(indices, offsets, grad, weights=weights, mode=mode, table=table, n_threads=n_threads,
+                              context=context)
                 and self.step(n_threads=n_threads))
 
     def _clear_pending(self):
@@ -765,7 +852,8 @@ class LoRAAdapter:
             A, B, scale); "add" adds their correction to this adapter's own, exactly, by
             concatenating the ranks on the union of the rows (rank r + r', A of a row
             missing on one side is zero there); shrink the rank afterwards with a
-            :class:`~lukern.RankController` or :meth:`refactor`.
+            :class:`~lukern.RankController` or :meth:`refactor`. Both restart the
+            optimizer state (the factors are new parameters).
 
         Mismatched factors raise and change nothing.
 
@@ -839,14 +927,22 @@ class LoRAAdapter:
             idx = np.array([1, 2, 3, 5], dtype=it)
             off = np.array([0, 2, 4], dtype=it)
             grad = np.ones((2, self.dim), self.dtype)
-            scratch.train_step(table, idx, off, grad)
-            scratch.train_step(table, idx, off, grad, weights=np.ones(4, self.dtype))
-            done.append(f"train_step {it}")
+            for weights in (None, np.ones(4, self.dtype)):
+                for nt in (1, 2):
+                    _, ctx = scratch.forward(table, idx, off, weights=weights)
+                    scratch.train_step(table, idx, off, grad, weights=weights, context=ctx, n_threads=nt)
+                    scratch.train_step(table, idx, off, grad, weights=weights, n_threads=nt)
+            done.append(f"forward + train_step {it}")
             for mode in ("sum", "mean"):
                 for drv in drivers:
                     embedding_bag(table, idx, off, mode=mode, adapter=scratch, driver=drv,
                                   n_threads=1 if drv == "serial" else 2, chunk_size=1)
                     done.append(f"lookup {it} {mode} {drv}")
+        # structural changes (resize, refactor: the rank controller's) rebuild the hash
+        scratch.resize(scratch.capacity + 1)
+        rows, slots = scratch.active_rows()
+        scratch.refactor(scratch.A[slots], scratch.B)
+        done.append("resize / refactor")
         return {"compiled": done, "seconds": time.perf_counter() - t0}
 
 
@@ -868,3 +964,5 @@ def _run_split(fn, n: int, n_threads: int) -> None:
 
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+_NO_P = {np.dtype(np.float32): np.empty((0, 0), np.float32), np.dtype(np.float64): np.empty((0, 0), np.float64)}
+_NO_SLOTS = np.empty(0, np.int64)

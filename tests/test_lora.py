@@ -44,20 +44,22 @@ def test_inactive_ids_contribute_only_w():
     assert np.array_equal(lukern.embedding_bag(W, inactive, off, adapter=a), W[inactive])
 
 
-def test_table_batch_with_adapters():
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_table_batch_with_adapters(mode, weighted):
     W1, a1 = _trained(seed=1)
-    W2 = np.random.default_rng(5).standard_normal((300, 8))
-    batch = lukern.TableBatch([W1, W2])
-    a1b = a1  # the adapter corrects table 0 (values copied into the batch buffer)
+    W2, a2 = _trained(n_rows=300, dim=8, rank=2, capacity=100, seed=2)
+    W3 = np.random.default_rng(5).standard_normal((200, 16))
+    batch = lukern.TableBatch([W1, W2, W3])
     rng = np.random.default_rng(3)
-    il = [rng.integers(0, 500, 30), rng.integers(0, 300, 30)]
-    ol = [np.linspace(0, 30, 11).astype(np.int64)] * 2
+    il = [rng.integers(0, n, 30) for n in (500, 300, 200)]
+    ol = [np.array([0, 0, 4, 11, 30])] * 3  # an empty bag too
     idx, off = batch.pack(il, ol)
-    got = batch.lookup(idx, off, adapters=[a1b, None])
-    ref = reference_table_batch([W1 + a1.dense_delta(), W2], idx, off)
+    w = rng.random(idx.size) if weighted else None
+    got = batch.lookup(idx, off, weights=w, mode=mode, adapters=[a1, a2, None])
+    ref = reference_table_batch([W1 + a1.dense_delta(), W2 + a2.dense_delta(), W3], idx, off, w, mode)
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="one adapter or None per table"):
-        batch.lookup(idx, off, adapters=[a1b])
+        batch.lookup(idx, off, adapters=[a1])
 
 
 def _dense_grads(a, W, p, G, mode):
@@ -515,3 +517,76 @@ def test_property_fused_and_backward_match_dense(seed, n_bags, max_len, mode, we
     rows, dA, dB_got = a.pending_gradients()
     np.testing.assert_allclose(dA, dA_dense[rows], rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(dB_got, dB, rtol=1e-9, atol=1e-10)  # dropped rows have A = 0 in both
+
+
+def test_bench_hot_rows_follow_zipf_ids():
+    from lukern.bench.lora import _hot_rows
+    from lukern.testing import zipf_ids
+
+    ids = zipf_ids(np.random.default_rng(0), 20000, 10000)
+    hot = _hot_rows(10000, 0.05)
+    assert np.isin(ids, hot).mean() > 0.5  # the hottest 5% of rows draw most lookups
+
+
+# --- the trainer's forward and its context ------------------------------------------------------
+
+@pytest.mark.parametrize("mode,weighted", [("sum", True), ("mean", False)])
+def test_forward_context_gives_the_same_bits_as_a_plain_backward(mode, weighted):
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((400, 16))
+    runs = []
+    for use_ctx in (False, True):
+        a = lukern.LoRAAdapter(400, 16, rank=4, capacity=40, dtype=np.float64, evict_fraction=0.25, seed=2)
+        W2 = W.copy()
+        outs = []
+        for k in range(6):  # the capacity runs out: evictions inside backward, stale slots
+            p = make_lookup_problem(n_rows=400, dim=16, n_bags=10, pooling=(0, 6), dtype=np.float64, table=W2,
+                                    seed=k, weighted=weighted)
+            G = rng.standard_normal((10, 16)) if not use_ctx else runs[0][2][k]
+            if use_ctx:
+                y, ctx = a.forward(W2, p.indices, p.offsets, weights=p.weights, mode=mode)
+                ref = lukern.embedding_bag(W2, p.indices, p.offsets, weights=p.weights, mode=mode, adapter=a)
+                np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+                assert a.train_step(W2, p.indices, p.offsets, G, weights=p.weights, mode=mode, context=ctx)
+            else:
+                assert a.train_step(W2, p.indices, p.offsets, G, weights=p.weights, mode=mode)
+            outs.append(G)
+        runs.append((a.export(), W2, outs))
+    (f0, W0, _), (f1, W1, _) = runs
+    assert np.array_equal(f0.row_ids, f1.row_ids) and np.array_equal(f0.A, f1.A) and np.array_equal(f0.B, f1.B)
+    assert np.array_equal(W0, W1)
+
+
+def test_forward_context_checks():
+    W, a = _trained()
+    p = make_lookup_problem(n_rows=500, dim=16, n_bags=5, pooling=(1, 4), dtype=np.float64, table=W, seed=2)
+    _, ctx = a.forward(W, p.indices, p.offsets)
+    with pytest.raises(ValueError, match="another batch"):
+        a.backward(p.indices.copy(), p.offsets, np.ones((5, 16)), context=ctx)
+    with pytest.raises(TypeError, match="LoRAAdapter.forward"):
+        a.backward(p.indices, p.offsets, np.ones((5, 16)), context=object())
+    # a step between forward and backward makes the context stale: it is ignored
+    q = make_lookup_problem(n_rows=500, dim=16, n_bags=5, pooling=(1, 4), dtype=np.float64, table=W, seed=3)
+    a.train_step(W, q.indices, q.offsets, np.ones((5, 16)))
+    b = lukern.LoRAAdapter(500, 16, rank=4, capacity=200, dtype=np.float64)
+    b.apply_factors(a.export())
+    assert a.backward(p.indices, p.offsets, np.ones((5, 16)), context=ctx)
+    assert b.backward(p.indices, p.offsets, np.ones((5, 16)))
+    np.testing.assert_array_equal(a.pending_gradients()[2], b.pending_gradients()[2])
+
+
+def test_forward_generic_width():
+    W, a = _trained(dim=5, n_rows=300, capacity=100)
+    b = lukern.LoRAAdapter(300, 5, rank=4, capacity=100, dtype=np.float64)
+    b.apply_factors(a.export())
+    p = make_lookup_problem(n_rows=300, dim=5, n_bags=9, pooling=(0, 6), dtype=np.float64, table=W, seed=2)
+    y, ctx = b.forward(W, p.indices, p.offsets, mode="mean")
+    np.testing.assert_allclose(y, reference_embedding_bag(W + a.dense_delta(), p.indices, p.offsets, None, "mean"),
+                               atol=1e-12)
+    c = lukern.LoRAAdapter(300, 5, rank=4, capacity=100, dtype=np.float64)
+    c.apply_factors(a.export())
+    G = np.random.default_rng(1).standard_normal((9, 5))
+    assert b.backward(p.indices, p.offsets, G, mode="mean", context=ctx)
+    assert c.backward(p.indices, p.offsets, G, mode="mean")
+    for x, z in zip(b.pending_gradients(), c.pending_gradients()):
+        np.testing.assert_array_equal(x, z)

@@ -225,7 +225,7 @@ def test_sidecar_stop_start_keeps_the_optimizer_state(restarts):
     assert pr.stats()["steps"] == th.stats()["steps"] == 3 * (restarts + 1)
     for a, b in zip(th.adapters, pr.adapters):
         np.testing.assert_allclose(b.dense_delta(), a.dense_delta(), rtol=1e-5, atol=1e-6)
-        assert b.step_count == a.step_count
+        assert b.step_count == a.step_count and b.scale == a.scale and b.rank == a.rank
         ra, sa = a.active_rows()
         rb, sb = b.active_rows()
         order_a, order_b = np.argsort(ra), np.argsort(rb)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from .dlrm import _sigmoid
-from .strategies import LukernStrategy, _record
+from .strategies import LukernStrategy
 
 __all__ = ["LiveLukern", "latency_summary", "run_live"]
 
@@ -163,19 +163,7 @@ class LiveLukern(LukernStrategy):
         cpu = self._trainer_cpu()
         self.stats.update_cpu_s += max(cpu - self._cpu_mark, 0.0)
         c0 = time.process_time()  # rank decisions run on this thread, between trainer steps
-        for t, ctl in enumerate(self.controllers):
-            if ctl is not None:
-                a = self.adapters[t]
-                rows, slots = a.active_rows()
-                acc = a._state.acc_a[slots].copy()
-                decision = ctl.step()
-                if decision:
-                    self._unit_rows(a)
-                    self._restore_acc(a, rows, acc)
-                    grown = self._refill_capacity(t, a, ctl)
-                    if grown:
-                        decision = {**decision, "capacity": grown}
-                    _record(self.stats, {"table": self.model_names[t], **decision})
+        self._rank_step()
         self.stats.update_cpu_s += time.process_time() - c0
         self._cpu_mark = self._trainer_cpu()
         self._note_memory()

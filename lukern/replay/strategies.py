@@ -466,6 +466,23 @@ class LukernStrategy(Strategy):
                              np.ones((k, m.dim), m.dtype))
                 a.train_step(tb.tables[t], np.arange(k, dtype=np.int64)[::-1].copy(),
                              np.arange(k + 1, dtype=np.int64), np.ones((k, m.dim), m.dtype))
+                if hasattr(a, "warmup"):
+                    a.warmup(drivers=("serial",))  # the trainer forward and context kernels too
+        if any(c is not None for c in self.controllers):
+            # the rank controller's spectrum and window kernels
+            from .. import GatheredRows, GradientWindow, LowRankRows, randomized_svd
+
+            d = m.dim
+            rng = np.random.default_rng(0)
+            M = rng.standard_normal((64, d)).astype(m.dtype)
+            for method in ("gram", "randomized"):
+                randomized_svd(M, 2, method=method, rng=0)
+                randomized_svd(GatheredRows(M, np.arange(8)), 2, method=method, rng=0)
+            LowRankRows(M[:8, :2].copy(), M[:2].copy(), 1.0).svd()
+            w = GradientWindow(d, capacity=4)
+            w.add(M[:8])
+            w.residual_energy(M[:2])
+            w.top_directions(1, exclude=M[:2])
 
     def predict(self, batch, now):
         c = self.model.forward_cache(batch, adapters=self.adapters)
@@ -505,6 +522,13 @@ class LukernStrategy(Strategy):
                 if self.prior_acc is not None:
                     self._seed_fresh_slots(t, a)
                 a.step()
+        self._rank_step()
+        self.stats.update_cpu_s += time.process_time() - c0
+        self._note_memory()
+
+    def _rank_step(self):
+        """Let every table's RankController decide (between trainer steps), keeping the
+        rows' Adagrad history across a re-factor and refilling freed capacity."""
         for t, ctl in enumerate(self.controllers):
             if ctl is not None:
                 a = self.adapters[t]
@@ -518,8 +542,6 @@ class LukernStrategy(Strategy):
                     if grown:
                         decision = {**decision, "capacity": grown}
                     _record(self.stats, {"table": self.model_names[t], **decision})
-        self.stats.update_cpu_s += time.process_time() - c0
-        self._note_memory()
 
     @staticmethod
     def _unit_rows(a):

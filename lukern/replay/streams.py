@@ -579,29 +579,36 @@ def read_movielens(path, *, movies="auto", skip_bad=False, max_rows=None):
                                               "'userId,movieId,rating,timestamp'. Is this the right --format?", 1)
             return True
 
-        cols, lines, _, bad = _read_rows(path, delimiter=",", n_fields=4, header=header, skip_bad=skip_bad,
-                                         max_rows=max_rows, fmt="MovieLens ratings.csv")
-        if not lines.size:
-            raise _no_rows(path, bad)
-        u, mu = _floats(cols[0], lines, bad, "userId")
-        it, mi = _floats(cols[1], lines, bad, "movieId")
-        r, mr = _floats(cols[2], lines, bad, "rating")
-        t, mt = _floats(cols[3], lines, bad, "timestamp (Unix seconds)")
-        rng = (r < 0) | (r > 5)
-        if rng.any():
-            rows = np.flatnonzero(rng)
-            bad.add_rows(rows, lines, [f"rating {r[i]:g} is outside [0, 5]." for i in rows])
-        bad.finish_check()
-        keep = _keep(_or(mu, mi, mr, mt, rng), len(lines))
-        if not keep.any():
-            raise _no_rows(path, bad)
-        users, items, ratings, t = u[keep].astype(np.int64), it[keep].astype(np.int64), r[keep], t[keep]
+        users, items, ratings, t, bad = _read_ratings(path, ",", header, skip_bad, max_rows, "MovieLens ratings.csv",
+                                                      ("userId", "movieId"))
     genre_of = year_of = None
     mpath = _sibling(path, "ratings", "movies") if movies == "auto" else movies
     if mpath:
         genre_of, year_of = _genre_lookup(*_read_movies_csv(mpath))
     return _movielens_common(_stem(path), "movielens", path, users, items, ratings, t, bad,
                              genre_of=genre_of, year_of=year_of)
+
+
+def _read_ratings(path, delimiter, header, skip_bad, max_rows, fmt, id_names):
+    """(users, items, ratings, timestamps, bad-line log) of a user,item,rating,timestamp file;
+    ratings outside [0, 5] are bad lines."""
+    cols, lines, _, bad = _read_rows(path, delimiter=delimiter, n_fields=4, header=header, skip_bad=skip_bad,
+                                     max_rows=max_rows, fmt=fmt)
+    if not lines.size:
+        raise _no_rows(path, bad)
+    u, mu = _floats(cols[0], lines, bad, id_names[0])
+    it, mi = _floats(cols[1], lines, bad, id_names[1])
+    r, mr = _floats(cols[2], lines, bad, "rating")
+    t, mt = _floats(cols[3], lines, bad, "timestamp (Unix seconds)")
+    out_of_range = (r < 0) | (r > 5)
+    if out_of_range.any():
+        rows = np.flatnonzero(out_of_range)
+        bad.add_rows(rows, lines, [f"rating {r[i]:g} is outside [0, 5]." for i in rows])
+    bad.finish_check()
+    keep = _keep(_or(mu, mi, mr, mt, out_of_range), len(lines))
+    if not keep.any():
+        raise _no_rows(path, bad)
+    return u[keep].astype(np.int64), it[keep].astype(np.int64), r[keep], t[keep], bad
 
 
 def _read_ml100k_items(path):
@@ -644,23 +651,7 @@ def read_ml100k(path, *, items="auto", users="auto", skip_bad=False, max_rows=No
     >>> read_ml100k(p).labels.tolist()
     [0.0, 1.0]
     """
-    cols, lines, _, bad = _read_rows(path, delimiter="\t", n_fields=4, header=False, skip_bad=skip_bad,
-                                     max_rows=max_rows, fmt="ml-100k u.data")
-    if not lines.size:
-        raise _no_rows(path, bad)
-    u, mu = _floats(cols[0], lines, bad, "user id")
-    it, mi = _floats(cols[1], lines, bad, "item id")
-    r, mr = _floats(cols[2], lines, bad, "rating")
-    t, mt = _floats(cols[3], lines, bad, "timestamp (Unix seconds)")
-    rng = (r < 0) | (r > 5)
-    if rng.any():
-        rows = np.flatnonzero(rng)
-        bad.add_rows(rows, lines, [f"rating {r[i]:g} is outside [0, 5]." for i in rows])
-    bad.finish_check()
-    keep = _keep(_or(mu, mi, mr, mt, rng), len(lines))
-    if not keep.any():
-        raise _no_rows(path, bad)
-    uu, ii = u[keep].astype(np.int64), it[keep].astype(np.int64)
+    uu, ii, r, t, bad = _read_ratings(path, "\t", False, skip_bad, max_rows, "ml-100k u.data", ("user id", "item id"))
     genre_of = year_of = None
     ipath = _sibling(path, "u.data", "u.item") if items == "auto" else items
     if ipath:
@@ -674,7 +665,7 @@ def read_ml100k(path, *, items="auto", users="auto", skip_bad=False, max_rows=No
         extra_dense.append(("age", np.where(j >= 0, age[np.maximum(j, 0)] / 50.0, 0.0)))
         extra_cat.append(("gender", np.where(j >= 0, gender[np.maximum(j, 0)], "?")))
         extra_cat.append(("occupation", np.where(j >= 0, occ[np.maximum(j, 0)], "?")))
-    return _movielens_common(_stem(path), "ml-100k", path, uu, ii, r[keep], t[keep], bad,
+    return _movielens_common(_stem(path), "ml-100k", path, uu, ii, r, t, bad,
                              genre_of=genre_of, year_of=year_of, extra_dense=extra_dense, extra_cat=extra_cat)
 
 

@@ -83,16 +83,15 @@ def _train_state(a):
     st = a._state
     rows, slots = a.active_rows()
     return {"rows": rows, "A": st.A[slots], "B": st.B, "acc_a": st.acc_a[slots], "acc_b": st.acc_b,
-            "last_step": st.last_step[slots], "alpha": a.alpha, "version": a.version,
+            "last_step": st.last_step[slots], "scale": float(st.scale), "version": a.version,
             **{k: getattr(a, k) for k in _ADAPTER_COUNTERS}}
 
 
 def _adopt_train_state(a, s):
     """Make adapter ``a`` the trainer state ``s`` (from :func:`_train_state`), swapped in
     one reference like ``apply_factors``."""
-    a.alpha = s["alpha"]
     a._adopt(np.asarray(s["rows"], np.int64), s["A"], s["B"], np.array(s["acc_b"], a.dtype),
-             capacity=max(a.capacity, s["rows"].size), acc_a=s["acc_a"], last_step=s["last_step"])
+             capacity=max(a.capacity, s["rows"].size), acc_a=s["acc_a"], last_step=s["last_step"], scale=s["scale"])
     a.version = s["version"]
     for k in _ADAPTER_COUNTERS:
         setattr(a, k, s[k])

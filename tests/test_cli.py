@@ -1,0 +1,18 @@
+"""The lukern command: info and demo (replay has its own tests)."""
+
+import json
+
+from lukern.cli import main
+
+
+def test_info_prints_json(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cpus"] >= 1 and info["threading_layer"]
+
+
+def test_demo_prints_a_throughput_table(capsys):
+    assert main(["demo", "--rows", "5000", "--dim", "16", "--batch", "64", "--repeats", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:2] == ["ids", "threads"]
+    assert len(out) == 5 and all(line.split()[-1].endswith("x") for line in out[1:])
