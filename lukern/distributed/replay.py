@@ -1,200 +1,67 @@
-"""The replay across replicas: ``lukern replay --replicas N [--exchange-every T]``.
+"""The replay across replicas: ``lukern replay --replicas N [--exchange-every T]
+[--split user|random] [--backend inproc|ray]``.
 
-The stream after the initial training is split over N replicas (by user, i.e. the first
-categorical feature, or at random). Each replica serves and learns its share with its
-own co-located LoRA trainer. Two arms run on the same split: *isolated* replicas never
-exchange; *exchanging* replicas merge their compact factors every T windows. Reported
-per window: AUC over all rows (each scored by the replica that served it), bytes moved
-by the exchange (uploads + downloads), and the bytes a delta strategy would have shipped
-for the rows the replicas changed in the same period (``k (8 + 4 d)`` per replica).
+Every replica starts from the same initial model (trained on the start of the stream,
+as for the single-node strategies) and gets a share of the served part: by user (a
+hash of the ``user`` feature, or of the first categorical feature when there is none)
+or at random. A replica scores each of its batches before learning from it with its
+own co-located LoRA trainer. Two arms run on the same split:
+
+- **isolated**: the replicas never exchange;
+- **exchanging**: every T windows the replicas publish their compact factors and adopt
+  the product-correct merge (:mod:`lukern.distributed.replica`).
+
+Reported per window and arm: AUC and log loss over all the window's rows (each scored
+by the replica that served it); per exchange period: the bytes the exchange moved
+(every snapshot uploaded once and downloaded by each peer) and the bytes a delta
+strategy would have shipped for the same period (the rows the replicas changed,
+``k (8 + 4 d)``, uploads only: the comparison favours delta).
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 
 import numpy as np
 
-from ..replay.runner import ReplayConfig, auc, bootstrap_ci, logloss
-from .exchange import InProcessExchange
-from .replica import Replica
+from ..replay.runner import ReplayConfig, _single_threaded, auc, bootstrap_ci, initial_model, logloss
+from ..replay.strategies import ID_BYTES
 
-__all__ = ["print_replicated", "run_replicated"]
+__all__ = ["print_replicated", "replica_owner", "run_replicated"]
 
-
-def _assign(stream, n_train, replicas, split, seed):
-    rows = np.arange(n_train, len(stream))
-    if split == "user":
-        key = stream.cat[rows, 0].astype(np.uint64)
-        return ((key * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)).astype(np.int64) % replicas
-    if split == "random":
-        return np.random.default_rng(seed).integers(0, replicas, rows.size)
-    raise ValueError(f"`split` must be 'user' or 'random'; got {split!r}.")
+ARMS = ("isolated", "exchanging")
 
 
-def _initial_model(stream, cfg, n_train):
-    from ..replay.runner import initial_model
-
-    return initial_model(stream, cfg, n_train)[0]
-
-
-class _Local:
-    """In-process backend: replicas are objects, the exchange a dict."""
-
-    def __init__(self, n, m0, kw):
-        self.replicas = {i: Replica(i, m0, kw) for i in range(n)}
-        self.exchange_board = InProcessExchange()
-        self.lost = []
-
-    def serve(self, parts):
-        return {i: self.replicas[i].serve(b) for i, b in parts.items() if i in self.replicas}
-
-    def exchange(self):
-        return [self.replicas[i].exchange(self.exchange_board) for i in sorted(self.replicas)]
-
-    def changed_rows(self):
-        return sum(r.changed_rows() for r in self.replicas.values())
-
-    def alive(self):
-        return sorted(self.replicas)
-
-    def close(self):
-        pass
+def _split_feature(stream) -> int:
+    names = [str(n).lower() for n in stream.cat_names]
+    return names.index("user") if "user" in names else 0
 
 
-class _RayBackend:
-    """Ray backend: one actor per replica, a board actor for the exchange. A replica whose
-    actor dies is reported and dropped; the others keep serving and learning."""
+def replica_owner(stream, replicas: int, split: str = "user", seed: int = 0) -> np.ndarray:
+    """The replica (0..replicas-1) of every row of ``stream``.
 
-    def __init__(self, n, m0, kw):
-        from .ray_backend import RayExchange, replica_actor
+    ``user``: a multiplicative hash of the user id (all of a user's rows go to one
+    replica, as a sticky load balancer would send them); ``random``: uniform, seeded.
 
-        import ray
-
-        self.ray = ray
-        model_ref = ray.put(m0)  # shared read-only through the object store; each actor copies it
-        self.actors = {i: replica_actor(i, model_ref, kw) for i in range(n)}
-        self.exchange_board = RayExchange()
-        self.lost = []
-
-    def _call(self, calls):
-        out = {}
-        for i, ref in calls.items():
-            try:
-                out[i] = self.ray.get(ref)
-            except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorDiedError) as e:
-                self.lost.append({"replica": i, "error": type(e).__name__})
-                self.actors.pop(i, None)
-                self.exchange_board.forget(i)
-        return out
-
-    def serve(self, parts):
-        return self._call({i: self.actors[i].serve.remote(b) for i, b in parts.items() if i in self.actors})
-
-    def exchange(self):
-        res = self._call({i: a.exchange.remote(self.exchange_board.board) for i, a in self.actors.items()})
-        return [res[i] for i in sorted(res)]
-
-    def changed_rows(self):
-        return sum(self._call({i: a.changed_rows.remote() for i, a in self.actors.items()}).values())
-
-    def alive(self):
-        return sorted(self.actors)
-
-    def kill(self, i):
-        """Kill replica ``i``'s actor (tests of failure handling)."""
-        self.ray.kill(self.actors[i])
-
-    def close(self):
-        for a in self.actors.values():
-            self.ray.kill(a)
-        self.actors = {}
-
-
-def run_replicated(stream, cfg: ReplayConfig | None = None, *, replicas: int = 2, exchange_every: int = 1,
-                   split: str = "user", backend: str = "inproc", on_window=None) -> dict:
-    """Run the isolated and the exchanging arm on ``stream``; return the report dict.
-
-    ``backend`` is ``"inproc"`` or ``"ray"`` (the caller starts Ray, e.g. with
-    :class:`lukern.distributed.ray_backend.RayCluster`). ``on_window(arm, w, backend)``
-    is called after each window (tests use it to kill a replica mid-run).
+    Examples
+    --------
+    >>> from lukern.replay.synthetic import synthetic_stream
+    >>> s = synthetic_stream(n_events=2000, seed=0)
+    >>> o = replica_owner(s, 2)
+    >>> bool(((o == 0) | (o == 1)).all()), bool(len(set(zip(s.cat[:, 0], o))) == len(set(s.cat[:, 0])))
+    (True, True)
     """
-    cfg = cfg or ReplayConfig()
-    cfg.check()
-    if replicas < 1:
+    if int(replicas) < 1:
         raise ValueError(f"`replicas` must be >= 1; got {replicas}.")
-    if exchange_every < 1:
-        raise ValueError(f"`exchange_every` must be >= 1; got {exchange_every}.")
-    if backend not in ("inproc", "ray"):
-        raise ValueError(f"`backend` must be 'inproc' or 'ray'; got {backend!r}.")
-    n = len(stream)
-    n_train = int(n * cfg.train_frac)
-    edges = np.linspace(n_train, n, cfg.windows + 1).astype(np.int64)
-    start = time.perf_counter()
-    m0 = _initial_model(stream, cfg, n_train)
-    owner = _assign(stream, n_train, replicas, split, cfg.seed)
-    kw = dict(rank=cfg.rank, alpha=cfg.alpha, lr_a=cfg.lr_a, lr_b=cfg.lr_b, budget_pct=cfg.budget_pct,
-              rank_control=False)
-    report = {"replicas": replicas, "exchange_every": exchange_every, "split": split, "backend": backend,
-              "stream": stream.name, "rows": n, "train_rows": n_train, "arms": {}}
-    for arm in ("isolated", "exchanging"):
-        be = (_Local if backend == "inproc" else _RayBackend)(replicas, m0, kw)
-        ser = {"auc": [], "logloss": [], "bytes_exchanged": [], "delta_bytes": [], "dropped_energy": [],
-               "alive": []}
-        try:
-            for w in range(cfg.windows):
-                a0, a1 = int(edges[w]), int(edges[w + 1])
-                pred = np.full(a1 - a0, np.nan)
-                for a in range(a0, a1, cfg.batch_size):
-                    b1 = min(a1, a + cfg.batch_size)
-                    own = owner[a - n_train:b1 - n_train]
-                    alive = be.alive()
-                    # rows of a lost replica go to the survivors
-                    own = np.where(np.isin(own, alive), own, np.asarray(alive)[own % len(alive)])
-                    parts, where = {}, {}
-                    for i in alive:
-                        sel = np.flatnonzero(own == i)
-                        if sel.size:
-                            rows = a + sel
-                            parts[i] = _take(stream, rows)
-                            where[i] = sel
-                    for i, p in be.serve(parts).items():
-                        pred[a - a0 + where[i]] = p
-                changed = be.changed_rows()
-                moved, dropped = 0, 0.0
-                if arm == "exchanging" and (w + 1) % exchange_every == 0:
-                    for r in be.exchange():
-                        moved += r["sent"] + r["received"]
-                        dropped = max(dropped, r["dropped_energy"])
-                y = stream.labels[a0:a1]
-                ok = ~np.isnan(pred)
-                ser["auc"].append(auc(y[ok], pred[ok]))
-                ser["logloss"].append(logloss(y[ok], pred[ok]))
-                ser["bytes_exchanged"].append(int(moved))
-                ser["delta_bytes"].append(int(changed * (8 + 4 * m0.dim)))
-                ser["dropped_energy"].append(dropped)
-                ser["alive"].append(len(be.alive()))
-                if on_window is not None:
-                    on_window(arm, w, be)
-        finally:
-            ser["lost"] = list(be.lost)
-            be.close()
-        y_all = stream.labels[int(edges[0]):int(edges[-1])]
-        ser["auc_mean"] = float(np.nanmean(ser["auc"]))
-        report["arms"][arm] = ser
-        del y_all
-    iso, ex = report["arms"]["isolated"], report["arms"]["exchanging"]
-    diff = np.array(ex["auc"]) - np.array(iso["auc"])
-    _, lo, hi = bootstrap_ci(diff, n_boot=cfg.bootstrap, seed=cfg.seed)
-    periods = [i for i, b in enumerate(ex["bytes_exchanged"]) if b > 0]
-    ratio = (float(np.mean([ex["delta_bytes"][i] / ex["bytes_exchanged"][i] for i in periods]))
-             if periods else float("nan"))
-    report["summary"] = {"auc_gain_mean": float(diff.mean()), "auc_gain_ci95": [lo, hi],
-                         "delta_over_exchanged_bytes": ratio,
-                         "bytes_exchanged_per_period": float(np.mean([ex["bytes_exchanged"][i] for i in periods]))
-                         if periods else 0.0}
-    report["elapsed_s"] = time.perf_counter() - start
-    return report
+    if split == "user":
+        key = stream.cat[:, _split_feature(stream)].astype(np.uint64)
+        h = (key * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)
+        return (h % np.uint64(replicas)).astype(np.int64)
+    if split == "random":
+        return np.random.default_rng(seed).integers(0, int(replicas), len(stream)).astype(np.int64)
+    raise ValueError(f"`split` must be 'user' or 'random'; got {split!r}.")
 
 
 def _take(stream, rows):
@@ -203,21 +70,316 @@ def _take(stream, rows):
     return Batch(stream.t[rows], stream.dense[rows], stream.cat[rows], stream.labels[rows])
 
 
-def print_replicated(report, file=None) -> None:
-    import sys
+def _strategy_kw(cfg, stream, owner, n_train, w_rows, replicas):
+    """One LukernStrategy setting per replica: the single-node lukern's, with the slot
+    demand (ids seen twice in the last training window) of the replica's own share."""
+    recent = np.arange(max(0, n_train - w_rows), n_train)
+    out = []
+    for i in range(replicas):
+        cat = stream.cat[recent[owner[recent] == i]]
+        demand = [int((np.unique(cat[:, t], return_counts=True)[1] >= 2).sum()) for t in range(stream.n_cat)]
+        out.append(dict(rank=cfg.rank, alpha=cfg.alpha, lr_a=cfg.lr_a, lr_b=cfg.lr_b, budget_pct=cfg.budget_pct,
+                        rank_control=cfg.rank_control, demand=demand, optimizer_a=cfg.optimizer_a,
+                        optimizer_b=cfg.optimizer_b, eviction=cfg.eviction, train_batch=cfg.train_batch,
+                        rank_energy=cfg.rank_energy, min_rank=cfg.min_rank, prior_acc=cfg.prior_acc,
+                        rank_every=max(1, (w_rows // replicas) // cfg.train_batch)))
+    return out
 
+
+@contextlib.contextmanager
+def _backend(backend, replicas):
+    """Ray for the ``ray`` backend: the caller's if it runs, else a private one."""
+    if backend != "ray":
+        yield None
+        return
+    from .ray_backend import RayCluster, _ray
+
+    ray = _ray()
+    if ray.is_initialized():
+        yield None
+        return
+    with RayCluster(num_cpus=max(2, replicas)) as cluster:
+        yield cluster
+
+
+def run_replicated(stream, cfg: ReplayConfig | None = None, *, replicas: int = 2, exchange_every: int = 1,
+                   split: str = "user", backend: str = "inproc", pin=None, arms=ARMS, model=None,
+                   merge: str = "fold", rows: str = "mean", on_exchange=None, progress: bool = False) -> dict:
+    """Run the isolated and the exchanging arm on ``stream``; return the report dict.
+
+    Parameters
+    ----------
+    stream : lukern.replay.Stream
+    cfg : ReplayConfig
+        The single-node replay's settings (windows, batch sizes, adapter settings).
+    replicas, exchange_every, split :
+        N, T (in windows) and how rows are assigned (see :func:`replica_owner`).
+    backend : {"inproc", "ray"}
+        Replicas in this process, or as Ray actors (on the running Ray, else on a
+        private loopback one started and stopped here).
+    pin : None, "spread" or list of node ids
+        Ray only: where the replica actors run (see ``RayReplicaSet``).
+    arms : tuple
+        Subset of ("isolated", "exchanging").
+    model : DLRM, optional
+        The initial model (default: trained here like the single-node replay's).
+    on_exchange : callable(arm, window, replica_set), optional
+        Called between the publish and the merge phase of every exchange (failure drills
+        kill a replica there).
+
+    Examples
+    --------
+    >>> from lukern.replay.synthetic import synthetic_stream
+    >>> s = synthetic_stream(n_events=6000, seed=0)
+    >>> r = run_replicated(s, ReplayConfig(windows=2, epochs=1, bootstrap=10), replicas=2)
+    >>> sorted(r["arms"]), len(r["arms"]["exchanging"]["auc"])
+    (['exchanging', 'isolated'], 2)
+    """
+    cfg = cfg or ReplayConfig()
+    cfg.check()
+    if isinstance(replicas, bool) or int(replicas) < 1:
+        raise ValueError(f"`replicas` must be >= 1; got {replicas}.")
+    _periods(exchange_every)
+    if backend not in ("inproc", "ray"):
+        raise ValueError(f"`backend` must be 'inproc' or 'ray'; got {backend!r}.")
+    if not arms or any(a not in ARMS for a in arms):
+        raise ValueError(f"`arms` must be a non-empty subset of {ARMS}; got {arms!r}.")
+    replicas = int(replicas)
+    n = len(stream)
+    n_train = int(n * cfg.train_frac)
+    if n_train < 1 or n - n_train < cfg.windows:
+        raise ValueError(f"the stream has {n} rows: too few for train_frac={cfg.train_frac} and {cfg.windows} "
+                         "windows. Use a longer stream or fewer windows.")
+    owner = replica_owner(stream, replicas, split, cfg.seed)
+    edges = np.linspace(n_train, n, cfg.windows + 1).astype(np.int64)
+    w_rows = int(edges[1] - edges[0])
+    start = time.perf_counter()
+    with _single_threaded():
+        m0 = model if model is not None else initial_model(stream, cfg, n_train)[0]
+    kws = _strategy_kw(cfg, stream, owner, n_train, w_rows, replicas)
+    init = list(stream.batches(cfg.batch_size, max(0, n_train - w_rows), n_train)) \
+        if cfg.init_b == "gradients" else None
+    row_bytes = ID_BYTES + m0.dim * np.dtype(m0.dtype).itemsize
+    report = {"replicas": replicas, "exchange_every": exchange_every, "split": split, "merge": merge,
+              "merge_rows": rows,
+              "split_feature": stream.cat_names[_split_feature(stream)] if split == "user" else None,
+              "backend": backend, "stream": stream.name, "rows": n, "train_rows": n_train,
+              "rows_per_replica": np.bincount(owner[n_train:], minlength=replicas).tolist(), "arms": {}}
+    with _backend(backend, replicas) as cluster, _single_threaded():
+        for arm in arms:
+            report["arms"][arm] = _run_arm(arm, stream, cfg, m0, kws, init, owner, edges, replicas, exchange_every,
+                                           backend, pin, on_exchange, row_bytes, progress,
+                                           {"merge": merge, "rows": rows})
+        if cluster is not None:
+            report["ray"] = {"processes_started": len(cluster.processes)}
+    if cluster is not None:
+        report["ray"]["processes_left"] = len(cluster.alive_processes())
+        report["ray"]["killed_after_shutdown"] = len(cluster.killed)
+    _summary(report, stream, edges, cfg)
+    report["elapsed_s"] = time.perf_counter() - start
+    return report
+
+
+def _periods(exchange_every):
+    """(windows per exchange, exchanges per window) from T."""
+    T = float(exchange_every)
+    if not np.isfinite(T) or T <= 0:
+        raise ValueError(f"`exchange_every` must be > 0 (windows); got {exchange_every}.")
+    if T >= 1:
+        if T != int(T):
+            raise ValueError(f"`exchange_every` must be a whole number of windows, or 1/k of one (0.5, 0.25, ...); "
+                             f"got {exchange_every}.")
+        return int(T), 1
+    k = round(1.0 / T)
+    if abs(1.0 / T - k) > 1e-6:
+        raise ValueError(f"`exchange_every` below 1 must be 1/k of a window (0.5, 0.25, 0.1, ...); got {exchange_every}.")
+    return 1, int(k)
+
+
+def _serve_range(rs, stream, owner, a0, a1, batch_size, replicas):
+    """Serve rows a0:a1 (each replica its rows of every serving batch, in order); rows of
+    a lost replica, including those it was serving when it died, go to the survivors."""
+    pred = np.full(a1 - a0, np.nan)
+    todo = np.arange(a0, a1)
+    for _attempt in range(replicas):
+        alive = rs.alive()
+        if not alive or todo.size == 0:
+            break
+        own = owner[todo]
+        lost = ~np.isin(own, alive)
+        own[lost] = np.asarray(alive)[own[lost] % len(alive)]
+        parts, where = {}, {}
+        for i in alive:
+            idx = todo[own == i]
+            if idx.size == 0:
+                continue
+            cuts = np.searchsorted(idx, np.arange(a0, a1, batch_size)[1:])
+            parts[i] = [_take(stream, c) for c in np.split(idx, cuts) if c.size]
+            where[i] = idx
+        for i, p in rs.serve(parts).items():
+            pred[where[i] - a0] = p
+        todo = np.flatnonzero(np.isnan(pred)) + a0
+    return pred
+
+
+def _exchange(rs, arm, w, on_exchange, row_bytes):
+    """One exchange period's end: both phases, and what a delta would have shipped."""
+    changed = rs.changed_rows()
+    rec = {"window": w, "changed_rows": int(changed), "delta_bytes": int(changed * row_bytes), "published": 0,
+           "bytes_exchanged": 0, "dropped_energy": 0.0, "folded_rows": 0, "merge_s": 0.0, "failed": [],
+           "replicas": len(rs.alive())}
+    if not rs.alive():
+        return rec
+    pub = rs.publish()
+    if on_exchange is not None:
+        on_exchange(arm, w, rs)
+    mer = rs.merge()
+    rec["published"] = int(sum(p["sent"] for p in pub.values()))
+    rec["bytes_exchanged"] = rec["published"] + int(sum(m["received"] for m in mer.values()))
+    for m in mer.values():
+        rec["dropped_energy"] = max(rec["dropped_energy"], m["dropped_energy"])
+        rec["folded_rows"] += m["folded_rows"]
+        rec["merge_s"] = max(rec["merge_s"], m["merge_s"])
+        rec["failed"] += [{"replica": m["replica"], "peer": p} for p in m["failed"]]
+    return rec
+
+
+def _run_arm(arm, stream, cfg, m0, kws, init, owner, edges, replicas, exchange_every, backend, pin, on_exchange,
+             row_bytes, progress, replica_kw):
+    t0 = time.perf_counter()
+    if backend == "ray":
+        from .ray_backend import RayReplicaSet
+
+        rs = RayReplicaSet(replicas, m0, kws, init_batches=init, replica_kw=replica_kw, pin=pin)
+    else:
+        from .replica import LocalReplicaSet
+
+        rs = LocalReplicaSet(replicas, m0, kws, init_batches=init, replica_kw=replica_kw)
+    every_w, per_w = _periods(exchange_every)
+    ser = {k: [] for k in ("auc", "logloss", "bytes_exchanged", "delta_bytes", "alive", "unserved_rows")}
+    ser["exchanges"] = []
+    preds = []
+    try:
+        ser["start_s"] = time.perf_counter() - t0
+        for w in range(cfg.windows):
+            a0, a1 = int(edges[w]), int(edges[w + 1])
+            cuts = np.linspace(a0, a1, per_w + 1).astype(np.int64)
+            pred, moved, delta = [], 0, 0
+            for c0, c1 in zip(cuts[:-1], cuts[1:]):
+                pred.append(_serve_range(rs, stream, owner, int(c0), int(c1), cfg.batch_size, replicas))
+                if arm == "exchanging" and (w + 1) % every_w == 0:
+                    rec = _exchange(rs, arm, w, on_exchange, row_bytes)
+                    ser["exchanges"].append(rec)
+                    moved += rec["bytes_exchanged"]
+                    delta += rec["delta_bytes"]
+            if arm == "isolated":
+                delta = int(rs.changed_rows() * row_bytes)
+            pred = np.concatenate(pred)
+            y = stream.labels[a0:a1]
+            ok = ~np.isnan(pred)
+            ser["auc"].append(auc(y[ok], pred[ok]))
+            ser["logloss"].append(logloss(y[ok], pred[ok]))
+            ser["bytes_exchanged"].append(int(moved))
+            ser["delta_bytes"].append(int(delta))
+            ser["alive"].append(len(rs.alive()))
+            ser["unserved_rows"].append(int((~ok).sum()))
+            preds.append(pred)
+            if progress:
+                print(f"replicas, {arm}: window {w + 1}/{cfg.windows}, AUC {ser['auc'][-1]:.4f}", file=sys.stderr)
+        ser["final"] = rs.stats()
+    finally:
+        ser["lost"] = list(rs.lost)
+        rs.close()
+    p = np.concatenate(preds)
+    y = stream.labels[int(edges[0]):int(edges[-1])]
+    ok = ~np.isnan(p)
+    ser["auc_overall"] = auc(y[ok], p[ok])
+    ser["logloss_overall"] = logloss(y[ok], p[ok])
+    ser["elapsed_s"] = time.perf_counter() - t0
+    return ser
+
+
+def _summary(report, stream, edges, cfg):
+    arms = report["arms"]
+    summ = {}
+    if "exchanging" in arms:
+        # one period per exchange; the last may have no exchange after it (T > 1)
+        ex = [e for e in arms["exchanging"]["exchanges"] if e["bytes_exchanged"]]
+        ratios = [e["delta_bytes"] / e["bytes_exchanged"] for e in ex]
+        like = [e["delta_bytes"] / e["published"] for e in ex]
+        summ.update({
+            "exchanges": len(ex),
+            "bytes_exchanged_per_period": float(np.median([e["bytes_exchanged"] for e in ex])) if ex else 0.0,
+            "bytes_published_per_period": float(np.median([e["published"] for e in ex])) if ex else 0.0,
+            "delta_bytes_per_period": float(np.median([e["delta_bytes"] for e in ex])) if ex else 0.0,
+            "delta_over_exchanged_median": float(np.median(ratios)) if ratios else None,
+            "delta_over_exchanged_min": float(min(ratios)) if ratios else None,
+            "delta_over_published_median": float(np.median(like)) if like else None,
+            "max_dropped_energy": float(max((e["dropped_energy"] for e in ex), default=0.0)),
+        })
+    if len(arms) == 2:
+        iso, exa = arms["isolated"], arms["exchanging"]
+        diff = np.asarray(exa["auc"]) - np.asarray(iso["auc"])
+        m, lo, hi = bootstrap_ci(diff, n_boot=cfg.bootstrap, seed=cfg.seed)
+        summ.update({"auc_isolated": iso["auc_overall"], "auc_exchanging": exa["auc_overall"],
+                     "auc_gain": exa["auc_overall"] - iso["auc_overall"], "window_auc_gain_mean": m,
+                     "window_auc_gain_ci95": [lo, hi]})
+        report["bars"] = {
+            "exchanging_auc_at_least_isolated": bool(summ["auc_gain"] >= 0),
+            "exchange_bytes_5x_below_delta": bool(summ["delta_over_exchanged_min"] is not None
+                                                  and summ["delta_over_exchanged_min"] >= 5.0),
+        }
+    report["summary"] = summ
+
+
+def print_replicated(report, file=None, single=None) -> None:
+    """The replicas' part of the ``lukern replay`` report (``single``: the single-node
+    report, whose lukern and delta AUC are printed beside)."""
     f = file or sys.stdout
-    iso, ex = report["arms"]["isolated"], report["arms"]["exchanging"]
-    print(f"\nreplicas: {report['replicas']} ({report['backend']}, split by {report['split']}), exchange every "
-          f"{report['exchange_every']} window(s)", file=f)
-    print(f"{'window':>6} {'isolated AUC':>13} {'exchanging AUC':>15} {'exchanged':>11} {'delta would ship':>17}",
-          file=f)
-    for w in range(len(iso["auc"])):
-        print(f"{w:>6} {iso['auc'][w]:>13.4f} {ex['auc'][w]:>15.4f} {ex['bytes_exchanged'][w] / 1e3:>8.1f} kB "
-              f"{ex['delta_bytes'][w] / 1e3:>14.1f} kB", file=f)
-    s = report["summary"]
-    print(f"exchanging - isolated AUC per window: {s['auc_gain_mean']:+.4f} (95% CI {s['auc_gain_ci95'][0]:+.4f}, "
-          f"{s['auc_gain_ci95'][1]:+.4f}); delta / exchanged bytes: {s['delta_over_exchanged_bytes']:.1f}x", file=f)
-    for arm in ("isolated", "exchanging"):
-        for lost in report["arms"][arm]["lost"]:
-            print(f"{arm}: replica {lost['replica']} was lost ({lost['error']}); its rows went to the others", file=f)
+    arms = report["arms"]
+    split = report["split"] + (f" ({report['split_feature']})" if report.get("split_feature") else "")
+    print(f"\nreplicas: {report['replicas']} on {report['backend']}, split by {split}, rows per replica "
+          f"{report['rows_per_replica']}, exchange every {report['exchange_every']} window(s), merge "
+          f"{report.get('merge')} ({report.get('merge_rows')} per row)", file=f)
+    names = [a for a in ARMS if a in arms]
+    ex = arms.get("exchanging")
+    head = "".join(f"{a + ' AUC':>16}" for a in names)
+    print(f"{'window':>6}{head}" + (f"{'exchanged':>13}{'delta ships':>14}" if ex else ""), file=f)
+    for w in range(len(arms[names[0]]["auc"])):
+        cols = "".join(f"{arms[a]['auc'][w]:>16.4f}" for a in names)
+        if ex is not None:
+            cols += f"{ex['bytes_exchanged'][w] / 1e3:>10.1f} kB{ex['delta_bytes'][w] / 1e3:>11.1f} kB"
+        print(f"{w:>6}{cols}", file=f)
+    for a in names:
+        print(f"{a:<14} overall AUC {arms[a]['auc_overall']:.4f}  logloss {arms[a]['logloss_overall']:.4f}", file=f)
+    if single is not None:
+        for name in ("lukern", "delta"):
+            st = single.get("strategies", {}).get(name)
+            if st is not None:
+                print(f"{'single ' + name:<14} overall AUC {st['auc']:.4f}  (one node, all the traffic)", file=f)
+    s = report.get("summary") or {}
+    if "auc_gain" in s:
+        lo, hi = s["window_auc_gain_ci95"]
+        print(f"exchanging - isolated: overall AUC {s['auc_gain']:+.4f}; per window {s['window_auc_gain_mean']:+.4f} "
+              f"(95% CI {lo:+.4f}, {hi:+.4f})", file=f)
+    if s.get("delta_over_exchanged_median") is not None:
+        print(f"per exchange period (median of {s['exchanges']}): exchanged {s['bytes_exchanged_per_period'] / 1e3:.1f} "
+              f"kB (published {s['bytes_published_per_period'] / 1e3:.1f} kB + downloads); delta would ship "
+              f"{s['delta_bytes_per_period'] / 1e3:.1f} kB (changed rows, uploads only): "
+              f"{s['delta_over_exchanged_median']:.1f}x (min {s['delta_over_exchanged_min']:.1f}x; uploads vs "
+              f"uploads {s['delta_over_published_median']:.1f}x); largest dropped energy "
+              f"{100 * s['max_dropped_energy']:.2f}%", file=f)
+    if report.get("bars"):
+        print("bars: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in report["bars"].items()), file=f)
+    for a in names:
+        for lost in arms[a]["lost"]:
+            print(f"{a}: replica {lost['replica']} was lost during {lost['phase']} ({lost['error']}); its rows "
+                  "went to the others", file=f)
+        fails = [x for e in arms[a].get("exchanges", []) for x in e["failed"]]
+        if fails:
+            print(f"{a}: {len(fails)} snapshot(s) could not be fetched and were skipped", file=f)
+    if "ray" in report:
+        r = report["ray"]
+        print(f"ray: {r['processes_started']} processes started, {r.get('processes_left', 0)} left after shutdown",
+              file=f)
+    print(f"elapsed {report['elapsed_s']:.1f} s", file=f)

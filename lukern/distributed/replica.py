@@ -1,125 +1,342 @@
-"""One inference replica with its co-located trainer: serves its share of the stream with
-the fused LoRA lookup, learns from it, and exchanges compact factors with its peers."""
+"""One inference replica with its co-located trainer, and a set of them in one process.
+
+A :class:`Replica` serves its share of the traffic with the fused LoRA lookup, learns
+from the labelled batches (:class:`lukern.replay.strategies.LukernStrategy`: one
+row-sparse adapter per table, MLP frozen) and exchanges what it learned through a
+:class:`~lukern.distributed.exchange.FactorExchange` in two steps:
+
+``publish``
+    a :class:`~lukern.distributed.exchange.Snapshot` of its adapters (factors plus the
+    rows its trainer changed since its last merge);
+``merge_from``
+    collects the peers' newer snapshots and adopts, per table, the product-correct merge
+    of its own factors and theirs (:func:`~lukern.distributed.merge.merge_factors`, mode
+    "mean" weighted by the rows each replica changed), re-compressed to its adapter's
+    rank. Every merge is computed before anything is adopted, so a failure leaves the
+    replica as it was. Rows beyond the adapter's capacity (those with the smallest
+    merged correction) are folded into the replica's table.
+
+Called on every replica between the two phases of one period (``publish`` everywhere,
+then ``merge_from`` everywhere), all replicas adopt the same merged factors: the merge
+is a pure function of the same snapshots, taken in replica-id order.
+
+The model is shared where it can be: the MLP weights and the base rows' optimizer
+history are read-only views of one copy (the object store's, under Ray); the embedding
+tables are private to each replica, because evicted adapter rows are folded into them.
+"""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
 from ..lora import Factors
+from .exchange import InProcessExchange, Snapshot
 from .merge import merge_factors
 
-__all__ = ["Replica"]
+__all__ = ["LocalReplicaSet", "Replica", "model_from_payload", "model_payload"]
+
+
+def model_payload(model) -> dict:
+    """The arrays and configuration of a replay DLRM as a plain dict (what is put once
+    in Ray's object store; numpy arrays there are read without copying)."""
+    return {"config": dict(model.config), "emb_buffer": model.emb_buffer, "emb_acc": model.emb_acc,
+            "params": dict(model.params)}
+
+
+def _readonly(x):
+    v = x.view()
+    v.flags.writeable = False
+    return v
+
+
+def model_from_payload(payload):
+    """A replica's model from :func:`model_payload`: private copy of the tables (they
+    receive folded rows), read-only shared views of the MLP weights and of the base
+    rows' Adagrad history (nothing writes them: the replica's trainer only trains
+    adapters)."""
+    from ..replay.dlrm import DLRM
+
+    cfg = payload["config"]
+    m = DLRM(cfg["cat_sizes"], cfg["n_dense"], dim=cfg["dim"], bottom=tuple(cfg["bottom"]), top=tuple(cfg["top"]),
+             lr_dense=cfg["lr_dense"], lr_emb=cfg["lr_emb"], seed=cfg["seed"], dtype=cfg["dtype"], _empty=True)
+    np.copyto(m.emb_buffer, payload["emb_buffer"])
+    m.emb_acc = _readonly(payload["emb_acc"])
+    for k, v in payload["params"].items():
+        if m.params[k].shape != v.shape:
+            raise ValueError(f"payload parameter {k!r} has shape {v.shape}; the model expects {m.params[k].shape}.")
+        m.params[k] = _readonly(v)
+    m.adam_m, m.adam_v = {}, {}  # the MLP is frozen on a replica: no optimizer state
+    return m
 
 
 class Replica:
-    """A replica over a copy of the initial model (``lukern.replay`` DLRM), learning
-    with :class:`lukern.replay.strategies.LukernStrategy`.
+    """One replica: model, adapters, trainer, and its side of the exchange.
 
     Parameters
     ----------
     replica_id : int
-    model : lukern.replay.dlrm.DLRM
-        The initial model (copied).
+    model : dict or DLRM
+        A :func:`model_payload` (shared arrays) or a DLRM (its payload is taken).
     strategy_kw : dict
-        Settings of the LukernStrategy (rank, lr_a, lr_b, budget_pct, ...).
-    merge : {"mean", "delta-sum"}
-        ``mean``: every replica adopts the per-row mean of the replicas' corrections.
-        ``delta-sum``: the common state of the last exchange plus the sum of every
-        replica's delta since (on the synthetic stream this was 0.0013 AUC *worse* than
-        ``mean``: the optimizer state restarts with the new basis, and summed steps
-        overshoot).
+        Keyword arguments of :class:`lukern.replay.strategies.LukernStrategy`
+        (rank, lr_a, lr_b, budget_pct, demand, rank_control, ...).
+    init_batches : list of Batch, optional
+        Recent labelled traffic for ``LukernStrategy.init_directions`` (B starts at the
+        top gradient directions). Give every replica the same batches so that they
+        start from the same B.
     """
 
-    def __init__(self, replica_id: int, model, strategy_kw: dict, *, merge: str = "mean"):
+    def __init__(self, replica_id: int, model, strategy_kw: dict, *, init_batches=None, merge: str = "fold",
+                 rows: str = "mean"):
         from ..replay.strategies import LukernStrategy
 
-        if merge not in ("mean", "delta-sum"):
-            raise ValueError(f"`merge` must be 'mean' or 'delta-sum'; got {merge!r}.")
-        self.merge = merge
+        if merge not in ("adopt", "fold"):
+            raise ValueError(f"`merge` must be 'adopt' or 'fold'; got {merge!r}.")
+        if rows not in ("mean", "sum"):
+            raise ValueError(f"`rows` must be 'mean' or 'sum'; got {rows!r}.")
+        self.merge, self.rows = merge, rows
+        if not isinstance(model, dict):
+            model = model_payload(model)
         self.replica_id = int(replica_id)
-        self.strategy = LukernStrategy(model.copy(), **strategy_kw)
-        self.rank = int(strategy_kw.get("rank", 4))
+        self.strategy = LukernStrategy(model_from_payload(model), **strategy_kw)
+        if init_batches:
+            self.strategy.init_directions(init_batches)
+        m = self.strategy.model
         self.version = 0
         self.served = 0
-        n = self.strategy.model.n_tables
-        self._changed = [np.zeros(self.strategy.model.cat_sizes[t], bool) for t in range(n)]
-        self.exchanged_versions = {}
-        self._base = None  # per table: the merged factors of the last exchange (common to all replicas)
+        self.seen: dict[int, int] = {}
+        self.merges = 0
+        # rows this replica's trainer changed: since its last merge (sent with the
+        # snapshot) and since the last changed_rows() call (what a delta would ship)
+        self._touched = [np.zeros(n, bool) for n in m.cat_sizes]
+        self._changed = [np.zeros(n, bool) for n in m.cat_sizes]
 
     @property
     def model(self):
         return self.strategy.model
 
+    @property
+    def adapters(self):
+        return self.strategy.adapters
+
+    # -- serving and learning --------------------------------------------------------------
+
     def serve(self, batch) -> np.ndarray:
-        """Score a batch (before learning from it: prequential), then learn from it."""
+        """Score a batch (prequential: before learning from it), then learn from it."""
         p = self.strategy.predict(batch, 0.0)
         self.strategy.learn(batch)
-        for t, a in enumerate(self.strategy.adapters):
+        for t, a in enumerate(self.adapters):
             if a is not None:
+                self._touched[t][batch.cat[:, t]] = True
                 self._changed[t][batch.cat[:, t]] = True
         self.served += len(batch)
         return p
 
-    def export(self) -> list:
-        """Per table: the adapter's compact factors (or None where there is no adapter)."""
-        self.strategy.flush()  # learn the rows still buffered for the next trainer step
-        self.version += 1
-        return [None if a is None else a.export() for a in self.strategy.adapters]
+    def serve_batches(self, batches) -> np.ndarray:
+        """:meth:`serve` each batch in order; the predictions concatenated."""
+        out = [self.serve(b) for b in batches]
+        return np.concatenate(out) if out else np.zeros(0)
 
     def changed_rows(self, reset: bool = True) -> int:
-        """Rows whose learned values this replica changed since the last call: what a
-        delta strategy would ship."""
-        n = int(sum(m.sum() for m in self._changed))
+        """Rows this replica changed since the last call: what a delta strategy ships."""
+        n = int(sum(int(m.sum()) for m in self._changed))
         if reset:
             for m in self._changed:
                 m[:] = False
         return n
 
-    def adopt(self, merged: list) -> None:
-        """Take the merged factors (per table) as this replica's adapters; rows beyond an
-        adapter's capacity (largest corrections kept) are folded into the table."""
-        for t, (a, f) in enumerate(zip(self.strategy.adapters, merged)):
-            if a is None or f is None:
+    # -- the exchange ----------------------------------------------------------------------
+
+    def _current(self):
+        """Per table: (factors or None, touched mask over its rows or None)."""
+        self.strategy.flush()  # learn the rows still buffered for the next trainer step
+        out = []
+        for t, a in enumerate(self.adapters):
+            if a is None:
+                out.append((None, None))
                 continue
-            table = self.model.table(t)
-            if f.row_ids.size > a.capacity:
-                norms = np.linalg.norm(f.A.astype(np.float64) @ f.B.astype(np.float64), axis=1)
-                order = np.argsort(-norms, kind="stable")
-                keep, rest = np.sort(order[:a.capacity]), np.sort(order[a.capacity:])
-                a.apply_factors(Factors(f.row_ids[rest], f.A[rest], f.B, f.scale, f.version), table=table)
-                f = Factors(f.row_ids[keep], f.A[keep], f.B, f.scale, f.version)
-            a.apply_factors(f)
+            f = a.export()
+            if self.merge == "fold":
+                # after the last fold A restarted at 0: only the rows learned since then
+                # carry a correction, and only they are sent
+                nz = np.flatnonzero(np.any(f.A != 0, axis=1))
+                f = Factors(f.row_ids[nz], f.A[nz], f.B, f.scale, f.version)
+            out.append((f, self._touched[t][f.row_ids]))
+        return out
+
+    def snapshot(self) -> Snapshot:
+        """A new version of this replica's factors (what :meth:`publish` sends)."""
+        cur = self._current()
+        self.version += 1
+        return Snapshot.build(self.replica_id, self.version, [f for f, _ in cur], [m for _, m in cur])
+
+    def publish(self, exchange) -> dict:
+        """Publish a snapshot; returns ``{"sent": bytes, "version": v}``."""
+        s = self.snapshot()
+        exchange.publish(self.replica_id, s)
+        return {"sent": s.nbytes, "version": s.version}
+
+    def merge_from(self, exchange) -> dict:
+        """Collect the peers' newer snapshots and apply the merge (see the class).
+
+        Returns ``received`` bytes, the merged ``peers``, the peers whose snapshot could
+        not be fetched (``failed``), the largest ``dropped_energy`` over the tables,
+        ``folded_rows`` and ``merge_s``."""
+        t0 = time.perf_counter()
+        peers = exchange.collect(self.replica_id, self.seen)
+        failed = [int(f[0]) if isinstance(f, tuple) else int(f) for f in getattr(exchange, "failed", [])]
+        report = {"replica": self.replica_id, "peers": sorted(peers), "failed": failed,
+                  "received": int(sum(s.nbytes for s in peers.values())), "dropped_energy": 0.0,
+                  "folded_rows": 0, "merge_s": 0.0}
+        if not peers and self.merge == "adopt":
+            return report  # nothing new: the adapter already holds its own learning
+        cur = self._current()
+        order = sorted([self.replica_id, *peers])
+        plans = []
+        for t, a in enumerate(self.adapters):
+            if a is None:
+                continue
+            contrib, touched = [], []
+            for rid in order:
+                if rid == self.replica_id:
+                    f, m = cur[t]
+                else:
+                    f, m = peers[rid].factors[t], peers[rid].touched_mask(t)
+                contrib.append(f)
+                touched.append(m)
+            B = a.B.astype(np.float64)
+            c = float(np.sqrt(np.mean(np.sum(B ** 2, axis=1)))) or 1.0
+            # fold: the exact merged correction (no truncation) goes into the table
+            rank = a.rank if self.merge == "adopt" else min(a.dim, max(a.rank, sum(x.A.shape[1] for x in contrib)))
+            res = merge_factors(contrib, rank, touched=touched, mode=self.rows, scale=a.scale, b_row_norm=c,
+                                pad_with=B, dtype=np.float64 if self.merge == "fold" else a.dtype,
+                                version=self.merges + 1)
+            plans.append((t, a, res))
+        # everything is computed: now apply (per table, each swap is atomic for readers)
+        for t, a, res in plans:
+            if self.merge == "adopt":
+                report["folded_rows"] += self._adopt(t, a, res.factors)
+            else:
+                report["folded_rows"] += self._fold(t, a, res.factors)
+            report["dropped_energy"] = max(report["dropped_energy"], res.dropped_energy)
+        for m in self._touched:
+            m[:] = False
+        self.seen.update({rid: s.version for rid, s in peers.items()})
+        self.merges += 1
+        report["merge_s"] = time.perf_counter() - t0
+        return report
+
+    def _fold(self, t, a, f: Factors) -> int:
+        """Fold the merged correction into the table and restart the adapter at A = 0
+        on the same rows, with B = the merged correction's top directions (the same on
+        every replica). Returns the rows folded."""
+        table = self.model.table(t)
+        if f.row_ids.size:
+            table[f.row_ids] += (f.scale * (f.A @ f.B)).astype(table.dtype)
+        st = a._state
+        rows, slots = a.active_rows()
+        acc_a = st.acc_a[slots].copy()
+        acc_b = st.acc_b.mean(axis=0) if st.acc_b.size else None
+        a.refactor(np.zeros((rows.size, a.rank), a.dtype), np.ascontiguousarray(f.B[:a.rank], dtype=a.dtype))
+        new = a._state
+        new.acc_a[slots] = acc_a  # refactor keeps the slots; the rows' Adagrad history carries over
+        if acc_b is not None:
+            new.acc_b[:] = acc_b
+        return int(f.row_ids.size)
 
     def exchange(self, exchange) -> dict:
-        """Publish, collect the peers' newer factors, merge (see ``merge``) and adopt.
+        """Both phases at once (for replicas exchanging on their own schedule)."""
+        sent = self.publish(exchange)
+        return {**self.merge_from(exchange), **sent}
 
-        With ``delta-sum``, replicas start every period from the same merged state S;
-        the merge is ``own + sum(peers) - n_peers * S`` in product space. Returns the
-        bytes sent and received and the energy the re-compression dropped."""
-        own = self.export()
-        exchange.publish(self.replica_id, self.version, own)
-        peers = exchange.collect(self.replica_id, self.exchanged_versions)
-        sent = sum(f.nbytes for f in own if f is not None)
-        received = sum(f.nbytes for _, fs in peers.values() for f in fs if f is not None)
-        dropped = []
-        if peers:
-            merged = []
-            for t in range(len(own)):
-                if own[t] is None:
-                    merged.append(None)
-                    continue
-                parts = [own[t]] + [fs[t] for _, fs in peers.values()]
-                weights = [1.0] * len(parts)
-                base = None if self._base is None else self._base[t]
-                if self.merge == "delta-sum" and base is not None and base.row_ids.size:
-                    parts.append(base)
-                    weights.append(-float(len(peers)))
-                res = merge_factors(parts, own[t].A.shape[1], weights=weights,
-                                    average_rows=self.merge == "mean", scale=own[t].scale)
-                dropped.append(res.dropped_energy)
-                merged.append(res.factors)
-            self.adopt(merged)
-            self._base = [None if a is None else a.export() for a in self.strategy.adapters]
-            self.exchanged_versions.update({rid: v for rid, (v, _) in peers.items()})
-        return {"sent": int(sent), "received": int(received), "peers": sorted(peers),
-                "dropped_energy": float(max(dropped)) if dropped else 0.0}
+    def _adopt(self, t, a, f: Factors) -> int:
+        """Take ``f`` as adapter ``a``'s state, keeping the optimizer's memory per row;
+        returns the number of rows folded into the table for lack of capacity."""
+        st = a._state
+        own_rows, own_slots = a.active_rows()
+        order = np.argsort(own_rows)
+        own_rows = own_rows[order]
+        acc_a, last = st.acc_a[own_slots[order]].copy(), st.last_step[own_slots[order]].copy()
+        acc_b = st.acc_b.mean(axis=0) if st.acc_b.size else None
+        folded = 0
+        if f.row_ids.size > a.capacity:
+            # B's rows are orthogonal with equal norms: a row's correction is |A row| * c
+            norms = np.linalg.norm(f.A.astype(np.float64), axis=1)
+            top = np.argsort(-norms, kind="stable")
+            keep, rest = np.sort(top[:a.capacity]), np.sort(top[a.capacity:])
+            a.apply_factors(Factors(f.row_ids[rest], f.A[rest], f.B, f.scale, f.version), table=self.model.table(t))
+            folded = int(rest.size)
+            f = Factors(f.row_ids[keep], f.A[keep], f.B, f.scale, f.version)
+        a.apply_factors(f)
+        # apply_factors restarts the optimizer state; carry it per row id, as the rank
+        # controller does after a re-factor. Rows new to this replica start from 0 (the
+        # strategy seeds them from the base rows' history at their first step) and count
+        # as used now for the LRU eviction.
+        new = a._state
+        rows, slots = a.active_rows()
+        pos = np.searchsorted(own_rows, rows)
+        ok = pos < own_rows.size
+        ok[ok] = own_rows[pos[ok]] == rows[ok]
+        new.acc_a[slots[ok]] = acc_a[pos[ok]]
+        new.last_step[slots] = a.step_count
+        new.last_step[slots[ok]] = last[pos[ok]]
+        if acc_b is not None:
+            new.acc_b[:] = acc_b  # B's basis rotated: every row starts from the mean history
+        return folded
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Served rows, version, merges, adapter bytes, ranks and active rows."""
+        ad = [a for a in self.adapters if a is not None]
+        return {"replica": self.replica_id, "served": self.served, "version": self.version, "merges": self.merges,
+                "adapter_nbytes": int(sum(a.nbytes for a in ad)), "ranks": [int(a.rank) for a in ad],
+                "active_rows": [int(a.n_active) for a in ad], "steps": [int(a.step_count) for a in ad],
+                "finite": bool(all(np.isfinite(a.A).all() and np.isfinite(a.B).all() for a in ad))}
+
+    def export(self) -> list:
+        """Per table: the adapter's current factors (or None)."""
+        return [f for f, _ in self._current()]
+
+
+class LocalReplicaSet:
+    """N replicas in this process and an :class:`InProcessExchange` (the reference the
+    Ray backend is checked against; same interface as
+    :class:`lukern.distributed.ray_backend.RayReplicaSet`)."""
+
+    def __init__(self, n: int, model, strategy_kw: dict | list, *, init_batches=None, replica_kw=None):
+        payload = model if isinstance(model, dict) else model_payload(model)
+        payload = {**payload, "params": {k: _readonly(v) for k, v in payload["params"].items()},
+                   "emb_acc": _readonly(payload["emb_acc"])}
+        kws = strategy_kw if isinstance(strategy_kw, list) else [strategy_kw] * n
+        self.replicas = {i: Replica(i, payload, kws[i], init_batches=init_batches, **(replica_kw or {}))
+                         for i in range(n)}
+        self.board = InProcessExchange()
+        self.lost: list = []
+
+    def alive(self) -> list:
+        return sorted(self.replicas)
+
+    def serve(self, parts: dict) -> dict:
+        """``{replica: [batches]}`` -> ``{replica: predictions}``."""
+        return {i: self.replicas[i].serve_batches(bs) for i, bs in parts.items() if i in self.replicas}
+
+    def publish(self) -> dict:
+        return {i: r.publish(self.board) for i, r in sorted(self.replicas.items())}
+
+    def merge(self) -> dict:
+        return {i: r.merge_from(self.board) for i, r in sorted(self.replicas.items())}
+
+    def changed_rows(self) -> int:
+        return sum(r.changed_rows() for r in self.replicas.values())
+
+    def stats(self) -> dict:
+        return {i: r.stats() for i, r in sorted(self.replicas.items())}
+
+    def export(self, i: int) -> list:
+        return self.replicas[i].export()
+
+    def close(self) -> None:
+        self.replicas = {}

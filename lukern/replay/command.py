@@ -83,7 +83,8 @@ def add_replay_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("replicas (lukern.distributed)")
     g.add_argument("--replicas", type=int, default=0, metavar="N",
                    help="also split the stream over N replicas: isolated vs exchanging compact factors")
-    g.add_argument("--exchange-every", type=int, default=1, metavar="T", help="replicas exchange every T windows")
+    g.add_argument("--exchange-every", type=float, default=1, metavar="T",
+                   help="replicas exchange every T windows (T < 1: 1/k of a window)")
     g.add_argument("--split", choices=("user", "random"), default="user", help="how rows are assigned to replicas")
     g.add_argument("--backend", choices=("inproc", "ray"), default="inproc",
                    help="replicas in this process, or as Ray actors on a local Ray (pip install 'lukern[ray]')")
@@ -105,25 +106,16 @@ def _config(args):
                         target_p99_ms=args.target_p99_ms, prior_acc=args.prior_acc, trainer=args.trainer)
 
 
-def _run_replicas(stream, cfg, args):
+def _run_replicas(stream, cfg, args, single=None):
     from ..distributed.replay import print_replicated, run_replicated
 
-    def run():
-        return run_replicated(stream, cfg, replicas=args.replicas, exchange_every=args.exchange_every,
-                              split=args.split, backend=args.backend)
-
     try:
-        if args.backend == "ray":
-            from ..distributed.ray_backend import RayCluster
-
-            with RayCluster(num_cpus=max(2, args.replicas)):
-                rep = run()
-        else:
-            rep = run()
-    except (ImportError, ValueError) as e:
+        rep = run_replicated(stream, cfg, replicas=args.replicas, exchange_every=args.exchange_every,
+                             split=args.split, backend=args.backend, progress=not args.no_progress)
+    except (ImportError, ValueError, RuntimeError) as e:
         print(f"lukern replay: error: {e}", file=sys.stderr)
         return None
-    print_replicated(rep)
+    print_replicated(rep, single=single)
     return rep
 
 
@@ -183,7 +175,7 @@ def run_command(args) -> int:
         return 2
     print(format_report(report))
     if args.replicas and not report.get("interrupted"):
-        report["replicas"] = _run_replicas(stream, cfg, args)
+        report["replicas"] = _run_replicas(stream, cfg, args, report)
         if report["replicas"] is None:
             return 2
     if args.json:
