@@ -169,10 +169,10 @@ class RayCluster:
             self._cleanup()
             raise
         self.started = True
-        self._track()
+        self.track()
         return self
 
-    def _track(self):
+    def track(self):
         """Remember every process started since ``__enter__`` (called on entry and exit:
         workers come and go)."""
         if self.started:
@@ -189,14 +189,14 @@ class RayCluster:
             import psutil
         except ImportError:
             return []
-        self._track()
+        self.track()
         pids = {p for p, _ in self.processes}
         return [(c.pid, c.laddr.ip) for c in psutil.net_connections(kind="inet")
                 if c.status == psutil.CONN_LISTEN and c.pid in pids]
 
     def __exit__(self, *exc):
         if self.started:
-            self._track()
+            self.track()
             try:
                 self.ray.shutdown()
             finally:
@@ -262,7 +262,6 @@ class _ReplicaActor:
 
         import ray
 
-        from lukern.distributed.replica import Replica
         from lukern.plan import thread_limit
 
         self._limits = contextlib.ExitStack()
@@ -274,11 +273,19 @@ class _ReplicaActor:
         except ImportError:  # pragma: no cover - threadpoolctl is a dependency
             pass
         # the payload's arrays are read-only views of the object store's single copy
-        payload = ray.get(payload_box[0])
-        init = ray.get(init_box[0]) if init_box else None
-        self.replica = Replica(replica_id, payload, strategy_kw, init_batches=init, **replica_kw)
-        self.exchange = None
+        self._args = (replica_id, ray.get(payload_box[0]), strategy_kw, ray.get(init_box[0]) if init_box else None,
+                      replica_kw)
         self.timeout_s = timeout_s
+        self.reset()
+
+    def reset(self):
+        """Back to the initial model (the process, its imports and compiled kernels stay)."""
+        from lukern.distributed.replica import Replica
+
+        rid, payload, kw, init, rkw = self._args
+        self.replica = Replica(rid, payload, kw, init_batches=init, **rkw)
+        self.exchange = None
+        return True
 
     def _ex(self, board):
         if self.exchange is None:  # one board per replica set
@@ -397,23 +404,39 @@ class RayReplicaSet:
         payload_ref = ray.put(payload)  # once, read by every actor
         init_ref = ray.put(list(init_batches)) if init_batches else None
         kws = strategy_kw if isinstance(strategy_kw, list) else [strategy_kw] * n
-        Board, Actor = _classes()
-        self.board = Board.remote()
-        self.actors = {}
-        for i in range(n):
-            opts = {"num_cpus": num_cpus, "max_restarts": 0}
-            if pin == "spread":
-                opts["scheduling_strategy"] = "SPREAD"
-            elif pin is not None:
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-                opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=list(pin)[i % len(pin)],
-                                                                             soft=False)
-            self.actors[i] = Actor.options(**opts).remote(i, [payload_ref], kws[i], [init_ref] if init_ref else [],
-                                                          self.timeout_s, dict(replica_kw or {}))
+        self.n = int(n)
+        self._start = lambda i: self._actor_options(i, pin, num_cpus).remote(
+            i, [payload_ref], kws[i], [init_ref] if init_ref else [], self.timeout_s, dict(replica_kw or {}))
+        self._refs = (payload_ref, init_ref)  # the shared inputs live as long as the set
+        self.actors = {i: self._start(i) for i in range(self.n)}
+        self.board = _classes()[0].remote()
         self.lost: list = []
         self._phase = "start"
         self._call({i: a.stats.remote() for i, a in self.actors.items()})  # wait until every actor is up
+
+    @staticmethod
+    def _actor_options(i, pin, num_cpus):
+        opts = {"num_cpus": num_cpus, "max_restarts": 0}
+        if pin == "spread":
+            opts["scheduling_strategy"] = "SPREAD"
+        elif pin is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=list(pin)[i % len(pin)], soft=False)
+        return _classes()[1].options(**opts)
+
+    def reset(self) -> None:
+        """Start over: every replica back at the initial model (live actors reset in
+        place, keeping their warm processes; lost ones restarted), a fresh board, an
+        empty ``lost``."""
+        self.ray.kill(self.board, no_restart=True)
+        self.board = _classes()[0].remote()
+        self.lost = []
+        for i in range(self.n):
+            if i not in self.actors:
+                self.actors[i] = self._start(i)
+        self._phase = "start"
+        self._call({i: a.reset.remote() for i, a in self.actors.items()})
 
     def alive(self) -> list:
         return sorted(self.actors)

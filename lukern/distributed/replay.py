@@ -165,11 +165,28 @@ def run_replicated(stream, cfg: ReplayConfig | None = None, *, replicas: int = 2
               "split_feature": stream.cat_names[_split_feature(stream)] if split == "user" else None,
               "backend": backend, "stream": stream.name, "rows": n, "train_rows": n_train,
               "rows_per_replica": np.bincount(owner[n_train:], minlength=replicas).tolist(), "arms": {}}
+    rkw = {"merge": merge, "rows": rows}
     with _backend(backend, replicas) as cluster, _single_threaded():
-        for arm in arms:
-            report["arms"][arm] = _run_arm(arm, stream, cfg, m0, kws, init, owner, edges, replicas, exchange_every,
-                                           backend, pin, on_exchange, row_bytes, progress,
-                                           {"merge": merge, "rows": rows})
+        t0 = time.perf_counter()
+        if backend == "ray":
+            from .ray_backend import RayReplicaSet
+
+            rs = RayReplicaSet(replicas, m0, kws, init_batches=init, replica_kw=rkw, pin=pin)
+        else:
+            from .replica import LocalReplicaSet
+
+            rs = LocalReplicaSet(replicas, m0, kws, init_batches=init, replica_kw=rkw)
+        report["start_s"] = time.perf_counter() - t0
+        try:
+            for k, arm in enumerate(arms):
+                if k:
+                    rs.reset()  # the same replicas (and processes), back at the initial model
+                report["arms"][arm] = _run_arm(rs, arm, stream, cfg, owner, edges, replicas, exchange_every,
+                                               on_exchange, row_bytes, progress)
+        finally:
+            if cluster is not None:
+                cluster.track()  # the actors' processes, before they go
+            rs.close()
         if cluster is not None:
             report["ray"] = {"processes_started": len(cluster.processes)}
     if cluster is not None:
@@ -244,23 +261,13 @@ def _exchange(rs, arm, w, on_exchange, row_bytes):
     return rec
 
 
-def _run_arm(arm, stream, cfg, m0, kws, init, owner, edges, replicas, exchange_every, backend, pin, on_exchange,
-             row_bytes, progress, replica_kw):
+def _run_arm(rs, arm, stream, cfg, owner, edges, replicas, exchange_every, on_exchange, row_bytes, progress):
     t0 = time.perf_counter()
-    if backend == "ray":
-        from .ray_backend import RayReplicaSet
-
-        rs = RayReplicaSet(replicas, m0, kws, init_batches=init, replica_kw=replica_kw, pin=pin)
-    else:
-        from .replica import LocalReplicaSet
-
-        rs = LocalReplicaSet(replicas, m0, kws, init_batches=init, replica_kw=replica_kw)
     every_w, per_w = _periods(exchange_every)
     ser = {k: [] for k in ("auc", "logloss", "bytes_exchanged", "delta_bytes", "alive", "unserved_rows")}
     ser["exchanges"] = []
     preds = []
     try:
-        ser["start_s"] = time.perf_counter() - t0
         for w in range(cfg.windows):
             a0, a1 = int(edges[w]), int(edges[w + 1])
             cuts = np.linspace(a0, a1, per_w + 1).astype(np.int64)
@@ -289,7 +296,6 @@ def _run_arm(arm, stream, cfg, m0, kws, init, owner, edges, replicas, exchange_e
         ser["final"] = rs.stats()
     finally:
         ser["lost"] = list(rs.lost)
-        rs.close()
     p = np.concatenate(preds)
     y = stream.labels[int(edges[0]):int(edges[-1])]
     ok = ~np.isnan(p)

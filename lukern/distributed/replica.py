@@ -310,9 +310,14 @@ class LocalReplicaSet:
         payload = model if isinstance(model, dict) else model_payload(model)
         payload = {**payload, "params": {k: _readonly(v) for k, v in payload["params"].items()},
                    "emb_acc": _readonly(payload["emb_acc"])}
-        kws = strategy_kw if isinstance(strategy_kw, list) else [strategy_kw] * n
-        self.replicas = {i: Replica(i, payload, kws[i], init_batches=init_batches, **(replica_kw or {}))
-                         for i in range(n)}
+        self._args = (int(n), payload, strategy_kw if isinstance(strategy_kw, list) else [strategy_kw] * n,
+                      init_batches, dict(replica_kw or {}))
+        self.reset()
+
+    def reset(self) -> None:
+        """Start over: every replica back at the initial model, a fresh exchange."""
+        n, payload, kws, init, rkw = self._args
+        self.replicas = {i: Replica(i, payload, kws[i], init_batches=init, **rkw) for i in range(n)}
         self.board = InProcessExchange()
         self.lost: list = []
 
