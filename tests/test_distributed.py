@@ -446,3 +446,26 @@ def test_cli_replay_with_replicas(tmp_path, capsys):
     assert "replicas: 2 on inproc" in text and "exchanging - isolated" in text and "single lukern" in text
     rep = json.loads(out.read_text())["replicas"]
     assert len(rep["arms"]["exchanging"]["exchanges"]) == 4
+
+
+class _LossyExchange(InProcessExchange):
+    """An exchange that could not fetch replica 2's snapshot (as RayExchange reports a
+    snapshot whose owner died)."""
+
+    def collect(self, replica_id, seen=None):
+        out = super().collect(replica_id, seen)
+        self.failed = [(2, "OwnerDiedError")] if out.pop(2, None) is not None else []
+        return out
+
+
+def test_unfetchable_peer_snapshots_are_skipped_and_reported(tiny):
+    stream, model, kw = tiny
+    ex = _LossyExchange()
+    reps = [Replica(i, model, kw) for i in range(3)]
+    for i, r in enumerate(reps):
+        r.serve_batches([_batch(stream, np.arange(400 * i, 400 * (i + 1)))])
+        r.publish(ex)
+    rep = reps[0].merge_from(ex)
+    assert rep["peers"] == [1] and rep["failed"] == [2]
+    assert reps[0].seen == {1: 1}  # replica 2's snapshot stays new: it is merged once it can be fetched
+    assert reps[0].stats()["finite"]

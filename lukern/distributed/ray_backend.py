@@ -93,6 +93,17 @@ def _descendants(root: int) -> set:
     return out
 
 
+def _is_ray(pid: int) -> bool:
+    """Whether the process's command line is one of Ray's (its binaries and workers live
+    under the ray package; workers rename themselves ``ray::...``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return b"ray" in cmd
+
+
 def _alive(procs) -> list:
     table = _proc_table()
     return sorted(p for p, st in procs if p in table and table[p][1] == st)
@@ -139,6 +150,8 @@ class RayCluster:
         self._before: set = set()
         self._tmp = None
         self._env_old = None
+        self._const_old = None
+        self._tracking = False
 
     def __enter__(self):
         self._env_old = os.environ.get(_LOOPBACK_ENV)
@@ -153,7 +166,9 @@ class RayCluster:
         except ImportError:  # pragma: no cover - layout of other Ray versions
             ray_constants = None
         if ray_constants is not None and hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
-            ray_constants.ENABLE_RAY_CLUSTER = False  # ray was imported before us
+            # ray may have been imported before the variable was set
+            self._const_old = (ray_constants, ray_constants.ENABLE_RAY_CLUSTER)
+            ray_constants.ENABLE_RAY_CLUSTER = False
         self._before = _descendants(os.getpid())
         self._tmp = tempfile.mkdtemp(prefix="lukern-ray-")
         kw = dict(address="local", num_cpus=self.num_cpus, include_dashboard=False,
@@ -163,9 +178,11 @@ class RayCluster:
             kw["resources"] = self.resources
         if self.object_store_memory:
             kw["object_store_memory"] = int(self.object_store_memory)
+        self._tracking = True
         try:
             ray.init(**kw)
         except BaseException:
+            self.track()
             self._cleanup()
             raise
         self.started = True
@@ -173,10 +190,11 @@ class RayCluster:
         return self
 
     def track(self):
-        """Remember every process started since ``__enter__`` (called on entry and exit:
-        workers come and go)."""
-        if self.started:
-            self.processes |= _descendants(os.getpid()) - self._before
+        """Remember the Ray processes started since ``__enter__`` (descendants of this
+        process that were not there before; called on entry, before actors go and on
+        exit: workers come and go)."""
+        if self._tracking:
+            self.processes |= {(p, st) for p, st in _descendants(os.getpid()) - self._before if _is_ray(p)}
 
     def node_ids(self) -> list:
         """Ids of the alive Ray nodes (for pinning)."""
@@ -216,9 +234,13 @@ class RayCluster:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
         self._restore_env()
-        self.started = False
+        self.started = self._tracking = False
 
     def _restore_env(self):
+        if self._const_old is not None:
+            mod, value = self._const_old
+            mod.ENABLE_RAY_CLUSTER = value
+            self._const_old = None
         if self._env_old is None:
             os.environ.pop(_LOOPBACK_ENV, None)
         else:

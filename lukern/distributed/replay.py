@@ -270,7 +270,9 @@ def _run_arm(rs, arm, stream, cfg, owner, edges, replicas, exchange_every, on_ex
     try:
         for w in range(cfg.windows):
             a0, a1 = int(edges[w]), int(edges[w + 1])
-            cuts = np.linspace(a0, a1, per_w + 1).astype(np.int64)
+            # period ends on the serving-batch grid: the batches are the same for every T
+            b = cfg.batch_size
+            cuts = np.unique(np.r_[a0 + (np.linspace(0, a1 - a0, per_w + 1)[1:-1] // b).astype(np.int64) * b, a0, a1])
             pred, moved, delta = [], 0, 0
             for c0, c1 in zip(cuts[:-1], cuts[1:]):
                 pred.append(_serve_range(rs, stream, owner, int(c0), int(c1), cfg.batch_size, replicas))

@@ -6,23 +6,38 @@ row-sparse adapter per table, MLP frozen) and exchanges what it learned through 
 :class:`~lukern.distributed.exchange.FactorExchange` in two steps:
 
 ``publish``
-    a :class:`~lukern.distributed.exchange.Snapshot` of its adapters (factors plus the
-    rows its trainer changed since its last merge);
+    a :class:`~lukern.distributed.exchange.Snapshot` of its adapters: per table the
+    compact factors and which of their rows its trainer changed since its last merge;
 ``merge_from``
-    collects the peers' newer snapshots and adopts, per table, the product-correct merge
-    of its own factors and theirs (:func:`~lukern.distributed.merge.merge_factors`, mode
-    "mean" weighted by the rows each replica changed), re-compressed to its adapter's
-    rank. Every merge is computed before anything is adopted, so a failure leaves the
-    replica as it was. Rows beyond the adapter's capacity (those with the smallest
-    merged correction) are folded into the replica's table.
+    collects the peers' newer snapshots and merges, per table, its own factors with
+    theirs in product space (:func:`~lukern.distributed.merge.merge_factors`; per row
+    the mean, or the sum, of the corrections of the replicas that changed the row).
 
-Called on every replica between the two phases of one period (``publish`` everywhere,
-then ``merge_from`` everywhere), all replicas adopt the same merged factors: the merge
-is a pure function of the same snapshots, taken in replica-id order.
+What a replica does with the merged correction (``merge=``):
+
+``"fold"`` (default)
+    adds it, exactly (no truncation), to its table and restarts its adapters at A = 0
+    on the same rows, with B = the merged correction's top directions. The adapters
+    then hold only what was learned since the last exchange, so a snapshot carries
+    only those rows, and every replica's table holds the common merged learning.
+    On the synthetic replay (2 replicas, split by user, one exchange per window) this
+    gave +0.0013 overall AUC over isolated replicas where ``adopt`` gave -0.0002.
+``"adopt"``
+    keeps it in the adapters, re-compressed to the adapter's rank (the energy dropped
+    is reported); rows beyond the capacity (the smallest corrections) are folded into
+    the table. Tables stay untouched otherwise, at the price of re-sending every active
+    row at every exchange.
+
+Every merge is computed before anything is applied, so a bad snapshot leaves the replica
+as it was. Called on every replica between the two phases of one period (``publish``
+everywhere, then ``merge_from`` everywhere), all replicas apply the same merge: it is a
+pure function of the same snapshots, taken in replica-id order. A row that the adapter
+evicts between two exchanges is folded into that replica's table only: its learning is
+not shared.
 
 The model is shared where it can be: the MLP weights and the base rows' optimizer
 history are read-only views of one copy (the object store's, under Ray); the embedding
-tables are private to each replica, because evicted adapter rows are folded into them.
+tables are private to each replica, because corrections are folded into them.
 """
 
 from __future__ import annotations
@@ -86,6 +101,28 @@ class Replica:
         Recent labelled traffic for ``LukernStrategy.init_directions`` (B starts at the
         top gradient directions). Give every replica the same batches so that they
         start from the same B.
+    merge : {"fold", "adopt"}
+        What to do with the merged correction (see the module).
+    rows : {"mean", "sum"}
+        A row several replicas changed gets the mean (default) or the sum of their
+        corrections (the sum is what one node seeing all the traffic would have learned
+        with plain SGD; with Adagrad it overshoots: on the synthetic replay the two were
+        within 0.0006 AUC).
+
+    Examples
+    --------
+    >>> from lukern.replay.dlrm import DLRM
+    >>> from lukern.replay.synthetic import synthetic_stream
+    >>> s = synthetic_stream(n_events=2000, seed=0)
+    >>> m = DLRM(s.cat_sizes, s.n_dense, dim=8)
+    >>> ex = InProcessExchange()
+    >>> reps = [Replica(i, m, dict(rank=2, budget_pct=20.0, rank_control=False)) for i in (0, 1)]
+    >>> _ = reps[0].serve(s.batch(0, 500)); _ = reps[1].serve(s.batch(500, 1000))
+    >>> _ = [r.publish(ex) for r in reps]
+    >>> [r.merge_from(ex)["peers"] for r in reps]
+    [[1], [0]]
+    >>> bool((reps[0].model.emb_buffer == reps[1].model.emb_buffer).all())
+    True
     """
 
     def __init__(self, replica_id: int, model, strategy_kw: dict, *, init_batches=None, merge: str = "fold",
