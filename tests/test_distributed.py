@@ -413,6 +413,8 @@ def test_replicated_replay_in_process(small_stream):
     (dict(exchange_every=0), "must be > 0"),
     (dict(backend="mpi"), "`backend` must be"),
     (dict(arms=("both",)), "`arms` must be"),
+    (dict(merge="average"), "`merge` must be"),
+    (dict(rows="max"), "`rows` must be"),
 ])
 def test_replicated_replay_rejects_bad_settings(small_stream, kw, match):
     from lukern.distributed.replay import run_replicated
@@ -469,3 +471,30 @@ def test_unfetchable_peer_snapshots_are_skipped_and_reported(tiny):
     assert rep["peers"] == [1] and rep["failed"] == [2]
     assert reps[0].seen == {1: 1}  # replica 2's snapshot stays new: it is merged once it can be fetched
     assert reps[0].stats()["finite"]
+
+
+class _FlakySet:
+    """Replica 1 dies during its first serve call; replica 0 serves (score = row id)."""
+
+    def __init__(self):
+        self.live, self.lost, self.calls = [0, 1], [], []
+
+    def alive(self):
+        return list(self.live)
+
+    def serve(self, parts):
+        self.calls.append({i: sum(len(b) for b in bs) for i, bs in parts.items()})
+        if 1 in parts and 1 in self.live:
+            self.live.remove(1)
+            self.lost.append({"replica": 1})
+        return {i: np.concatenate([b.t for b in bs]).astype(float) for i, bs in parts.items() if i in self.live}
+
+
+def test_rows_of_a_replica_lost_while_serving_go_to_the_survivors(small_stream):
+    from lukern.distributed.replay import _serve_range
+
+    rs = _FlakySet()
+    owner = np.arange(len(small_stream)) % 2
+    pred = _serve_range(rs, small_stream, owner, 100, 400, 64, 2)
+    np.testing.assert_array_equal(pred, small_stream.t[100:400])  # every row scored, in place
+    assert rs.calls == [{0: 150, 1: 150}, {0: 150}]

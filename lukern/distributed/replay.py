@@ -123,6 +123,10 @@ def run_replicated(stream, cfg: ReplayConfig | None = None, *, replicas: int = 2
         Subset of ("isolated", "exchanging").
     model : DLRM, optional
         The initial model (default: trained here like the single-node replay's).
+    merge, rows :
+        What a replica does with the merged correction ("fold" or "adopt") and how rows
+        several replicas changed combine ("mean" or "sum"); see
+        :class:`~lukern.distributed.replica.Replica`.
     on_exchange : callable(arm, window, replica_set), optional
         Called between the publish and the merge phase of every exchange (failure drills
         kill a replica there).
@@ -142,6 +146,10 @@ def run_replicated(stream, cfg: ReplayConfig | None = None, *, replicas: int = 2
     _periods(exchange_every)
     if backend not in ("inproc", "ray"):
         raise ValueError(f"`backend` must be 'inproc' or 'ray'; got {backend!r}.")
+    if merge not in ("fold", "adopt"):
+        raise ValueError(f"`merge` must be 'fold' or 'adopt'; got {merge!r}.")
+    if rows not in ("mean", "sum"):
+        raise ValueError(f"`rows` must be 'mean' or 'sum'; got {rows!r}.")
     if not arms or any(a not in ARMS for a in arms):
         raise ValueError(f"`arms` must be a non-empty subset of {ARMS}; got {arms!r}.")
     replicas = int(replicas)

@@ -268,7 +268,12 @@ class Replica:
     def _fold(self, t, a, f: Factors) -> int:
         """Fold the merged correction into the table and restart the adapter at A = 0
         on the same rows, with B = the merged correction's top directions (the same on
-        every replica). Returns the rows folded."""
+        every replica). Returns the rows folded.
+
+        Two writes (table, then the adapter's swap): a lookup running concurrently
+        between them could count this replica's own period correction twice. The
+        replay serves and exchanges from one thread; a live node should exchange
+        between serving batches (or under its own pause of the trainer)."""
         table = self.model.table(t)
         if f.row_ids.size:
             table[f.row_ids] += (f.scale * (f.A @ f.B)).astype(table.dtype)
