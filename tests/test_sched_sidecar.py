@@ -232,3 +232,38 @@ def test_sidecar_stop_start_keeps_the_optimizer_state(restarts):
         np.testing.assert_array_equal(ra[order_a], rb[order_b])
         np.testing.assert_allclose(b._state.acc_a[sb][order_b], a._state.acc_a[sa][order_a], rtol=1e-5)
         np.testing.assert_allclose(b._state.acc_b, a._state.acc_b, rtol=1e-5)
+
+
+def test_spin_wait_returns_when_the_counter_drops_and_gives_up_when_busy():
+    import threading
+    from lukern._kernels.sched import spin_while_busy
+    flight = np.array([2], np.int64)
+    assert not spin_while_busy(flight, 1, 1000)  # still busy after 1000 loads: gives up
+    assert spin_while_busy(flight, 3, 1)  # 2 < 3: released at once
+    # another thread lowers the counter while the kernel spins (it runs without the GIL)
+    t = threading.Thread(target=lambda: (time.sleep(0.05), flight.__setitem__(0, 0)))
+    t.start()
+    assert spin_while_busy(flight, 1, 10**12)
+    t.join()
+
+
+def test_sidecar_pinned_to_given_cpus_trains_and_reports_them():
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    tb = lukern.TableBatch([np.zeros((40, 4), np.float32), np.zeros((30, 4), np.float32)])
+    w = np.ones(8, np.float32)
+
+    def loss_grad(pooled, labels):
+        err = pooled @ w - labels
+        return float((err ** 2).mean()), (2 * err[:, None] * w[None, :] / len(err)).astype(np.float32)
+
+    up = lukern.LiveUpdater(tb, loss_grad, batch_size=8, mode="process", cpus=[cpu], batch_wait=0.0)
+    rng = np.random.default_rng(0)
+    with up:
+        up.record(np.stack([rng.integers(0, 30, 20), rng.integers(0, 30, 20)], 1), np.ones(20))
+        assert up.flush(timeout=60)
+    st = up.stats()
+    assert st["cpus"] == (cpu,) and st["samples"] == 20 and st["steps"] == 3
+    with pytest.raises(ValueError, match="cpus"):
+        lukern.LiveUpdater(tb, loss_grad, cpus=[])
+    with pytest.raises(ValueError, match="cpus"):
+        lukern.LiveUpdater(tb, loss_grad, cpus=[10_000])

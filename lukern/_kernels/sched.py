@@ -35,3 +35,18 @@ def fence():
     """A full memory fence callable from Python (about 0.2 us): orders the shared ring's
     slot writes before the count that publishes them, and the reader's loads likewise."""
     memory_fence()
+
+
+@njit(nogil=True, cache=True)
+def spin_while_busy(flight, k, max_iters):
+    """Spin (no syscall, no sleep) while ``flight[0] >= k``, at most ``max_iters`` loads.
+
+    The sidecar trainer waits here between its work units: it sees the serving side's
+    in-flight counter (shared memory) drop within about a microsecond, instead of a
+    sleep's 50-100 us timer slack. The fence in the loop keeps the compiler from
+    hoisting the load out of it. Returns True when the counter fell below ``k``."""
+    for _ in range(max_iters):
+        memory_fence()
+        if flight[0] < k:
+            return True
+    return False

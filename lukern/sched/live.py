@@ -50,7 +50,7 @@ import time
 
 import numpy as np
 
-from .._kernels.sched import fence, first_bad_sample
+from .._kernels.sched import fence, first_bad_sample, spin_while_busy
 from ..embedding import TableBatch
 from ..lora import LoRAAdapter
 from . import qos as _qos
@@ -61,6 +61,17 @@ from .placement import first_touch, node_of_array, pin_thread, trainer_cpus, tra
 __all__ = ["LiveUpdater"]
 
 log = logging.getLogger("lukern.sched")
+
+
+def _set_timer_slack(ns):
+    """prctl(PR_SET_TIMERSLACK): how late the kernel may wake this thread's sleeps
+    (default 50 us, as long as the 0.1 ms steps the sidecar sleeps in). Linux only; a
+    no-op elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(29, ctypes.c_ulong(int(ns)), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _shared_array(shape, dtype):
@@ -130,6 +141,11 @@ class LiveUpdater:
     pin : bool
         Pin the trainer to the CPUs of the node holding most tables.
     topology : lukern.topology.Topology, optional
+    cpus : sequence of int, optional
+        Pin the trainer to exactly these CPUs (overrides ``pin``'s node choice). On a
+        machine with few cores, the serving thread's own CPU can be the better choice:
+        the kernel then preempts a SCHED_IDLE trainer the instant a request wakes the
+        serving thread (inside any kernel), and the trainer never runs alongside it.
     n_threads, max_threads : int
         Kernel threads the trainer's lookups use (the controller moves it up to
         ``max_threads``).
@@ -144,6 +160,17 @@ class LiveUpdater:
         receiver thread adopts published factors.
     period : float
         Slow controller period in seconds.
+    batch_wait : float
+        Sidecar only: seconds it waits for a full ``batch_size`` before it trains on
+        fewer samples (default 0.05).
+    pause_wait : {"sleep", "spin"}
+        Sidecar only: how the paused trainer waits for the in-flight counter to drop:
+        0.1 ms sleeps (default; its CPU goes idle, so the kernel can move waiting tasks
+        onto it) or spinning on the shared counter (resumes within a microsecond, but
+        keeps the CPU busy).
+    breathe_every : float
+        Sidecar only: after this many seconds of unbroken work the trainer sleeps 50 us
+        at its next chunk boundary (0: never), for the same reason.
     pause_in_flight : int
         The fast guard pauses while at least this many requests are in flight (default
         1). Measured on the reference machine with the sidecar: pausing only when every
@@ -172,7 +199,8 @@ class LiveUpdater:
                  max_threads: int = 1, chunk_ms: float = 1.0,
                  max_rate: float | None = None, switch_interval: float | None = None, period: float = 0.25,
                  mode: str | None = None, publish_every: float = 0.2, pooling: int = 1, extra_width: int = 0,
-                 record_pooled: bool = False, pause_in_flight: int = 1, clock=time.perf_counter):
+                 record_pooled: bool = False, pause_in_flight: int = 1, cpus=None, batch_wait: float = 0.05,
+                 pause_wait: str = "sleep", breathe_every: float = 1e-3, clock=time.perf_counter):
         if isinstance(tables, TableBatch):
             self.tables = tables
         else:
@@ -203,13 +231,24 @@ class LiveUpdater:
         self.qos_request, self.pausing, self.pin = qos, bool(pause), bool(pin)
         self.switch_interval = switch_interval
         self.chunk_ms = float(chunk_ms)
+        self.batch_wait = float(batch_wait)
+        if pause_wait not in ("sleep", "spin"):
+            raise ValueError(f"`pause_wait` must be 'sleep' or 'spin'; got {pause_wait!r}.")
+        if not breathe_every >= 0:
+            raise ValueError(f"`breathe_every` must be >= 0 seconds (0: never); got {breathe_every!r}.")
+        self.pause_wait, self.breathe_every = pause_wait, float(breathe_every)
         self.clock = clock
         self._row_cost = None  # seconds per row of the forward (EMA), for rows per chunk
 
         # placement: the node holding most tables, and its CPUs
         self.cpus = None
         self.node = None
-        if pin:
+        if cpus is not None:
+            self.cpus = tuple(int(c) for c in cpus)
+            if not self.cpus or not set(self.cpus) <= set(os.sched_getaffinity(0)):
+                raise ValueError(f"`cpus` must be a non-empty subset of the CPUs this process may use "
+                                 f"{sorted(os.sched_getaffinity(0))}; got {list(cpus)!r}.")
+        elif pin:
             if topology is None:
                 from ..topology import read_topology
                 topology = read_topology()
@@ -487,8 +526,48 @@ class LiveUpdater:
         flight, k = self._flight, self.pause_in_flight
         # the parent's serving threads do not exist here; only the in-flight counter in
         # shared memory tells the guard that inference is busy
-        self.guard = FastGuard(lambda: flight[0] >= k, enabled=self.pausing, clock=self.clock,
-                               wait=lambda s: (time.sleep(s), self._stopping())[1])
+        _set_timer_slack(1000)  # 1 us: the short sleeps below last what they ask for
+        rest = [time.perf_counter()]
+
+        if self.pause_wait == "spin":
+            # spin on the counter (about 1 ms at a time, then a short sleep): resumes
+            # within a microsecond of the last request finishing
+            spin_while_busy(flight, k, 10)  # compiled before the first wait
+            t0 = time.perf_counter()
+            spin_while_busy(flight, flight[0] + 1, 100_000)
+            iters = int(1e-3 / max((time.perf_counter() - t0) / 100_000, 1e-10))
+
+            def wait(_seconds):
+                if not spin_while_busy(flight, k, iters):
+                    time.sleep(0.0001)
+                return self._stopping()
+        else:
+            # sleep in 0.1 ms steps: the trainer's CPU goes idle while inference runs,
+            # and an idle CPU at once pulls over whatever waits on the serving CPU's run
+            # queue (another tenant, or the serving thread itself); a CPU kept busy,
+            # even at SCHED_IDLE, is balanced only every few ms. Measured on the 2-vCPU
+            # reference VM (python -m lukern.bench serving --arms off,hog,sleepyhog):
+            # a spinning SCHED_IDLE process on the other CPU doubled inference P50 when
+            # the serving thread was pinned; one that sleeps while requests run did not.
+            def wait(_seconds):
+                time.sleep(0.0001)
+                rest[0] = time.perf_counter()
+                return self._stopping()
+
+        breathe = self.breathe_every
+
+        def busy():
+            if flight[0] >= k:
+                return True
+            if breathe:  # after ~breathe_every s of unbroken work, idle the CPU briefly
+                now = time.perf_counter()
+                if now - rest[0] >= breathe:
+                    time.sleep(0.00005)
+                    rest[0] = time.perf_counter()
+                    return flight[0] >= k
+            return False
+
+        self.guard = FastGuard(busy, enabled=self.pausing, clock=self.clock, wait=wait)
         last = [time.monotonic(), self.consumed]
 
         def send(kind):
@@ -732,7 +811,7 @@ class LiveUpdater:
         finally:
             self._ready.set()
         try:
-            next_time = self.clock()
+            next_time = last_step = self.clock()
             idle = 0.0005
             while not self._stopping():
                 if self._ctr[6]:  # held by pause(): not even the misbehaving setting steps
@@ -756,12 +835,19 @@ class LiveUpdater:
                         self._sleep(next_time - now)
                         continue
                     next_time = max(next_time + 1.0 / rate, now)
+                if self._in_child and self._count < self.batch_size and self.clock() - last_step < self.batch_wait:
+                    # the sidecar waits (polling in short steps) for a full batch: a step
+                    # costs a fixed ~0.3 ms of glue for the 2 x n_tables kernel calls, so
+                    # a trickle of small batches would spend the idle gaps on overhead
+                    self._sleep(0.0005)
+                    continue
                 batch = self._pop(self.batch_size)
                 if batch is None:  # nothing queued: poll with back-off (record() never signals,
-                    idle = min(0.01, idle * 2)  # so it never waits for the trainer)
+                    idle = min(0.01 if not self._in_child else 0.001, idle * 2)  # so it never waits for the trainer)
                     self._sleep(idle)
                     continue
                 idle = 0.0005
+                last_step = self.clock()
                 try:
                     self._step(batch)
                 finally:
@@ -847,6 +933,7 @@ class LiveUpdater:
             return
         for a in touched:
             a.step()
+            self.guard.check()  # ~0.05-0.1 ms per table: a request waits at most that long
         self.steps += 1
         self.samples += n
         self.last_loss = float(loss)
