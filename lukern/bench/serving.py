@@ -7,12 +7,18 @@ no capacity on the reference machine, only contention).
 Latency = completion time - scheduled arrival time, so queueing counts. Arms, in one run:
 
 - ``off``:       50 % load, no trainer (the baseline)
+- ``offb``:      the same again: off vs offb is the noise floor (an A/A comparison)
 - ``on``:        50 % load, LiveUpdater in ``--mode`` (default the sidecar process), QoS
                  ladder's best level + pausing guard
 - ``thread``:    the same with the trainer as a thread of the serving process
 - ``misbehave``: 50 % load, trainer at normal priority, guard disabled
 - ``idle``:      no serving; trainer samples/s with a full queue (0 % load)
 - ``on90``:      90 % load with the trainer (samples/s at high load)
+- ``hog`` / ``sleepyhog``: no trainer, a SCHED_IDLE process that only spins (or spins
+                 and sleeps while requests run): the floor cost of any work on the spare CPU
+- ``onspin``:    the sidecar spinning while paused, never breathing (``--pause-wait spin``)
+- with ``--serve-cpu``: ``onsame`` / ``onother`` / ``hogsame`` / ``hogother`` /
+  ``sleepyhogother`` (placement: the trainer on or off the serving thread's CPU)
 
     python -m lukern.bench serving                 # 20 s per arm
     python -m lukern.bench serving --duration 5    # a quick look
@@ -317,7 +323,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=20000, help="rows per table (26 tables, d = 16)")
     p.add_argument("--switch-interval", type=float, default=0.0005,
                    help="sys.setswitchinterval while the well-behaved trainers run (default 0.0005 s)")
-    p.add_argument("--arms", default="off,on,thread,misbehave,idle,on90",
+    p.add_argument("--arms", default="off,offb,on,thread,misbehave,idle,on90",
                    help="comma-separated arms to run (default: all)")
     p.add_argument("--mode", default="process", choices=("process", "thread"),
                    help="trainer mode of the on / idle / on90 arms (default: process, the sidecar)")
@@ -409,7 +415,8 @@ def _main(args):
             print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
                   flush=True)
 
-    configs = {"off": None, "on": good, "thread": thread_good, "misbehave": bad,
+    # offb: a second trainer-off arm; off vs offb is the noise floor of this machine
+    configs = {"off": None, "offb": None, "on": good, "thread": thread_good, "misbehave": bad,
                "hog": {"hog": "spin", "cpus": tcpus}, "sleepyhog": {"hog": "sleepy", "cpus": tcpus}}
     if args.mode == "process":  # the sidecar that spins while paused and never breathes
         configs["onspin"] = {**good, "pause_wait": "spin", "breathe_every": 0.0}
@@ -456,6 +463,9 @@ def _main(args):
                 for q in ("p50", "p99", "svc50"):
                     r = np.array(getattr(seg[name], f"seg_{q}")) / np.array(getattr(seg["off"], f"seg_{q}"))
                     verdict[f"{name}_paired_{q}_ratio"] = float(np.median(r))
+                    if q != "svc50":  # the spread of the per-round ratios: how much to believe
+                        lo, hi = np.percentile(r, [25, 75])
+                        verdict[f"{name}_paired_{q}_iqr"] = f"{lo:.2f}-{hi:.2f}"
     if "off" in by and "on" in by:
         verdict.update({"p99_ratio": by["on"]["p99_ms"] / by["off"]["p99_ms"],
                         "p50_ratio": by["on"]["p50_ms"] / by["off"]["p50_ms"],
