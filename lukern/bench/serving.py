@@ -171,6 +171,27 @@ def _serve_open_loop(model, reqs, batch, rate, duration, workers, load, updater=
     return lat, svc
 
 
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_ticks(pids):
+    """(machine busy ticks, ticks of ``pids`` and their threads, steal ticks) from /proc,
+    or None off Linux: the benchmark reports how busy the *other* tenants kept the
+    machine during each arm (on a shared machine that, not the trainer, often decides)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = v[0] + v[1] + v[2] + v[5] + v[6]  # user nice system irq softirq
+        ours = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ours += int(fields[11]) + int(fields[12])  # utime stime
+        return busy, ours, v[7]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class _Hog:
     """A SCHED_IDLE process that only spins (no memory traffic) on ``cpus``: the floor
     cost, to inference, of *anything* running on a spare CPU. ``how``: "spin" never
@@ -234,6 +255,7 @@ class _Arm:
             updater_kw = None
         self.up = _updater(model, args, self.load, self.adapters, **updater_kw) if updater_kw is not None else None
         self.lat, self.svc, self.seg_p50, self.seg_p99, self.seg_svc50 = [], [], [], [], []
+        self.others, self.steal = [], []
         self.wall = 0.0
         self.trained_live = 0
 
@@ -250,10 +272,17 @@ class _Arm:
             s0 = up.stats()["samples"]
         if self.hog is not None:
             self.hog.start()
+        pids = [os.getpid()] + [p for p in (getattr(up, "_pid", None), self.hog and self.hog.pid) if p]
+        c0 = _cpu_ticks(pids)
         t0 = time.perf_counter()
         lat, svc = _serve_open_loop(self.model, reqs, self.args.batch, self.rate, seconds, self.args.workers,
                                     self.load, up, seed=seed, reuse_pooled=not self.args.no_reuse)
-        self.wall += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.wall += dt
+        c1 = _cpu_ticks(pids)
+        if c0 and c1:  # cores the other tenants of the machine used meanwhile, and stolen by the host
+            self.others.append((c1[0] - c0[0] - (c1[1] - c0[1])) / _HZ / dt)
+            self.steal.append((c1[2] - c0[2]) / _HZ / dt)
         if self.hog is not None:
             self.hog.stop()
         if up is not None:
@@ -277,6 +306,9 @@ class _Arm:
                "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3),
                "seg_median_p99_ms": float(np.median(self.seg_p99) * 1e3), "mean_ms": float(lat.mean() * 1e3),
                "svc_p50_ms": float(np.percentile(svc, 50) * 1e3), "svc_p99_ms": float(np.percentile(svc, 99) * 1e3)}
+        if self.others:
+            res["others_cores"] = float(np.mean(self.others))
+            res["steal_cores"] = float(np.mean(self.steal))
         if self.up is not None:
             st = self.up.stats()
             res.update({"fed": st["recorded"], "trained": st["samples"],
@@ -323,7 +355,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=20000, help="rows per table (26 tables, d = 16)")
     p.add_argument("--switch-interval", type=float, default=0.0005,
                    help="sys.setswitchinterval while the well-behaved trainers run (default 0.0005 s)")
-    p.add_argument("--arms", default="off,offb,on,thread,misbehave,idle,on90",
+    p.add_argument("--arms", default="off,offb,on,hog,thread,misbehave,idle,on90",
                    help="comma-separated arms to run (default: all)")
     p.add_argument("--mode", default="process", choices=("process", "thread"),
                    help="trainer mode of the on / idle / on90 arms (default: process, the sidecar)")
@@ -344,6 +376,7 @@ def main(argv=None):
                    help="how the paused sidecar waits (LiveUpdater pause_wait; default sleep)")
     p.add_argument("--breathe-every", type=float, default=1e-3,
                    help="sidecar sleeps 50 us after this much unbroken work (s; 0: never; default 1e-3)")
+    p.add_argument("--probe", type=float, default=3.0, help="seconds of the capacity probe (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
     # BLAS pools busy-wait and oversubscribe the cores when several serving threads call
@@ -351,6 +384,10 @@ def main(argv=None):
     from threadpoolctl import threadpool_limits
     with threadpool_limits(1):
         return _main(args)
+
+
+_ARMS = ("off", "offb", "on", "onspin", "thread", "misbehave", "hog", "sleepyhog", "idle", "on90")
+_PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
 def _trainer_cpus(spec, serve_cpu):
@@ -370,6 +407,13 @@ def _main(args):
         # thread (and the capacity probes) run on this CPU
         os.sched_setaffinity(0, {args.serve_cpu})
     tcpus = _trainer_cpus(args.trainer_cpus, args.serve_cpu)
+    known = _ARMS + (_PLACEMENT_ARMS if args.serve_cpu is not None else ())
+    unknown = [a.strip() for a in args.arms.split(",") if a.strip() and a.strip() not in known]
+    if unknown:  # before the minute of set-up
+        print(f"unknown arms {unknown}; choose from {', '.join(known)}"
+              + ("" if args.serve_cpu is not None else f" (with --serve-cpu also {', '.join(_PLACEMENT_ARMS)})"),
+              file=sys.stderr)
+        return 2
     model = Model(rows=args.rows)
     reqs = model.make_requests(256, args.batch)
     outs = [np.empty((args.batch, model.n_tables * model.dim), np.float32)]
@@ -384,10 +428,10 @@ def _main(args):
     with warm:
         warm.flush(timeout=300)
     model.trained = [a.export() for a in model.adapters]
-    svc = _service_time(model, reqs, outs)
+    svc = _service_time(model, reqs, outs, seconds=args.probe / 3)
     # capacity = closed-loop throughput now, with whatever else runs on the machine (on a
     # shared VM it can be half of 1 / service time); --rate overrides the offered load
-    cap_closed = _capacity(model, reqs, args.batch, args.workers, seconds=3.0)
+    cap_closed = _capacity(model, reqs, args.batch, args.workers, seconds=args.probe)
     cap = min(cap_closed, args.workers / svc)  # never above what the median service time allows
     rate = args.rate if args.rate else args.load * cap
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]

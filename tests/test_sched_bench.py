@@ -1,0 +1,50 @@
+"""Smoke test of the serving benchmark (python -m lukern.bench serving): tiny shapes, no
+timing assertions, only that every arm runs, reports and is compared with the baseline."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lukern.bench import serving
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the sidecar and hog arms fork")
+
+
+def test_serving_bench_runs_every_kind_of_arm(capsys):
+    code = serving.main(["--duration", "0.4", "--segment", "0.2", "--rows", "2000", "--batch", "32",
+                         "--train-batch", "64", "--buffer", "4096", "--probe", "0.3", "--arms", "off,offb,on,hog,sleepyhog,idle",
+                         "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    by = {a["arm"]: a for a in out["arms"]}
+    assert set(by) == {"off", "offb", "on", "hog", "sleepyhog", "idle"}
+    assert by["on"]["mode"] == "process" and by["on"]["fed"] > 0
+    assert 0 <= by["on"]["trained"] <= by["on"]["fed"]
+    assert by["idle"]["samples_per_s"] > 0  # at 0 % load the trainer uses the spare CPU
+    for arm in ("offb", "on", "hog", "sleepyhog"):
+        for q in ("p50", "p99", "svc50"):
+            assert np.isfinite(out["verdict"][f"{arm}_paired_{q}_ratio"]) and out["verdict"][f"{arm}_paired_{q}_ratio"] > 0
+    assert {"p50_ratio", "p99_ratio", "trained_share", "paired_bars_met"} <= set(out["verdict"])
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _child_of_us(p)]  # hogs and sidecars reaped
+
+
+def _child_of_us(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return int(fields[1]) == os.getpid() and fields[0] != "Z"
+
+
+def test_serving_bench_rejects_unknown_arms_and_bad_placement(capsys):
+    assert serving.main(["--duration", "0.2", "--rows", "500", "--batch", "8", "--arms", "off,turbo"]) == 2
+    assert "turbo" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--serve-cpu"):
+        serving._trainer_cpus("same", None)
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    assert serving._trainer_cpus("same", cpu) == (cpu,)
+    assert cpu not in serving._trainer_cpus("other", cpu) or len(os.sched_getaffinity(0)) == 1
+    assert serving._trainer_cpus("auto", cpu) is None
