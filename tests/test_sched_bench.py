@@ -26,7 +26,7 @@ def test_serving_bench_runs_every_kind_of_arm(capsys):
     for arm in ("offb", "on", "hog", "sleepyhog"):
         for q in ("p50", "p99", "svc50"):
             assert np.isfinite(out["verdict"][f"{arm}_paired_{q}_ratio"]) and out["verdict"][f"{arm}_paired_{q}_ratio"] > 0
-    assert {"p50_ratio", "p99_ratio", "trained_share", "paired_bars_met"} <= set(out["verdict"])
+    assert {"p50_ratio", "p99_ratio", "trained_share", "paired_bars_met", "on_vs_sleepyhog_paired_p50_ratio"} <= set(out["verdict"])
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _child_of_us(p)]  # hogs and sidecars reaped
 
 

@@ -355,7 +355,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=20000, help="rows per table (26 tables, d = 16)")
     p.add_argument("--switch-interval", type=float, default=0.0005,
                    help="sys.setswitchinterval while the well-behaved trainers run (default 0.0005 s)")
-    p.add_argument("--arms", default="off,offb,on,hog,thread,misbehave,idle,on90",
+    p.add_argument("--arms", default="off,offb,on,sleepyhog,hog,thread,misbehave,idle,on90",
                    help="comma-separated arms to run (default: all)")
     p.add_argument("--mode", default="process", choices=("process", "thread"),
                    help="trainer mode of the on / idle / on90 arms (default: process, the sidecar)")
@@ -510,6 +510,12 @@ def _main(args):
                     if q != "svc50":  # the spread of the per-round ratios: how much to believe
                         lo, hi = np.percentile(r, [25, 75])
                         verdict[f"{name}_paired_{q}_iqr"] = f"{lo:.2f}-{hi:.2f}"
+    if "on" in seg and "sleepyhog" in seg:
+        # the trainer's own cost, net of what merely occupying the spare CPU at SCHED_IDLE
+        # does to the scheduling of inference (and of the machine's other tenants)
+        for q in ("p50", "p99"):
+            r = np.array(getattr(seg["on"], f"seg_{q}")) / np.array(getattr(seg["sleepyhog"], f"seg_{q}"))
+            verdict[f"on_vs_sleepyhog_paired_{q}_ratio"] = float(np.median(r))
     if "off" in by and "on" in by:
         verdict.update({"p99_ratio": by["on"]["p99_ms"] / by["off"]["p99_ms"],
                         "p50_ratio": by["on"]["p50_ms"] / by["off"]["p50_ms"],
