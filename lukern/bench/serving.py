@@ -255,11 +255,11 @@ class _Arm:
             updater_kw = None
         self.up = _updater(model, args, self.load, self.adapters, **updater_kw) if updater_kw is not None else None
         self.lat, self.svc, self.seg_p50, self.seg_p99, self.seg_svc50 = [], [], [], [], []
-        self.others, self.steal = [], []
+        self.others, self.steal, self.rates = [], [], []
         self.wall = 0.0
         self.trained_live = 0
 
-    def segment(self, reqs, seconds, seed):
+    def segment(self, reqs, seconds, seed, rate=None):
         # the trainer (thread or sidecar) stays alive between this arm's segments, held by
         # pause(): a fork per segment would charge this arm the copy-on-write faults of a
         # freshly forked parent, which a long-running server pays once
@@ -275,7 +275,9 @@ class _Arm:
         pids = [os.getpid()] + [p for p in (getattr(up, "_pid", None), self.hog and self.hog.pid) if p]
         c0 = _cpu_ticks(pids)
         t0 = time.perf_counter()
-        lat, svc = _serve_open_loop(self.model, reqs, self.args.batch, self.rate, seconds, self.args.workers,
+        rate = self.rate if rate is None else rate
+        self.rates.append(rate)
+        lat, svc = _serve_open_loop(self.model, reqs, self.args.batch, rate, seconds, self.args.workers,
                                     self.load, up, seed=seed, reuse_pooled=not self.args.no_reuse)
         dt = time.perf_counter() - t0
         self.wall += dt
@@ -302,7 +304,8 @@ class _Arm:
 
     def result(self):
         lat, svc = np.concatenate(self.lat), np.concatenate(self.svc)
-        res = {"arm": self.name, "rate_rps": self.rate, "requests": int(lat.size),
+        res = {"arm": self.name, "rate_rps": float(np.median(self.rates)) if self.rates else self.rate,
+               "requests": int(lat.size),
                "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3),
                "seg_median_p99_ms": float(np.median(self.seg_p99) * 1e3), "mean_ms": float(lat.mean() * 1e3),
                "svc_p50_ms": float(np.percentile(svc, 50) * 1e3), "svc_p99_ms": float(np.percentile(svc, 99) * 1e3)}
@@ -377,6 +380,9 @@ def main(argv=None):
     p.add_argument("--breathe-every", type=float, default=1e-3,
                    help="sidecar sleeps 50 us after this much unbroken work (s; 0: never; default 1e-3)")
     p.add_argument("--probe", type=float, default=3.0, help="seconds of the capacity probe (default 3)")
+    p.add_argument("--fixed-rate", action="store_true",
+                   help="offer --load x the capacity probed once at start to every round (default: re-probe the "
+                        "capacity left by the machine's other tenants before every round)")
     p.add_argument("--json", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
     # BLAS pools busy-wait and oversubscribe the cores when several serving threads call
@@ -443,7 +449,8 @@ def _main(args):
               f"{active:.0%} of adapter slots active + MLP); "
               f"capacity {cap:.0f} req/s closed loop with {args.workers} worker(s) (1 / service time: "
               f"{args.workers / svc:.0f}); offered {rate:.0f} req/s "
-              f"({args.load:.0%}), {rate * args.batch:.0f} labelled samples/s fed")
+              f"({args.load:.0%}), {rate * args.batch:.0f} labelled samples/s fed"
+              + ("" if args.rate or args.fixed_rate else "; the capacity is re-probed before every round"))
     results = []
     good = {"mode": args.mode, "target_p99": args.target_p99, "pause_in_flight": args.pause_in_flight}
     if args.mode == "process":
@@ -479,9 +486,22 @@ def _main(args):
     # disturb every arm alike
     inter = [_Arm(a, model, args, rate, configs[a]) for a in arms if a in configs]
     n_rounds = max(1, int(np.ceil(args.duration / args.segment)))
+
+    def round_rate(load):
+        # the machine's other tenants come and go: by default every round re-probes the
+        # capacity left to the serving thread (0.3 s closed loop) and offers ``load`` x
+        # that to every arm of the round, so a busy neighbour does not turn a 50 % arm
+        # into an overloaded one (queues of seconds) and the arms of a round stay paired
+        if args.rate:
+            return args.rate * load / args.load
+        if args.fixed_rate:
+            return load * cap
+        return load * min(_capacity(model, reqs, args.batch, args.workers, seconds=0.3), args.workers / svc)
+
     for r in range(n_rounds):
+        rr = round_rate(args.load)
         for k in range(len(inter)):
-            inter[(k + r) % len(inter)].segment(reqs, args.segment, seed=1000 + r)
+            inter[(k + r) % len(inter)].segment(reqs, args.segment, seed=1000 + r, rate=rr)
     for arm in inter:
         arm.close()
         results.append(arm.result())
@@ -492,7 +512,7 @@ def _main(args):
     if "on90" in arms:
         a90 = _Arm("on90", model, args, 0.9 * cap, good)
         for r in range(n_rounds):
-            a90.segment(reqs, args.segment, seed=2000 + r)
+            a90.segment(reqs, args.segment, seed=2000 + r, rate=round_rate(0.9))
         a90.close()
         results.append(a90.result())
         show(results[-1])

@@ -142,10 +142,11 @@ class LiveUpdater:
         Pin the trainer to the CPUs of the node holding most tables.
     topology : lukern.topology.Topology, optional
     cpus : sequence of int, optional
-        Pin the trainer to exactly these CPUs (overrides ``pin``'s node choice). On a
-        machine with few cores, the serving thread's own CPU can be the better choice:
-        the kernel then preempts a SCHED_IDLE trainer the instant a request wakes the
-        serving thread (inside any kernel), and the trainer never runs alongside it.
+        Pin the trainer to exactly these CPUs (overrides ``pin``'s node choice). On the
+        serving thread's own CPU the kernel preempts a SCHED_IDLE trainer the instant a
+        request wakes that thread (inside any kernel); on another CPU it runs alongside
+        and yields at its chunk boundaries. ``python -m lukern.bench serving
+        --serve-cpu 0 --arms off,onsame,onother`` compares the two.
     n_threads, max_threads : int
         Kernel threads the trainer's lookups use (the controller moves it up to
         ``max_threads``).
@@ -545,10 +546,11 @@ class LiveUpdater:
             # sleep in 0.1 ms steps: the trainer's CPU goes idle while inference runs,
             # and an idle CPU at once pulls over whatever waits on the serving CPU's run
             # queue (another tenant, or the serving thread itself); a CPU kept busy,
-            # even at SCHED_IDLE, is balanced only every few ms. Measured on the 2-vCPU
-            # reference VM (python -m lukern.bench serving --arms off,hog,sleepyhog):
-            # a spinning SCHED_IDLE process on the other CPU doubled inference P50 when
-            # the serving thread was pinned; one that sleeps while requests run did not.
+            # even at SCHED_IDLE, is balanced only every few ms. Measured on the shared
+            # 2-vCPU reference VM (python -m lukern.bench serving, hog / sleepyhog arms):
+            # with the serving thread pinned, a SCHED_IDLE process spinning on the other
+            # CPU doubled inference P50; unpinned, one that sleeps while requests run
+            # never made it worse than no process at all.
             def wait(_seconds):
                 time.sleep(0.0001)
                 rest[0] = time.perf_counter()
