@@ -25,6 +25,13 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
 
 Bars (issue 6): P99 on/off <= 1.10, P50 on/off <= 1.05, trainer trains >= 50 % of the
 samples fed at 50 % load.
+
+Reading the result on a shared machine: every arm reports ``others_cores`` (CPU the
+machine's other tenants used meanwhile) and the verdict the median and inter-quartile
+range of the per-round ratios. ``offb`` vs ``off`` is an A/A comparison: when its ratio
+strays from 1 by more than the bar, the run cannot resolve the bar. ``hog`` and
+``sleepyhog`` separate what merely occupying the spare CPU does to inference from the
+trainer's own cost (``on_vs_sleepyhog``).
 """
 
 from __future__ import annotations
