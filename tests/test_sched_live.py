@@ -295,6 +295,10 @@ def test_constructor_validation():
         LiveUpdater(make_tables(), squared_loss, adapters=[None], pin=False)
     with pytest.raises(ValueError, match="batch_size"):
         LiveUpdater(make_tables(), squared_loss, batch_size=0, pin=False)
+    with pytest.raises(ValueError, match="pause_wait"):
+        LiveUpdater(make_tables(), squared_loss, pause_wait="nap", pin=False)
+    with pytest.raises(ValueError, match="breathe_every"):
+        LiveUpdater(make_tables(), squared_loss, breathe_every=-1.0, pin=False)
 
 
 def test_untrained_tables_and_exported_name():
@@ -352,9 +356,10 @@ def test_process_mode_start_stop_reaps_children_and_counts_errors():
     assert not trainer_threads() and not [t for t in threading.enumerate() if t.name == "lukern-sidecar-recv"]
 
 
-def test_process_mode_guard_reads_the_shared_in_flight_counter():
+@pytest.mark.parametrize("how", [{}, {"pause_wait": "spin", "breathe_every": 0.0}, {"breathe_every": 1e-5}])
+def test_process_mode_guard_reads_the_shared_in_flight_counter(how):
     load = ServingLoad()
-    up = updater(mode="process", load=load, pause_in_flight=1)
+    up = updater(mode="process", load=load, pause_in_flight=1, **how)
     with up:
         with load.request():
             time.sleep(0.1)  # the child's next guard check (<= 10 ms idle poll) sees it busy
