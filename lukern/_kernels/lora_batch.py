@@ -1,0 +1,140 @@
+"""One table's LoRA backward, eviction, optimizer-state seeding and A step in one call.
+
+:class:`lukern.lora_batch.BatchedTrainer` calls :func:`train_table` once per table and
+mini-batch instead of ``LoRAAdapter.backward`` + ``step`` (about 15 Python-level calls,
+validations and temporaries each). It composes the kernels of
+:mod:`lukern._kernels.lora` in the order the adapter's methods run them, so the results
+are the same bits (``tests/test_lora_batch.py`` compares them).
+
+Contract (the wrapper checks it): ``grad`` is finite; the adapter has no pending gradients (``n_u == 0``,
+every ``local`` entry -1); ids are in [0, n_rows); ``grad`` is (n_bags, d), C-contiguous;
+``G`` has at least ``min(n_ids, capacity)`` rows; ``dB`` is a zeroed (r, d) float64
+array that receives B's gradient (the wrapper applies B's optimizer: B is replaced, not
+written in place, because lookups may be reading it). Eviction is least recently used
+with ties broken by the lowest slot (:class:`lukern.lora_batch.StableLRU`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .checks import first_non_finite
+from .lora import (assign_slots, backward_bags, drop_pending, evict_slots, fold_rows, reset_local, rowwise_adagrad_a,
+                   scatter_grad_a, sgd_a, sum_parts)
+
+#: status codes of :func:`train_table`
+OK = 0
+BAD_STEP = 1      # the accumulated gradients not finite: rows admitted, no step
+
+
+@njit(nogil=True, cache=True)
+def stable_lru(slot_row, last_step, step, n):
+    """The slots :class:`StableLRU` evicts, ascending: among active slots not touched at
+    ``step`` (all active slots when fewer than ``n`` of those), the ``n`` with the
+    smallest ``(last_step, slot)``."""
+    cap = slot_row.shape[0]
+    n_active = 0
+    n_older = 0
+    for s in range(cap):
+        if slot_row[s] >= 0:
+            n_active += 1
+            if last_step[s] < step:
+                n_older += 1
+    use_older = n_older >= n
+    m = n_older if use_older else n_active
+    cand = np.empty(m, np.int64)
+    k = 0
+    for s in range(cap):
+        if slot_row[s] >= 0 and (last_step[s] < step or not use_older):
+            cand[k] = s
+            k += 1
+    if n >= m:
+        return cand
+    key = np.empty(m, np.int64)
+    for i in range(m):
+        key[i] = last_step[cand[i]]
+    order = np.argsort(key, kind="mergesort")  # stable: ties keep slot order
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = cand[order[i]]
+    out.sort()
+    return out
+
+
+@njit(nogil=True, cache=True)
+def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row, last_step, A, acc_a, B, scale,
+                fold_scale, free, n_free, local, uniq, G, step, evict_min, table, prior, use_prior, opt_a, lr_a, wd,
+                eps, chunk, dB):
+    """Backward + A step of one adapter for one batch (see the module docstring).
+
+    ``opt_a``: 0 row-wise Adagrad, 1 SGD. ``evict_min``: slots freed at least when the
+    free slots run out (``int(capacity * evict_fraction)``). ``prior``: per-row starting
+    Adagrad accumulator for slots whose accumulator is 0 (``use_prior``).
+
+    Returns ``(status, n_free, evicted, dropped, n_evicted)``: ``evicted`` is True when
+    the slots ran out and the policy ran (the adapter's version moves then, even if it
+    freed nothing); ``dB`` holds B's gradient when status is OK.
+    """
+    n_ids = indices.shape[0]
+    n_bags = offsets.shape[0] - 1
+    slots = np.empty(n_ids, np.int64)
+    pend = np.empty(n_ids, np.int32)
+    known = np.empty(0, np.int64)
+    n_u = 0
+    n_free, n_u, missed = assign_slots(indices, keys, vals, mask, bitmap, slot_row, last_step, free, n_free, step,
+                                       slots, local, uniq, n_u, G, known, False, pend)
+    n_evicted = 0
+    evicted = missed > 0
+    if evicted:
+        ev = stable_lru(slot_row, last_step, step, max(missed, evict_min))
+        fold_rows(table, A, B, fold_scale, slot_row, ev)
+        n_u = drop_pending(ev, local, uniq, G, n_u)
+        before = n_free
+        n_free = evict_slots(keys, vals, mask, bitmap, slot_row, A, acc_a, last_step, ev, free, n_free)
+        n_evicted = n_free - before
+        n_free, n_u, missed = assign_slots(indices, keys, vals, mask, bitmap, slot_row, last_step, free, n_free,
+                                           step, slots, local, uniq, n_u, G, known, False, pend)
+    r, d = B.shape
+    U = np.empty((n_bags, r), np.float64)
+    n_chunks = (n_bags + chunk - 1) // chunk
+    parts = np.empty((n_chunks, r, d), np.float64)
+    Bt = np.ascontiguousarray(B.T).astype(np.float64)
+    no_w = np.empty(0, A.dtype)
+    no_p = np.empty((0, 0), A.dtype)
+    backward_bags(slots, offsets, no_w, False, mode, grad, A, B, Bt, scale, U, parts, chunk, 0, n_chunks, no_p,
+                  False)
+    sum_parts(parts, dB)
+    scatter_grad_a(pend, offsets, no_w, False, U, G, 0, n_u)
+    if use_prior:
+        for s in range(slot_row.shape[0]):
+            if acc_a[s] == 0 and slot_row[s] >= 0:
+                acc_a[s] = prior[slot_row[s]]
+    if first_non_finite(G[:n_u]) >= 0 or first_non_finite(dB) >= 0:
+        reset_local(local, uniq, n_u)
+        return BAD_STEP, n_free, evicted, missed, n_evicted
+    if opt_a == 0:
+        rowwise_adagrad_a(A, acc_a, uniq, G, lr_a, wd, eps, 0, n_u)
+    else:
+        sgd_a(A, uniq, G, lr_a, wd, 0, n_u)
+    reset_local(local, uniq, n_u)
+    return OK, n_free, evicted, missed, n_evicted
+
+
+@njit(nogil=True, cache=True)
+def first_bad_id(indices, n_rows):
+    """(table, position) of the first id of row t of ``indices`` (n_tables x n_ids)
+    outside [0, n_rows[t]); tables with ``n_rows[t] < 0`` are skipped. (-1, -1) if none."""
+    for t in range(indices.shape[0]):
+        n = n_rows[t]
+        if n < 0:
+            continue
+        bad = False
+        for j in range(indices.shape[1]):  # branch-free pass; locate only on failure
+            v = indices[t, j]
+            bad |= (v < 0) | (v >= n)
+        if bad:
+            for j in range(indices.shape[1]):
+                if indices[t, j] < 0 or indices[t, j] >= n:
+                    return t, j
+    return -1, -1
