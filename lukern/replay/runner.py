@@ -302,7 +302,8 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
             report["pending"] = pending
             if "lukern" in strategies and cfg.init_b == "gradients":
                 c0 = time.process_time()
-                init = strategies["lukern"].init_directions(stream.batches(cfg.batch_size, max(0, n_train - w_rows),
+                # in the trainer's mini-batches: the gradients summed are the same
+                init = strategies["lukern"].init_directions(stream.batches(cfg.train_batch, max(0, n_train - w_rows),
                                                                            n_train))
                 strategies["lukern"].stats.update_cpu_s += time.process_time() - c0
                 report["lukern_init"] = {"b_from": "gradients of the last training window",

@@ -358,9 +358,12 @@ class LukernStrategy(Strategy):
         self.lr_a, self.lr_b = float(lr_a), float(lr_b)
         self.budget_pct = float(budget_pct)
         d = model.dim
-        from .. import LeastRecentlyUsed, SmallestNorm
+        from .. import SmallestNorm
+        from ..lora_batch import StableLRU
 
-        policies = {"lru": LeastRecentlyUsed, "smallest_norm": SmallestNorm}
+        # StableLRU is LRU with ties broken by the lowest slot: the policy the batched
+        # trainer runs inside its kernel
+        policies = {"lru": StableLRU, "smallest_norm": SmallestNorm}
         if eviction not in policies:
             raise ValueError(f"`eviction` must be one of {sorted(policies)}; got {eviction!r}.")
         self.optimizer_a, self.optimizer_b, self.eviction = optimizer_a, optimizer_b, eviction
@@ -403,12 +406,30 @@ class LukernStrategy(Strategy):
                         continue
                     # the controller keeps this table's share of the global budget
                     share = min(1.0, self.share_bytes[t] / model.table(t).nbytes)
-                    self.controllers[t] = RankController(a, model.table(t), budget=share, every=rank_every,
+                    # every=1: flush() calls the controllers every `rank_every` steps
+                    self.controllers[t] = RankController(a, model.table(t), budget=share, every=1,
                                                          max_rank=min(d, max(16, self.rank)),
                                                          energy=rank_energy, min_rank=min(min_rank, self.rank))
         self._cache = None
         self.train_batch = int(train_batch)
+        self.rank_every = int(rank_every)
+        if self.rank_every < 1:
+            raise ValueError(f"`rank_every` must be >= 1; got {rank_every}.")
+        self._steps = 0
         self._pending, self._n_pending = [], 0
+        self._offsets = np.arange(self.train_batch + 1, dtype=np.int64)
+        # One validated call per mini-batch for every table (lukern.lora_batch), unless an
+        # eviction policy needs the adapter's own Python path.
+        self._batched = None
+        if eviction == "lru" and any(a is not None for a in self.adapters):
+            from ..lora_batch import BatchedTrainer
+
+            priors = None
+            if self.prior_acc is not None:
+                ro = model.row_offsets
+                priors = [None if a is None else self.prior_acc[ro[t]:ro[t + 1]] for t, a in enumerate(self.adapters)]
+            self._batched = BatchedTrainer(self.adapters, [model.table(t) for t in range(model.n_tables)],
+                                           prior_acc=priors)
         self._warmup(LoRAAdapter)
 
     def init_directions(self, batches) -> list:
@@ -426,10 +447,11 @@ class LukernStrategy(Strategy):
         d = self.model.dim
         grams = [np.zeros((d, d)) for _ in self.adapters]
         for b in batches:
-            _, g = self.model.grad_pooled(b, b.labels)
+            _, g = self.model.backward_pooled(self.model.forward_cache(b), b.labels, table_major=True,
+                                              want_loss=False)
             for t, a in enumerate(self.adapters):
                 if a is not None:
-                    gt = g[:, t * d:(t + 1) * d].astype(np.float64)
+                    gt = g[t].astype(np.float64)
                     grams[t] += gt.T @ gt
         captured = []
         for t, a in enumerate(self.adapters):
@@ -468,6 +490,16 @@ class LukernStrategy(Strategy):
                              np.arange(k + 1, dtype=np.int64), np.ones((k, m.dim), m.dtype))
                 if hasattr(a, "warmup"):
                     a.warmup(drivers=("serial",))  # the trainer forward and context kernels too
+        if self._batched is not None:
+            from ..lora_batch import BatchedTrainer
+
+            # the batched kernel, its eviction and seeding paths
+            k = max(min(a.n_rows, 2 * a.capacity + 2) for a in scratch if a is not None)
+            priors = [None if a is None else np.ones(a.n_rows, m.dtype) for a in scratch]
+            bt = BatchedTrainer(scratch, tb.tables, prior_acc=priors)
+            ids = np.stack([np.arange(k, dtype=np.int64) % max(1, n) for n in m.cat_sizes])
+            for rows in (ids, np.ascontiguousarray(ids[:, ::-1])):
+                bt.train_step(rows, np.arange(k + 1, dtype=np.int64), np.ones((m.n_tables, k, m.dim), m.dtype))
         if any(c is not None for c in self.controllers):
             # the rank controller's spectrum and window kernels
             from .. import GatheredRows, GradientWindow, LowRankRows, randomized_svd
@@ -511,18 +543,25 @@ class LukernStrategy(Strategy):
         # trainer never runs a second forward pass.
         labels = np.concatenate([b.labels for b in batches]) if len(batches) > 1 else batches[0].labels
         cat = np.concatenate([b.cat for b in batches]) if len(batches) > 1 else batches[0].cat
-        _, g = self.model.backward_pooled(self.model.concat_caches(caches), labels, table_major=True)
+        _, g = self.model.backward_pooled(self.model.concat_caches(caches, backward_only=True), labels,
+                                          table_major=True)
         n = cat.shape[0]
-        off = np.arange(n + 1, dtype=np.int64)
-        idx_all = np.ascontiguousarray(cat.T)
-        for t, a in enumerate(self.adapters):
-            if a is None:
-                continue
-            if a.backward(idx_all[t], off, g[t], table=self.model.table(t)):
-                if self.prior_acc is not None:
-                    self._seed_fresh_slots(t, a)
-                a.step()
-        self._rank_step()
+        off = self._offsets[:n + 1] if n <= self.train_batch else np.arange(n + 1, dtype=np.int64)
+        idx_all = np.ascontiguousarray(cat.T, dtype=np.int64)
+        if self._batched is not None:
+            self._batched.train_step(idx_all, off, g)
+        else:
+            for t, a in enumerate(self.adapters):
+                if a is None:
+                    continue
+                if a.backward(idx_all[t], off, g[t], table=self.model.table(t)):
+                    if self.prior_acc is not None:
+                        self._seed_fresh_slots(t, a)
+                    a.step()
+        # the controllers decide on the first step and every `rank_every` steps after
+        if self._steps % self.rank_every == 0:
+            self._rank_step()
+        self._steps += 1
         self.stats.update_cpu_s += time.process_time() - c0
         self._note_memory()
 
