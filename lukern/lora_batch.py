@@ -32,7 +32,6 @@ import numpy as np
 
 from . import _validate as V
 from ._kernels import lora_batch as K
-from ._kernels.checks import first_non_finite
 from .lora import LeastRecentlyUsed, LoRAAdapter, _candidates
 
 __all__ = ["BatchedTrainer", "StableLRU"]
@@ -180,11 +179,13 @@ class BatchedTrainer:
                 raise RuntimeError(f"`adapters[{t}]` has pending gradients from LoRAAdapter.backward(); call its "
                                    "step() first.")
         m = 1 if mode == "mean" else 0
-        return [None if a is None else self._one(t, a, indices[t], offsets, grad[t], m)
+        finite = np.empty(n_tables, np.bool_)
+        K.finite_tables(grad, finite)
+        return [None if a is None else self._one(t, a, indices[t], offsets, grad[t], m, finite[t])
                 for t, a in enumerate(self.adapters)]
 
-    def _one(self, t, a: LoRAAdapter, idx, offsets, g, mode):
-        if first_non_finite(g) >= 0:
+    def _one(self, t, a: LoRAAdapter, idx, offsets, g, mode, finite):
+        if not finite:
             a._reject("`grad` holds NaN or Inf")
             return False
         n_ids = idx.shape[0]

@@ -122,6 +122,18 @@ def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row
 
 
 @njit(nogil=True, cache=True)
+def finite_tables(grad, ok):
+    """``ok[t]`` = every value of ``grad[t]`` (n_tables x ...) is finite. One pass with
+    no early exit, so that it vectorises (a finite batch is the common case)."""
+    for t in range(grad.shape[0]):
+        flat = grad[t].ravel()
+        good = True
+        for i in range(flat.shape[0]):
+            good &= np.abs(flat[i]) < np.inf  # False for NaN and +-Inf
+        ok[t] = good
+
+
+@njit(nogil=True, cache=True)
 def first_bad_id(indices, n_rows):
     """(table, position) of the first id of row t of ``indices`` (n_tables x n_ids)
     outside [0, n_rows[t]); tables with ``n_rows[t] < 0`` are skipped. (-1, -1) if none."""

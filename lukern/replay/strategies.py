@@ -544,7 +544,7 @@ class LukernStrategy(Strategy):
         labels = np.concatenate([b.labels for b in batches]) if len(batches) > 1 else batches[0].labels
         cat = np.concatenate([b.cat for b in batches]) if len(batches) > 1 else batches[0].cat
         _, g = self.model.backward_pooled(self.model.concat_caches(caches, backward_only=True), labels,
-                                          table_major=True)
+                                          table_major=True, want_loss=False)
         n = cat.shape[0]
         off = self._offsets[:n + 1] if n <= self.train_batch else np.arange(n + 1, dtype=np.int64)
         idx_all = np.ascontiguousarray(cat.T, dtype=np.int64)
