@@ -60,13 +60,14 @@ def _batch(rng, sizes, n_bags, per_bag=1):
     return idx, off
 
 
-@pytest.mark.parametrize("dtype,mode,per_bag,kw", [
-    (np.float32, "sum", 1, {}),
-    (np.float64, "mean", 3, {"weight_decay": 0.01}),
-    (np.float32, "sum", 2, {"optimizer_a": "sgd", "optimizer_b": "sgd", "lr_a": 0.02}),
+@pytest.mark.parametrize("dtype,mode,per_bag,n_bags,kw", [
+    (np.float32, "sum", 1, 50, {}),
+    (np.float64, "mean", 3, 51, {"weight_decay": 0.01}),
+    (np.float32, "sum", 2, 50, {"optimizer_a": "sgd", "optimizer_b": "sgd", "lr_a": 0.02}),
+    (np.float32, "mean", 2, 301, {"rank": 6}),  # two chunks of B's gradient, odd bags, r > 4
 ])
 @pytest.mark.parametrize("use_prior", [False, True])
-def test_batched_matches_per_table(dtype, mode, per_bag, kw, use_prior):
+def test_batched_matches_per_table(dtype, mode, per_bag, n_bags, kw, use_prior):
     sizes, dim = (300, 40, 2000), 8
     tr, ar = _build(sizes, dim, dtype=dtype, **kw)
     tb, ab = _build(sizes, dim, dtype=dtype, **kw)
@@ -74,8 +75,8 @@ def test_batched_matches_per_table(dtype, mode, per_bag, kw, use_prior):
     priors = [rng.random(n).astype(dtype) * (rng.random(n) < 0.7) for n in sizes] if use_prior else None
     trainer = BatchedTrainer(ab, tb, prior_acc=priors)
     for _ in range(12):
-        idx, off = _batch(rng, sizes, 50, per_bag)
-        grad = (0.3 * rng.standard_normal((len(sizes), 50, dim))).astype(dtype)
+        idx, off = _batch(rng, sizes, n_bags, per_bag)
+        grad = (0.3 * rng.standard_normal((len(sizes), n_bags, dim))).astype(dtype)
         want = _reference_step(ar, tr, idx, off, grad, priors, mode)
         got = trainer.train_step(idx, off, grad, mode=mode)
         assert got == want

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from .checks import first_non_finite
-from .lora import (assign_slots, backward_bags, drop_pending, evict_slots, fold_rows, reset_local, rowwise_adagrad_a,
+from .lora import (assign_slots, drop_pending, evict_slots, fold_rows, reset_local, rowwise_adagrad_a,
                    scatter_grad_a, sgd_a, sum_parts)
 
 #: status codes of :func:`train_table`
@@ -63,6 +63,86 @@ def stable_lru(slot_row, last_step, step, n):
 
 
 @njit(nogil=True, cache=True)
+def _pool_dB(slots, offsets, A, grad, b, f, p, dBc):
+    """``dBc += f P_b^T g_b`` with ``P_b`` pooled in A's dtype (as backward_bags does)."""
+    r = p.shape[0]
+    d = grad.shape[1]
+    for q in range(r):
+        p[q] = 0.0
+    for j in range(offsets[b], offsets[b + 1]):
+        sl = slots[j]
+        if sl >= 0:
+            w = 1.0
+            for q in range(r):
+                p[q] += w * A[sl, q]
+    g = grad[b]
+    for q in range(r):
+        pq = f * p[q]
+        if pq != 0.0:
+            for k in range(d):
+                dBc[q, k] += pq * g[k]
+
+
+@njit(nogil=True, cache=True)
+def bag_grads(slots, offsets, mode, grad, A, Bt, scale, U, dB_parts, chunk):
+    """:func:`lukern._kernels.lora.backward_bags` without weights or a kept ``P``, with
+    the same float64 operations in the same order (so the same bits), arranged for the
+    CPU: ``g_b B^T`` runs on two bags and four columns of B at once in sixteen scalar
+    accumulators (eight independent chains instead of one, kept in registers), B's
+    columns padded to a multiple of four with zeros whose lanes are dropped."""
+    d, r = Bt.shape
+    n_bags = offsets.shape[0] - 1
+    rq = (r + 3) // 4 * 4
+    Bp = np.zeros((d, rq))
+    for k in range(d):
+        for q in range(r):
+            Bp[k, q] = Bt[k, q]
+    p = np.empty(r, A.dtype)
+    for c in range(dB_parts.shape[0]):
+        dBc = dB_parts[c]
+        for q in range(r):
+            for k in range(d):
+                dBc[q, k] = 0.0
+        end = min(n_bags, (c + 1) * chunk)
+        for b in range(c * chunk, end, 2):
+            two = b + 1 < end
+            b1 = b + 1 if two else b  # an odd last bag: lane 1 recomputes it, unused
+            f0 = scale
+            if mode == 1 and offsets[b + 1] > offsets[b]:
+                f0 = scale / (offsets[b + 1] - offsets[b])
+            f1 = scale
+            if mode == 1 and offsets[b1 + 1] > offsets[b1]:
+                f1 = scale / (offsets[b1 + 1] - offsets[b1])
+            for q0 in range(0, rq, 4):
+                x0 = x1 = x2 = x3 = y0 = y1 = y2 = y3 = 0.0
+                for k in range(d):
+                    g0 = np.float64(grad[b, k])
+                    g1 = np.float64(grad[b1, k])
+                    c0 = Bp[k, q0]
+                    c1 = Bp[k, q0 + 1]
+                    c2 = Bp[k, q0 + 2]
+                    c3 = Bp[k, q0 + 3]
+                    x0 += g0 * c0
+                    x1 += g0 * c1
+                    x2 += g0 * c2
+                    x3 += g0 * c3
+                    y0 += g1 * c0
+                    y1 += g1 * c1
+                    y2 += g1 * c2
+                    y3 += g1 * c3
+                m = min(4, r - q0)
+                for jj in range(m):
+                    xv = x0 if jj == 0 else (x1 if jj == 1 else (x2 if jj == 2 else x3))
+                    U[b, q0 + jj] = f0 * xv
+                    if two:
+                        yv = y0 if jj == 0 else (y1 if jj == 1 else (y2 if jj == 2 else y3))
+                        U[b1, q0 + jj] = f1 * yv
+            _pool_dB(slots, offsets, A, grad, b, f0, p, dBc)
+            if two:
+                _pool_dB(slots, offsets, A, grad, b1, f1, p, dBc)
+
+
+@njit(nogil=True, cache=True)
 def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row, last_step, A, acc_a, B, scale,
                 fold_scale, free, n_free, local, uniq, G, step, evict_min, table, prior, use_prior, opt_a, lr_a, wd,
                 eps, chunk, dB):
@@ -101,9 +181,7 @@ def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row
     parts = np.empty((n_chunks, r, d), np.float64)
     Bt = np.ascontiguousarray(B.T).astype(np.float64)
     no_w = np.empty(0, A.dtype)
-    no_p = np.empty((0, 0), A.dtype)
-    backward_bags(slots, offsets, no_w, False, mode, grad, A, B, Bt, scale, U, parts, chunk, 0, n_chunks, no_p,
-                  False)
+    bag_grads(slots, offsets, mode, grad, A, Bt, scale, U, parts, chunk)
     sum_parts(parts, dB)
     scatter_grad_a(pend, offsets, no_w, False, U, G, 0, n_u)
     if use_prior:
