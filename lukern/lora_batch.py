@@ -5,9 +5,8 @@ evicts, scatters and steps through a dozen numpy and numba calls. A DLRM's co-lo
 trainer calls it for every table on every mini-batch, so at replay sizes (a few thousand
 ids per table) that glue costs more than the arithmetic. :class:`BatchedTrainer` checks
 the batch once for all tables and runs each table's backward, eviction, accumulator
-seeding and A step in one kernel call (:func:`lukern._kernels.lora_batch.train_table`);
-B's optimizer runs with the same numpy expressions as :meth:`LoRAAdapter.step`. The
-results are the same bits as ``backward`` + ``step`` per table with a
+seeding and optimizer step in one kernel call
+(:func:`lukern._kernels.lora_batch.train_table`). The results are the same bits as ``backward`` + ``step`` per table with a
 :class:`StableLRU` eviction policy (the tests compare them).
 
 Examples
@@ -69,6 +68,7 @@ class StableLRU(LeastRecentlyUsed):
 
 
 _OPT_A = {"rowwise_adagrad": 0, "sgd": 1}
+_OPT_B = {"adagrad": 0, "sgd": 1}
 _EMPTY_PRIOR = {np.dtype(np.float32): np.zeros(1, np.float32), np.dtype(np.float64): np.zeros(1, np.float64)}
 
 
@@ -195,25 +195,19 @@ class BatchedTrainer:
         prior = self.prior_acc[t]
         table = self.tables[t]
         dB = np.zeros((a.rank, a.dim), np.float64)
+        B_new = np.empty((a.rank, a.dim), a.dtype)
+        acc_b_new = np.empty((a.rank, a.dim), a.dtype)
         with a._mutating():
             st = a._state
             status, n_free, evicted, dropped, n_evicted = K.train_table(
                 idx, offsets, g, mode, st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.last_step, st.A,
-                st.acc_a, st.B, float(st.scale), table.dtype.type(st.scale), a._free, a._n_free, a._local, a._uniq,
-                a._G, a.step_count, int(a.capacity * a.evict_fraction), table,
+                st.acc_a, st.B, st.acc_b, float(st.scale), table.dtype.type(st.scale), a._free, a._n_free, a._local,
+                a._uniq, a._G, a.step_count, int(a.capacity * a.evict_fraction), table,
                 _EMPTY_PRIOR[a.dtype] if prior is None else prior, prior is not None, _OPT_A[a.optimizer_a],
-                a.lr_a, a.weight_decay, a.eps, _BACKWARD_CHUNK, dB)
+                _OPT_B[a.optimizer_b], a.lr_a, a.lr_b, a.weight_decay, a.eps, _BACKWARD_CHUNK, dB, B_new, acc_b_new)
             a._n_free = int(n_free)
             if status == K.OK:
-                # B's optimizer, as LoRAAdapter.step writes it (same expressions, same bits)
-                gb = dB + a.weight_decay * st.B
-                if a.optimizer_b == "adagrad":
-                    acc_b = st.acc_b + (gb * gb).astype(a.dtype)
-                    B = (st.B - a.lr_b * gb / (np.sqrt(acc_b) + a.eps)).astype(a.dtype)
-                else:
-                    acc_b = st.acc_b
-                    B = (st.B - a.lr_b * gb).astype(a.dtype)
-                a._state = st.replace(B=B, acc_b=acc_b)
+                a._state = st.replace(B=B_new, acc_b=acc_b_new if a.optimizer_b == "adagrad" else st.acc_b)
         a._n_u = 0
         a._dB = None
         if evicted:

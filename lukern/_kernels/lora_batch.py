@@ -9,7 +9,7 @@ are the same bits (``tests/test_lora_batch.py`` compares them).
 Contract (the wrapper checks it): ``grad`` is finite; the adapter has no pending gradients (``n_u == 0``,
 every ``local`` entry -1); ids are in [0, n_rows); ``grad`` is (n_bags, d), C-contiguous;
 ``G`` has at least ``min(n_ids, capacity)`` rows; ``dB`` is a zeroed (r, d) float64
-array that receives B's gradient (the wrapper applies B's optimizer: B is replaced, not
+array that receives B's gradient; B's step goes to new arrays (B is replaced, not
 written in place, because lookups may be reading it). Eviction is least recently used
 with ties broken by the lowest slot (:class:`lukern.lora_batch.StableLRU`).
 """
@@ -143,12 +143,40 @@ def bag_grads(slots, offsets, mode, grad, A, Bt, scale, U, dB_parts, chunk):
 
 
 @njit(nogil=True, cache=True)
-def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row, last_step, A, acc_a, B, scale,
-                fold_scale, free, n_free, local, uniq, G, step, evict_min, table, prior, use_prior, opt_a, lr_a, wd,
-                eps, chunk, dB):
-    """Backward + A step of one adapter for one batch (see the module docstring).
+def step_b(dB, B, acc_b, adagrad, lr, wd, eps, B_new, acc_new):
+    """B's optimizer into new arrays, as :meth:`LoRAAdapter.step` computes it with numpy,
+    operation for operation in the same precisions (so the same bits): ``g = dB + wd B``
+    (``wd B`` in B's dtype, the sum in float64); Adagrad adds ``g^2`` rounded to B's dtype
+    to the accumulator in B's dtype and divides by ``sqrt(acc) + eps`` computed in B's
+    dtype; the float64 step is subtracted in float64 and rounded to B's dtype."""
+    r, d = B.shape
+    one = np.empty(1, B.dtype)  # rounds a float64 to B's dtype
+    one[0] = wd
+    wd_t = one[0]
+    one[0] = eps
+    eps_t = one[0]
+    for q in range(r):
+        for k in range(d):
+            g = dB[q, k] + np.float64(wd_t * B[q, k])
+            if adagrad:
+                one[0] = g * g
+                a = acc_b[q, k] + one[0]
+                acc_new[q, k] = a
+                den = np.sqrt(a) + eps_t
+                B_new[q, k] = np.float64(B[q, k]) - lr * g / np.float64(den)
+            else:
+                acc_new[q, k] = acc_b[q, k]
+                B_new[q, k] = np.float64(B[q, k]) - lr * g
 
-    ``opt_a``: 0 row-wise Adagrad, 1 SGD. ``evict_min``: slots freed at least when the
+
+@njit(nogil=True, cache=True)
+def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row, last_step, A, acc_a, B, acc_b,
+                scale, fold_scale, free, n_free, local, uniq, G, step, evict_min, table, prior, use_prior, opt_a, opt_b,
+                lr_a, lr_b, wd, eps, chunk, dB, B_new, acc_b_new):
+    """Backward + optimizer step of one adapter for one batch (see the module docstring).
+
+    ``opt_a``: 0 row-wise Adagrad, 1 SGD; ``opt_b``: 0 Adagrad, 1 SGD. B and its
+    accumulator are written to ``B_new`` and ``acc_b_new`` (the caller swaps them in). ``evict_min``: slots freed at least when the
     free slots run out (``int(capacity * evict_fraction)``). ``prior``: per-row starting
     Adagrad accumulator for slots whose accumulator is 0 (``use_prior``).
 
@@ -195,6 +223,7 @@ def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row
         rowwise_adagrad_a(A, acc_a, uniq, G, lr_a, wd, eps, 0, n_u)
     else:
         sgd_a(A, uniq, G, lr_a, wd, 0, n_u)
+    step_b(dB, B, acc_b, opt_b == 0, lr_b, wd, eps, B_new, acc_b_new)
     reset_local(local, uniq, n_u)
     return OK, n_free, evicted, missed, n_evicted
 
