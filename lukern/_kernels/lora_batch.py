@@ -32,33 +32,49 @@ BAD_STEP = 1      # the accumulated gradients not finite: rows admitted, no step
 def stable_lru(slot_row, last_step, step, n):
     """The slots :class:`StableLRU` evicts, ascending: among active slots not touched at
     ``step`` (all active slots when fewer than ``n`` of those), the ``n`` with the
-    smallest ``(last_step, slot)``."""
+    smallest ``(last_step, slot)``. No sort: ``last_step`` is a small integer range, so
+    a histogram finds the last step value v that is taken; every candidate older than v
+    is taken, and those at v in slot order until ``n``."""
     cap = slot_row.shape[0]
     n_active = 0
     n_older = 0
+    lo = step
+    hi = -1
     for s in range(cap):
         if slot_row[s] >= 0:
             n_active += 1
-            if last_step[s] < step:
+            ls = last_step[s]
+            if ls < step:
                 n_older += 1
+            lo = min(lo, ls)
+            hi = max(hi, ls)
     use_older = n_older >= n
     m = n_older if use_older else n_active
-    cand = np.empty(m, np.int64)
+    take = min(n, m)
+    out = np.empty(take, np.int64)
+    if take == 0:
+        return out
+    counts = np.zeros(hi - lo + 1, np.int64)
+    for s in range(cap):
+        if slot_row[s] >= 0 and (last_step[s] < step or not use_older):
+            counts[last_step[s] - lo] += 1
+    below = 0  # candidates strictly older than the threshold value v
+    v = 0
+    while below + counts[v] < take:
+        below += counts[v]
+        v += 1
+    at_v = take - below  # taken among those with last_step == lo + v, lowest slots first
     k = 0
     for s in range(cap):
         if slot_row[s] >= 0 and (last_step[s] < step or not use_older):
-            cand[k] = s
-            k += 1
-    if n >= m:
-        return cand
-    key = np.empty(m, np.int64)
-    for i in range(m):
-        key[i] = last_step[cand[i]]
-    order = np.argsort(key, kind="mergesort")  # stable: ties keep slot order
-    out = np.empty(n, np.int64)
-    for i in range(n):
-        out[i] = cand[order[i]]
-    out.sort()
+            ls = last_step[s] - lo
+            if ls < v:
+                out[k] = s
+                k += 1
+            elif ls == v and at_v > 0:
+                out[k] = s
+                k += 1
+                at_v -= 1
     return out
 
 

@@ -57,6 +57,7 @@ class ReplayConfig:
     budget_pct: float = 1.0
     rank_control: bool = True
     rank_energy: float = 0.999
+    rank_every_windows: float = 2.0  # the rank controllers decide every this many windows of rows
     qos: str = "auto"              # live mode: the trainer thread's CPU priority
     target_p99_ms: float | None = None  # live mode: inference P99 the trainer steers against
     # live mode: "thread" (default here: evicted rows fold into the served tables and the
@@ -64,6 +65,7 @@ class ReplayConfig:
     # find no free slot are dropped, so a 1 % budget learns little)
     trainer: str = "thread"
     min_rank: int = 2
+    min_rows_for_adapter: int = 64  # smaller tables get no adapter
     optimizer_a: str = "rowwise_adagrad"
     optimizer_b: str = "adagrad"
     eviction: str = "lru"
@@ -200,7 +202,8 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None,
             kw = dict(rank=cfg.rank, alpha=cfg.alpha, lr_a=cfg.lr_a, lr_b=cfg.lr_b, budget_pct=cfg.budget_pct,
                       rank_control=cfg.rank_control, demand=demand, optimizer_a=cfg.optimizer_a,
                       optimizer_b=cfg.optimizer_b, eviction=cfg.eviction, train_batch=cfg.train_batch,
-                      rank_energy=cfg.rank_energy, min_rank=cfg.min_rank)
+                      rank_energy=cfg.rank_energy, min_rank=cfg.min_rank,
+                      min_rows_for_adapter=cfg.min_rows_for_adapter)
             if live:
                 from .live import LiveLukern
 
@@ -208,7 +211,8 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None,
                                        target_p99_ms=cfg.target_p99_ms, trainer=cfg.trainer, **kw)
             else:
                 out[name] = LukernStrategy(m0.copy(), prior_acc=cfg.prior_acc,
-                                           rank_every=max(1, (window_rows or cfg.train_batch) // cfg.train_batch),
+                                           rank_every=max(1, int(cfg.rank_every_windows * (window_rows or cfg.train_batch))
+                                                          // cfg.train_batch),
                                            **kw)
     return out, trainer, bw, pending
 

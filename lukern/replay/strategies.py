@@ -451,8 +451,8 @@ class LukernStrategy(Strategy):
                                               want_loss=False)
             for t, a in enumerate(self.adapters):
                 if a is not None:
-                    gt = g[t].astype(np.float64)
-                    grams[t] += gt.T @ gt
+                    # one mini-batch's Gram in the gradients' dtype, summed over batches in float64
+                    grams[t] += g[t].T @ g[t]
         captured = []
         for t, a in enumerate(self.adapters):
             if a is None:
