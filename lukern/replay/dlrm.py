@@ -343,15 +343,23 @@ class DLRM:
         k = self.n_tables + 1
         t0 = 1 if tables_only else 0
         dz = np.empty((k - t0, c.n, d), self.dtype)
-        _interaction_backward(np.ascontiguousarray(g, dtype=self.dtype), self._tri[0], self._tri[1], c.z, t0, dz)
+        gp = np.ascontiguousarray(g, dtype=self.dtype)
+        if isinstance(c.z, list):  # the forward passes' z, not joined (concat_caches(backward_only=True))
+            row0 = 0
+            for z in c.z:
+                _interaction_backward(gp, self._tri[0], self._tri[1], z, t0, dz, row0)
+                row0 += z.shape[0]
+        else:
+            _interaction_backward(gp, self._tri[0], self._tri[1], c.z, t0, dz, 0)
         return loss, dz, dx0, grads
 
     @staticmethod
     def concat_caches(caches, *, backward_only=False) -> ForwardCache:
         """One cache for several forward passes (enough for :meth:`backward_pooled`):
         a trainer can collect the serving passes of a few requests and run one backward.
-        ``backward_only``: join only what :meth:`backward_pooled` reads (z, the top
-        MLP's inputs, the logits); the other fields are None."""
+        ``backward_only``: join only what :meth:`backward_pooled` reads (the top MLP's
+        inputs after its first layer, the logits); ``z`` stays the list of the passes'
+        arrays (the backward reads them in place) and the other fields are None."""
         caches = list(caches)
         if len(caches) == 1:
             return caches[0]
@@ -360,7 +368,7 @@ class DLRM:
             # what backward_pooled reads: z, the logits and the top MLP's inputs after
             # the first (the first layer's input is not needed to back-propagate)
             return ForwardCache(n=sum(c.n for c in caches), dense_in=None, bottom_acts=None, pooled=None,
-                                z=cat([c.z for c in caches]),
+                                z=[c.z for c in caches],
                                 top_acts=[None] + [cat(a) for a in zip(*(c.top_acts[1:] for c in caches))],
                                 logits=cat([c.logits for c in caches]), rows=None)
         return ForwardCache(n=sum(c.n for c in caches), dense_in=cat([c.dense_in for c in caches]),
