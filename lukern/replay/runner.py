@@ -82,6 +82,8 @@ class ReplayConfig:
             raise ValueError(f"`windows` must be >= 1; got {self.windows}.")
         if not 0.0 < self.train_frac < 1.0:
             raise ValueError(f"`train_frac` must be in (0, 1); got {self.train_frac}.")
+        if not self.rank_every_windows > 0:
+            raise ValueError(f"`rank_every_windows` must be > 0; got {self.rank_every_windows}.")
         if self.batch_size < 1 or self.train_batch < 1 or self.epochs < 0 or self.every < 1:
             raise ValueError(f"`batch_size`, `train_batch` and `every` must be >= 1 and `epochs` >= 0; got "
                              f"{self.batch_size}, {self.train_batch}, {self.every}, {self.epochs}.")

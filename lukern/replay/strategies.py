@@ -312,7 +312,12 @@ class LukernStrategy(Strategy):
     shipped.
 
     The trainer reuses the serving forward's activations (:meth:`DLRM.backward_pooled`):
-    co-located, it needs no second forward pass.
+    co-located, it needs no second forward pass, and with the MLPs frozen it back-propagates
+    only to the tables' pooled outputs. With the default LRU eviction every table's
+    backward and optimizer step run in one validated call per mini-batch
+    (:class:`lukern.lora_batch.BatchedTrainer`, the same bits as per-table
+    ``LoRAAdapter.backward`` + ``step``); other eviction policies use the adapters' own
+    per-table path.
 
     Parameters
     ----------
@@ -338,7 +343,8 @@ class LukernStrategy(Strategy):
     train_batch : int
         Rows per trainer step (the training side uses the same mini-batches).
     rank_every : int
-        Trainer steps between two decisions of each table's rank controller.
+        Trainer steps between two rounds of the rank controllers (the first step decides
+        too); the runner sets it to ``rank_every_windows`` windows' worth of steps.
     rank_energy, min_rank : float, int
         The controller keeps the smallest rank (at least ``min_rank``) holding
         ``rank_energy`` of the correction's energy.
