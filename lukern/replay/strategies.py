@@ -496,6 +496,13 @@ class LukernStrategy(Strategy):
                              np.arange(k + 1, dtype=np.int64), np.ones((k, m.dim), m.dtype))
                 if hasattr(a, "warmup"):
                     a.warmup(drivers=("serial",))  # the trainer forward and context kernels too
+        # the interaction backward of DLRM.backward_pooled (also the training side's)
+        from .._kernels.dlrm import interaction_backward
+
+        k = m.n_tables + 1
+        pi, pj = m._tri
+        interaction_backward(np.zeros((1, pi.size), m.dtype), pi, pj, np.zeros((1, k, m.dim), m.dtype), 1,
+                             np.zeros((k - 1, 1, m.dim), m.dtype), 0)
         if self._batched is not None:
             from ..lora_batch import BatchedTrainer
 
