@@ -181,6 +181,31 @@ def test_concat_caches_equals_one_backward(small):
     _, g = m.backward_pooled(c, np.concatenate([b1.labels, b2.labels]))
     _, want = m.grad_pooled(small.batch(0, 15), small.batch(0, 15).labels)
     np.testing.assert_allclose(g, want, rtol=1e-12)
+    # the lean join (z left in place, no loss) gives the same table-major gradient
+    lean = m.concat_caches([m.forward_cache(b1), m.forward_cache(b2)], backward_only=True)
+    assert isinstance(lean.z, list) and lean.pooled is None
+    loss, gt = m.backward_pooled(lean, np.concatenate([b1.labels, b2.labels]), table_major=True, want_loss=False)
+    assert loss is None
+    np.testing.assert_allclose(gt.transpose(1, 0, 2).reshape(15, -1), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("t0", [0, 1])
+def test_interaction_backward_against_numpy(t0):
+    from lukern._kernels.dlrm import interaction_backward
+
+    rng = np.random.default_rng(0)
+    n, k, d = 7, 5, 6
+    z = rng.standard_normal((n, k, d))
+    pi, pj = np.tril_indices(k, -1)
+    gp = rng.standard_normal((n + 3, pi.size))
+    S = np.zeros((n, k, k))
+    S[:, pi, pj] = gp[3:]
+    S = S + S.transpose(0, 2, 1)
+    want = np.matmul(S, z).transpose(1, 0, 2)[t0:]  # d <z_i, z_j> / d z_t, table-major
+    out = np.full((k - t0, n + 3, d), np.nan)
+    interaction_backward(gp, pi, pj, z, t0, out, 3)  # rows 3.. of gp and out
+    np.testing.assert_allclose(out[:, 3:], want, rtol=1e-12)
+    assert np.isnan(out[:, :3]).all()  # rows before row0 untouched
 
 
 def test_early_stopping_keeps_the_best_epoch(small):

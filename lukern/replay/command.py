@@ -71,6 +71,10 @@ def add_replay_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--lr-b", type=float, default=d.lr_b, help="learning rate of the shared factor B")
     g.add_argument("--budget-pct", type=float, default=d.budget_pct, help="adapter memory budget, %% of the tables")
     g.add_argument("--no-rank-control", action="store_true", help="fixed rank (no lukern.RankController)")
+    g.add_argument("--rank-every-windows", type=float, default=d.rank_every_windows,
+                   help="the rank controllers decide every this many windows' worth of trainer steps")
+    g.add_argument("--min-rows-for-adapter", type=int, default=d.min_rows_for_adapter,
+                   help="tables with fewer rows get no adapter")
     g.add_argument("--no-prior-acc", dest="prior_acc", action="store_false",
                    help="start new adapter slots from zero Adagrad history, not their rows' history (ablation)")
     g.add_argument("--qos", default=d.qos, choices=("auto", "none", "sched_idle", "nice", "cgroup", "cooperative"),
@@ -102,7 +106,8 @@ def _config(args):
                         priority_pct=args.priority_pct, prod_table_tb=args.prod_table_tb,
                         prod_link_gbps=args.prod_link_gbps, rows_per_second=args.rows_per_second, rank=args.rank,
                         alpha=args.alpha, lr_a=args.lr_a, lr_b=args.lr_b, budget_pct=args.budget_pct,
-                        rank_control=not args.no_rank_control, strategies=strategies, qos=args.qos,
+                        rank_control=not args.no_rank_control, rank_every_windows=args.rank_every_windows,
+                        min_rows_for_adapter=args.min_rows_for_adapter, strategies=strategies, qos=args.qos,
                         target_p99_ms=args.target_p99_ms, prior_acc=args.prior_acc, trainer=args.trainer)
 
 

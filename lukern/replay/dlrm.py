@@ -23,6 +23,7 @@ import numpy as np
 
 from .._io import atomic_write
 
+from .._kernels.dlrm import interaction_backward as _interaction_backward
 from ..embedding import TableBatch
 
 __all__ = ["DLRM", "ForwardCache", "bce_with_logits"]
@@ -293,49 +294,83 @@ class DLRM:
             raise ValueError(f"`labels` must have shape ({n},); got {y.shape}.")
         return y.astype(self.dtype, copy=False)
 
-    def _backward_top(self, c: ForwardCache, labels, want_weights: bool, weights=None, norm=None):
-        """Back through loss, top MLP and interaction. Returns loss, dz (n, K, d), dx0_direct, grads.
+    def _backward_top(self, c: ForwardCache, labels, want_weights: bool, weights=None, norm=None, tables_only=False,
+                      want_loss=True):
+        """Back through loss, top MLP and interaction. Returns loss, dz, dx0_direct, grads.
+
+        ``dz`` is table-major: ``(k, n, d)`` with slot 0 the bottom MLP's output ``x0``
+        and slot t the pooled embedding of table t. ``tables_only`` computes just what
+        a learner of the embeddings needs (frozen MLPs): ``dz`` holds the tables' slots
+        only ``(k - 1, n, d)`` and ``dx0`` is None (the top MLP's first layer is back-
+        propagated to the interaction inputs alone). ``want_loss=False`` returns loss None.
 
         The loss is ``sum_i w_i l_i / norm`` (defaults: w = 1, norm = n)."""
         y = self._check_labels(labels, c.n)
         p = self.params
         norm = float(max(c.n, 1) if norm is None else norm)
         r = _sigmoid(c.logits.astype(np.float64)) - y
+        loss = None
         if weights is None:
-            loss = bce_with_logits(c.logits, y)
+            if want_loss:
+                loss = bce_with_logits(c.logits, y)
         else:
             w = np.asarray(weights, dtype=np.float64)
             if w.shape != (c.n,):
                 raise ValueError(f"`weights` must have shape ({c.n},); got {w.shape}.")
-            z = c.logits.astype(np.float64)
-            loss = float(np.sum(w * (np.logaddexp(0.0, z) - y * z)) / norm)
+            if want_loss:
+                z = c.logits.astype(np.float64)
+                loss = float(np.sum(w * (np.logaddexp(0.0, z) - y * z)) / norm)
             r = r * w
         g = (r / norm).astype(self.dtype)[:, None]
         grads = {}
+        d = self.dim
+        dx0 = None
         for i in reversed(range(self.n_top)):
-            a = c.top_acts[i]
             if want_weights:
+                a = c.top_acts[i]
                 grads[f"top{i}.W"] = a.T @ g
                 grads[f"top{i}.b"] = g.sum(axis=0)
-            g = g @ p[f"top{i}.W"].T
+            W = p[f"top{i}.W"]
+            if i == 0 and tables_only:
+                g = g @ W[d:].T  # the interaction inputs only: x0 feeds a frozen bottom MLP
+            else:
+                g = g @ W.T
             if i > 0:
-                g = g * (a > 0)
-        d = self.dim
-        dx0 = g[:, :d]
+                g = g * (c.top_acts[i] > 0)
+        if not tables_only:
+            dx0 = g[:, :d]
+            g = g[:, d:]
         k = self.n_tables + 1
-        dt = np.zeros((c.n, k, k), self.dtype)
-        dt[:, self._tri[0], self._tri[1]] = g[:, d:]
-        dz = np.matmul(dt + dt.transpose(0, 2, 1), c.z)
+        t0 = 1 if tables_only else 0
+        dz = np.empty((k - t0, c.n, d), self.dtype)
+        gp = np.ascontiguousarray(g, dtype=self.dtype)
+        if isinstance(c.z, list):  # the forward passes' z, not joined (concat_caches(backward_only=True))
+            row0 = 0
+            for z in c.z:
+                _interaction_backward(gp, self._tri[0], self._tri[1], z, t0, dz, row0)
+                row0 += z.shape[0]
+        else:
+            _interaction_backward(gp, self._tri[0], self._tri[1], c.z, t0, dz, 0)
         return loss, dz, dx0, grads
 
     @staticmethod
-    def concat_caches(caches) -> ForwardCache:
+    def concat_caches(caches, *, backward_only=False) -> ForwardCache:
         """One cache for several forward passes (enough for :meth:`backward_pooled`):
-        a trainer can collect the serving passes of a few requests and run one backward."""
+        a trainer can collect the serving passes of a few requests and run one backward.
+        ``backward_only``: join only what :meth:`backward_pooled` reads (the top MLP's
+        inputs after its first layer, the logits); ``z`` stays the list of the passes'
+        arrays (the backward reads them in place) and the other fields are None."""
         caches = list(caches)
         if len(caches) == 1:
             return caches[0]
         cat = np.concatenate
+        if backward_only:
+            # what backward_pooled reads: z, the logits and the top MLP's inputs after
+            # the first (the first layer's input is not needed to back-propagate)
+            return ForwardCache(n=sum(c.n for c in caches), dense_in=None, bottom_acts=None, pooled=None,
+                                z=[c.z for c in caches],
+                                top_acts=[None] + [cat(a) for a in zip(*(c.top_acts[1:] for c in caches))],
+                                logits=cat([c.logits for c in caches]), rows=None)
         return ForwardCache(n=sum(c.n for c in caches), dense_in=cat([c.dense_in for c in caches]),
                             bottom_acts=[cat(a) for a in zip(*(c.bottom_acts for c in caches))],
                             pooled=cat([c.pooled for c in caches]), z=cat([c.z for c in caches]),
@@ -343,19 +378,21 @@ class DLRM:
                             logits=cat([c.logits for c in caches]),
                             rows=np.zeros(0, np.int64))  # table-major rows do not concatenate; unused here
 
-    def backward_pooled(self, cache: ForwardCache, labels, *, weights=None, norm=None, table_major=False):
+    def backward_pooled(self, cache: ForwardCache, labels, *, weights=None, norm=None, table_major=False,
+                        want_loss=True):
         """Loss and d loss / d pooled embeddings ``(n, n_tables * dim)`` from a kept forward.
 
         The co-located trainer calls this on the activations the serving forward already
         computed, so learning costs a backward pass but no second forward. ``weights``
         and ``norm`` give the weighted loss ``sum_i w_i l_i / norm`` (e.g. importance weights).
         With ``table_major=True`` the gradient comes as ``(n_tables, n, dim)`` so that each
-        table's slice is contiguous.
+        table's slice is contiguous. ``want_loss=False`` skips the loss (returned as None).
         """
-        loss, dz, _, _ = self._backward_top(cache, labels, want_weights=False, weights=weights, norm=norm)
+        loss, dz, _, _ = self._backward_top(cache, labels, want_weights=False, weights=weights, norm=norm,
+                                            tables_only=True, want_loss=want_loss)
         if table_major:
-            return loss, np.ascontiguousarray(dz[:, 1:, :].transpose(1, 0, 2))
-        return loss, np.ascontiguousarray(dz[:, 1:, :].reshape(cache.n, -1))
+            return loss, dz
+        return loss, np.ascontiguousarray(dz.transpose(1, 0, 2).reshape(cache.n, -1))
 
     def grad_pooled(self, batch, labels, *, adapters=None):
         """Loss and its gradient with respect to the pooled embeddings of ``batch``.
@@ -375,7 +412,7 @@ class DLRM:
         c = self.forward_cache(batch) if cache is None else cache
         loss, dz, dx0, grads = self._backward_top(c, labels, want_weights=True)
         p = self.params
-        g = dx0 + dz[:, 0, :]
+        g = dx0 + dz[0]
         for i in reversed(range(self.n_bottom)):
             g = g * (c.bottom_acts[i + 1] > 0)
             a = c.bottom_acts[i]
@@ -384,7 +421,7 @@ class DLRM:
             if i > 0:
                 g = g @ p[f"bottom{i}.W"].T
         # d pooled in table-major order matches c.rows (t*n + b).
-        demb = dz[:, 1:, :].transpose(1, 0, 2).reshape(-1, self.dim)
+        demb = dz[1:].reshape(-1, self.dim)
         # Sum the gradients of repeated rows: sort, then one segmented sum (about 4x
         # faster than np.add.at at batch 256 x 5 tables; the training side deserves a
         # fair implementation since its CPU time is what lukern is compared with).

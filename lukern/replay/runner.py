@@ -57,6 +57,7 @@ class ReplayConfig:
     budget_pct: float = 1.0
     rank_control: bool = True
     rank_energy: float = 0.999
+    rank_every_windows: float = 2.0  # the rank controllers decide every this many windows of rows
     qos: str = "auto"              # live mode: the trainer thread's CPU priority
     target_p99_ms: float | None = None  # live mode: inference P99 the trainer steers against
     # live mode: "thread" (default here: evicted rows fold into the served tables and the
@@ -64,6 +65,7 @@ class ReplayConfig:
     # find no free slot are dropped, so a 1 % budget learns little)
     trainer: str = "thread"
     min_rank: int = 2
+    min_rows_for_adapter: int = 64  # smaller tables get no adapter
     optimizer_a: str = "rowwise_adagrad"
     optimizer_b: str = "adagrad"
     eviction: str = "lru"
@@ -80,6 +82,8 @@ class ReplayConfig:
             raise ValueError(f"`windows` must be >= 1; got {self.windows}.")
         if not 0.0 < self.train_frac < 1.0:
             raise ValueError(f"`train_frac` must be in (0, 1); got {self.train_frac}.")
+        if not self.rank_every_windows > 0:
+            raise ValueError(f"`rank_every_windows` must be > 0; got {self.rank_every_windows}.")
         if self.batch_size < 1 or self.train_batch < 1 or self.epochs < 0 or self.every < 1:
             raise ValueError(f"`batch_size`, `train_batch` and `every` must be >= 1 and `epochs` >= 0; got "
                              f"{self.batch_size}, {self.train_batch}, {self.every}, {self.epochs}.")
@@ -200,7 +204,8 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None,
             kw = dict(rank=cfg.rank, alpha=cfg.alpha, lr_a=cfg.lr_a, lr_b=cfg.lr_b, budget_pct=cfg.budget_pct,
                       rank_control=cfg.rank_control, demand=demand, optimizer_a=cfg.optimizer_a,
                       optimizer_b=cfg.optimizer_b, eviction=cfg.eviction, train_batch=cfg.train_batch,
-                      rank_energy=cfg.rank_energy, min_rank=cfg.min_rank)
+                      rank_energy=cfg.rank_energy, min_rank=cfg.min_rank,
+                      min_rows_for_adapter=cfg.min_rows_for_adapter)
             if live:
                 from .live import LiveLukern
 
@@ -208,7 +213,8 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None,
                                        target_p99_ms=cfg.target_p99_ms, trainer=cfg.trainer, **kw)
             else:
                 out[name] = LukernStrategy(m0.copy(), prior_acc=cfg.prior_acc,
-                                           rank_every=max(1, (window_rows or cfg.train_batch) // cfg.train_batch),
+                                           rank_every=max(1, int(cfg.rank_every_windows * (window_rows or cfg.train_batch))
+                                                          // cfg.train_batch),
                                            **kw)
     return out, trainer, bw, pending
 
@@ -302,7 +308,8 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
             report["pending"] = pending
             if "lukern" in strategies and cfg.init_b == "gradients":
                 c0 = time.process_time()
-                init = strategies["lukern"].init_directions(stream.batches(cfg.batch_size, max(0, n_train - w_rows),
+                # in the trainer's mini-batches: the gradients summed are the same
+                init = strategies["lukern"].init_directions(stream.batches(cfg.train_batch, max(0, n_train - w_rows),
                                                                            n_train))
                 strategies["lukern"].stats.update_cpu_s += time.process_time() - c0
                 report["lukern_init"] = {"b_from": "gradients of the last training window",

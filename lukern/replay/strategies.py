@@ -312,7 +312,12 @@ class LukernStrategy(Strategy):
     shipped.
 
     The trainer reuses the serving forward's activations (:meth:`DLRM.backward_pooled`):
-    co-located, it needs no second forward pass.
+    co-located, it needs no second forward pass, and with the MLPs frozen it back-propagates
+    only to the tables' pooled outputs. With the default LRU eviction every table's
+    backward and optimizer step run in one validated call per mini-batch
+    (:class:`lukern.lora_batch.BatchedTrainer`, the same bits as per-table
+    ``LoRAAdapter.backward`` + ``step``); other eviction policies use the adapters' own
+    per-table path.
 
     Parameters
     ----------
@@ -338,7 +343,8 @@ class LukernStrategy(Strategy):
     train_batch : int
         Rows per trainer step (the training side uses the same mini-batches).
     rank_every : int
-        Trainer steps between two decisions of each table's rank controller.
+        Trainer steps between two rounds of the rank controllers (the first step decides
+        too); the runner sets it to ``rank_every_windows`` windows' worth of steps.
     rank_energy, min_rank : float, int
         The controller keeps the smallest rank (at least ``min_rank``) holding
         ``rank_energy`` of the correction's energy.
@@ -358,9 +364,12 @@ class LukernStrategy(Strategy):
         self.lr_a, self.lr_b = float(lr_a), float(lr_b)
         self.budget_pct = float(budget_pct)
         d = model.dim
-        from .. import LeastRecentlyUsed, SmallestNorm
+        from .. import SmallestNorm
+        from ..lora_batch import StableLRU
 
-        policies = {"lru": LeastRecentlyUsed, "smallest_norm": SmallestNorm}
+        # StableLRU is LRU with ties broken by the lowest slot: the policy the batched
+        # trainer runs inside its kernel
+        policies = {"lru": StableLRU, "smallest_norm": SmallestNorm}
         if eviction not in policies:
             raise ValueError(f"`eviction` must be one of {sorted(policies)}; got {eviction!r}.")
         self.optimizer_a, self.optimizer_b, self.eviction = optimizer_a, optimizer_b, eviction
@@ -403,12 +412,30 @@ class LukernStrategy(Strategy):
                         continue
                     # the controller keeps this table's share of the global budget
                     share = min(1.0, self.share_bytes[t] / model.table(t).nbytes)
-                    self.controllers[t] = RankController(a, model.table(t), budget=share, every=rank_every,
+                    # every=1: flush() calls the controllers every `rank_every` steps
+                    self.controllers[t] = RankController(a, model.table(t), budget=share, every=1,
                                                          max_rank=min(d, max(16, self.rank)),
                                                          energy=rank_energy, min_rank=min(min_rank, self.rank))
         self._cache = None
         self.train_batch = int(train_batch)
+        self.rank_every = int(rank_every)
+        if self.rank_every < 1:
+            raise ValueError(f"`rank_every` must be >= 1; got {rank_every}.")
+        self._steps = 0
         self._pending, self._n_pending = [], 0
+        self._offsets = np.arange(self.train_batch + 1, dtype=np.int64)
+        # One validated call per mini-batch for every table (lukern.lora_batch), unless an
+        # eviction policy needs the adapter's own Python path.
+        self._batched = None
+        if eviction == "lru" and any(a is not None for a in self.adapters):
+            from ..lora_batch import BatchedTrainer
+
+            priors = None
+            if self.prior_acc is not None:
+                ro = model.row_offsets
+                priors = [None if a is None else self.prior_acc[ro[t]:ro[t + 1]] for t, a in enumerate(self.adapters)]
+            self._batched = BatchedTrainer(self.adapters, [model.table(t) for t in range(model.n_tables)],
+                                           prior_acc=priors)
         self._warmup(LoRAAdapter)
 
     def init_directions(self, batches) -> list:
@@ -426,11 +453,12 @@ class LukernStrategy(Strategy):
         d = self.model.dim
         grams = [np.zeros((d, d)) for _ in self.adapters]
         for b in batches:
-            _, g = self.model.grad_pooled(b, b.labels)
+            _, g = self.model.backward_pooled(self.model.forward_cache(b), b.labels, table_major=True,
+                                              want_loss=False)
             for t, a in enumerate(self.adapters):
                 if a is not None:
-                    gt = g[:, t * d:(t + 1) * d].astype(np.float64)
-                    grams[t] += gt.T @ gt
+                    # one mini-batch's Gram in the gradients' dtype, summed over batches in float64
+                    grams[t] += g[t].T @ g[t]
         captured = []
         for t, a in enumerate(self.adapters):
             if a is None:
@@ -468,6 +496,23 @@ class LukernStrategy(Strategy):
                              np.arange(k + 1, dtype=np.int64), np.ones((k, m.dim), m.dtype))
                 if hasattr(a, "warmup"):
                     a.warmup(drivers=("serial",))  # the trainer forward and context kernels too
+        # the interaction backward of DLRM.backward_pooled (also the training side's)
+        from .._kernels.dlrm import interaction_backward
+
+        k = m.n_tables + 1
+        pi, pj = m._tri
+        interaction_backward(np.zeros((1, pi.size), m.dtype), pi, pj, np.zeros((1, k, m.dim), m.dtype), 1,
+                             np.zeros((k - 1, 1, m.dim), m.dtype), 0)
+        if self._batched is not None:
+            from ..lora_batch import BatchedTrainer
+
+            # the batched kernel, its eviction and seeding paths
+            k = max(min(a.n_rows, 2 * a.capacity + 2) for a in scratch if a is not None)
+            priors = [None if a is None else np.ones(a.n_rows, m.dtype) for a in scratch]
+            bt = BatchedTrainer(scratch, tb.tables, prior_acc=priors)
+            ids = np.stack([np.arange(k, dtype=np.int64) % max(1, n) for n in m.cat_sizes])
+            for rows in (ids, np.ascontiguousarray(ids[:, ::-1])):
+                bt.train_step(rows, np.arange(k + 1, dtype=np.int64), np.ones((m.n_tables, k, m.dim), m.dtype))
         if any(c is not None for c in self.controllers):
             # the rank controller's spectrum and window kernels
             from .. import GatheredRows, GradientWindow, LowRankRows, randomized_svd
@@ -511,18 +556,25 @@ class LukernStrategy(Strategy):
         # trainer never runs a second forward pass.
         labels = np.concatenate([b.labels for b in batches]) if len(batches) > 1 else batches[0].labels
         cat = np.concatenate([b.cat for b in batches]) if len(batches) > 1 else batches[0].cat
-        _, g = self.model.backward_pooled(self.model.concat_caches(caches), labels, table_major=True)
+        _, g = self.model.backward_pooled(self.model.concat_caches(caches, backward_only=True), labels,
+                                          table_major=True, want_loss=False)
         n = cat.shape[0]
-        off = np.arange(n + 1, dtype=np.int64)
-        idx_all = np.ascontiguousarray(cat.T)
-        for t, a in enumerate(self.adapters):
-            if a is None:
-                continue
-            if a.backward(idx_all[t], off, g[t], table=self.model.table(t)):
-                if self.prior_acc is not None:
-                    self._seed_fresh_slots(t, a)
-                a.step()
-        self._rank_step()
+        off = self._offsets[:n + 1] if n <= self.train_batch else np.arange(n + 1, dtype=np.int64)
+        idx_all = np.ascontiguousarray(cat.T, dtype=np.int64)
+        if self._batched is not None:
+            self._batched.train_step(idx_all, off, g)
+        else:
+            for t, a in enumerate(self.adapters):
+                if a is None:
+                    continue
+                if a.backward(idx_all[t], off, g[t], table=self.model.table(t)):
+                    if self.prior_acc is not None:
+                        self._seed_fresh_slots(t, a)
+                    a.step()
+        # the controllers decide on the first step and every `rank_every` steps after
+        if self._steps % self.rank_every == 0:
+            self._rank_step()
+        self._steps += 1
         self.stats.update_cpu_s += time.process_time() - c0
         self._note_memory()
 

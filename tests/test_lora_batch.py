@@ -1,0 +1,152 @@
+"""BatchedTrainer against per-table LoRAAdapter.backward + step: the same bits."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import lukern
+from lukern.lora_batch import BatchedTrainer, StableLRU
+
+STATE = ("keys", "vals", "bitmap", "A", "B", "slot_row", "acc_a", "acc_b", "last_step")
+
+
+def _build(sizes, dim, *, rank=3, capacity=(6, 5, 40), dtype=np.float32, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    tables = [rng.standard_normal((n, dim)).astype(dtype) for n in sizes]
+    adapters = [lukern.LoRAAdapter(n, dim, rank=rank, capacity=c, dtype=dtype, seed=seed + t, eviction=StableLRU(),
+                                   **kw) for t, (n, c) in enumerate(zip(sizes, capacity))]
+    return tables, adapters
+
+
+def _reference_step(adapters, tables, idx, off, grad, priors, mode):
+    """What LukernStrategy did per table: backward, seed fresh slots' accumulators, step."""
+    out = []
+    for t, a in enumerate(adapters):
+        if a is None:
+            out.append(None)
+            continue
+        ok = a.backward(idx[t], off, grad[t], table=tables[t], mode=mode)
+        if ok:
+            if priors is not None:
+                st = a._state
+                fresh = np.flatnonzero((st.acc_a == 0) & (st.slot_row >= 0))
+                st.acc_a[fresh] = priors[t][st.slot_row[fresh]]
+            ok = a.step()
+        out.append(ok)
+    return out
+
+
+def _assert_same(a, b, ta, tb):
+    for name in STATE:
+        np.testing.assert_array_equal(getattr(a._state, name), getattr(b._state, name), err_msg=name)
+    assert a._state.scale == b._state.scale
+    assert a._n_free == b._n_free
+    np.testing.assert_array_equal(a._free[:a._n_free], b._free[:b._n_free])
+    for name in ("step_count", "version", "evicted_rows", "dropped_admissions", "rejected_steps", "nbytes", "n_active"):
+        assert getattr(a, name) == getattr(b, name), name
+    np.testing.assert_array_equal(ta, tb)
+
+
+def _batch(rng, sizes, n_bags, per_bag=1):
+    # Zipf-like ids: a hot head plus a long tail, so slots are reused and evicted
+    n_ids = n_bags * per_bag
+    idx = np.stack([np.minimum((rng.pareto(1.2, n_ids) * n / 20).astype(np.int64), n - 1) for n in sizes])
+    if per_bag == 1:
+        off = np.arange(n_bags + 1, dtype=np.int64)
+    else:
+        cuts = np.sort(rng.integers(0, n_ids + 1, n_bags - 1))
+        off = np.concatenate(([0], cuts, [n_ids])).astype(np.int64)
+    return idx, off
+
+
+@pytest.mark.parametrize("dtype,mode,per_bag,n_bags,kw", [
+    (np.float32, "sum", 1, 50, {}),
+    (np.float64, "mean", 3, 51, {"weight_decay": 0.01}),
+    (np.float32, "sum", 2, 50, {"optimizer_a": "sgd", "optimizer_b": "sgd", "lr_a": 0.02}),
+    (np.float32, "mean", 2, 301, {"rank": 6}),  # two chunks of B's gradient, odd bags, r > 4
+])
+@pytest.mark.parametrize("use_prior", [False, True])
+def test_batched_matches_per_table(dtype, mode, per_bag, n_bags, kw, use_prior):
+    sizes, dim = (300, 40, 2000), 8
+    tr, ar = _build(sizes, dim, dtype=dtype, **kw)
+    tb, ab = _build(sizes, dim, dtype=dtype, **kw)
+    rng = np.random.default_rng(1)
+    priors = [rng.random(n).astype(dtype) * (rng.random(n) < 0.7) for n in sizes] if use_prior else None
+    trainer = BatchedTrainer(ab, tb, prior_acc=priors)
+    for _ in range(12):
+        idx, off = _batch(rng, sizes, n_bags, per_bag)
+        grad = (0.3 * rng.standard_normal((len(sizes), n_bags, dim))).astype(dtype)
+        want = _reference_step(ar, tr, idx, off, grad, priors, mode)
+        got = trainer.train_step(idx, off, grad, mode=mode)
+        assert got == want
+        for a, b, ta, tb_ in zip(ar, ab, tr, tb):
+            _assert_same(a, b, ta, tb_)
+    assert sum(a.evicted_rows for a in ab) > 0  # the eviction path ran
+    assert ab[2].n_active > 0 and np.abs(ab[2].A).sum() > 0
+
+
+def test_none_adapter_and_rejected_table():
+    sizes, dim = (100, 60, 80), 8
+    tr, ar = _build(sizes, dim)
+    tb, ab = _build(sizes, dim)
+    ar[1] = ab[1] = None
+    trainer = BatchedTrainer(ab, tb)
+    rng = np.random.default_rng(3)
+    idx, off = _batch(rng, sizes, 20)
+    grad = rng.standard_normal((3, 20, dim)).astype(np.float32)
+    grad[2, 4, 1] = np.nan
+    b2_before = ab[2]._state.B.copy()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        want = _reference_step(ar, tr, idx, off, grad, None, "sum")
+        got = trainer.train_step(idx, off, grad)
+    assert got == want == [True, None, False]
+    assert ab[2].rejected_steps == 1 and ab[2].n_active == 0
+    np.testing.assert_array_equal(ab[2]._state.B, b2_before)
+    for t in (0, 2):
+        _assert_same(ar[t], ab[t], tr[t], tb[t])
+
+
+def test_stable_lru_choose_matches_kernel():
+    from lukern._kernels.lora_batch import stable_lru
+
+    rng = np.random.default_rng(5)
+    a = lukern.LoRAAdapter(1000, 4, rank=2, capacity=64, eviction=StableLRU())
+    W = np.zeros((1000, 4), np.float32)
+    for _ in range(6):
+        ids = rng.integers(0, 1000, 20)
+        a.train_step(W, ids, np.arange(21), np.ones((20, 4), np.float32))
+    st = a._state
+    for n in (1, 5, 17, 40, 64, 100):
+        np.testing.assert_array_equal(np.unique(a.eviction.choose(a, n)),
+                                      stable_lru(st.slot_row, st.last_step, a.step_count, n))
+    # a numpy oracle: the n smallest (last_step, slot) among the older slots
+    active = np.flatnonzero(st.slot_row >= 0)
+    older = active[st.last_step[active] < a.step_count]
+    want = np.sort(older[np.lexsort((older, st.last_step[older]))][:7])
+    np.testing.assert_array_equal(a.eviction.choose(a, 7), want)
+
+
+def test_bad_input_is_rejected_and_writes_nothing():
+    sizes, dim = (50, 30), 4
+    tables, adapters = _build(sizes, dim, capacity=(5, 5))
+    trainer = BatchedTrainer(adapters, tables)
+    off = np.arange(3, dtype=np.int64)
+    grad = np.ones((2, 2, dim), np.float32)
+    with pytest.raises(IndexError, match=r"indices\[1, 0\]` = 30 is outside table 1"):
+        trainer.train_step(np.array([[1, 2], [30, 0]]), off, grad)
+    with pytest.raises(TypeError, match="int64"):
+        trainer.train_step(np.array([[1, 2], [3, 0]], np.int32), off, grad)
+    with pytest.raises(ValueError, match="one row per table"):
+        trainer.train_step(np.array([[1, 2]]), off, grad)
+    with pytest.raises(ValueError, match="grad"):
+        trainer.train_step(np.array([[1, 2], [3, 0]]), off, grad[:, :1])
+    assert all(a.n_active == 0 and a.step_count == 0 for a in adapters)
+    with pytest.raises(TypeError, match="StableLRU"):
+        BatchedTrainer([lukern.LoRAAdapter(50, dim, rank=2)], tables[:1])
+    with pytest.raises(ValueError, match="prior_acc"):
+        BatchedTrainer(adapters, tables, prior_acc=[np.zeros(3, np.float32), None])
+    adapters[0].backward(np.array([1]), np.array([0, 1]), np.ones((1, dim), np.float32))
+    with pytest.raises(RuntimeError, match="pending"):
+        trainer.train_step(np.array([[1, 2], [3, 0]]), off, grad)
