@@ -647,11 +647,27 @@ class RankController:
       columns are 0 (served values do not move). The default 0.9 is conservative: on
       the TalkingData sample, growing at 0.5 re-factored every period and raised the
       test log loss (``python -m lukern.bench gradient_spectrum``);
-    - **enforces the budget** ``adapter_bytes + window.nbytes <= budget * table.nbytes``
-      (``adapter_bytes``: the adapter's largest possible ``nbytes`` at its capacity and
-      rank, so the bound holds at every step in between) by lowering the rank or
-      evicting (folding) cold rows and shrinking the capacity, whichever moves less of
-      the correction's energy (ties lower the rank).
+    - **enforces the budget** ``adapter_bytes + 16 * capacity + window.nbytes <= budget *
+      table.nbytes`` (``adapter_bytes``: the adapter's largest possible ``nbytes`` at its
+      capacity and rank, so the bound holds at every step in between; 16 bytes a slot:
+      the controller's row bookkeeping, ``scratch_nbytes``) by lowering the rank or
+      folding the least recently used rows and shrinking the capacity, whichever loses
+      less: lowering the rank loses the dropped energy; folding keeps every served value
+      and loses only the learning of *hot* rows (touched within ``hot_steps`` adapter
+      steps, default ``every``), counted as their share of the correction. Equal losses
+      (typically nothing learned yet) lower the rank with ``ties="rows"`` and fold rows
+      with ``ties="rank"``;
+    - **grows the capacity** (``grow_capacity``) when it thrashes: rows were folded since
+      the last decision and at least ``readmit_share`` of the rows admitted since had
+      been folded before (a filter of folded row ids); it doubles at most, within the
+      budget. A long tail of new rows does not trigger it.
+
+    ``shrink_after`` holds the shrink back for the adapter's first steps. On the
+    TalkingData sample every energy-based shrink cost test log loss: the correction's
+    energy sits in one or two directions, yet the loss kept improving with rank up to 16,
+    and a shrink at step 20 cut rank 16 to 1-2 for good (``python -m lukern.bench
+    gradient_spectrum``, see its docstring); there ``energy=1.0`` (drop only directions
+    without energy), ``shrink_after=100`` and ``ties="rank"`` did best.
 
     Every change goes through ``adapter.refactor`` / ``adapter.evict`` / ``adapter.resize``
     (new arrays, one reference swap). The decision log is ``controller.log``.
@@ -942,13 +958,17 @@ class RankController:
         memory restarted. (TalkingData, fixed rank 16: holding all 161 rows of the
         ``channel`` table instead of 64 gave 0.83x the test log loss over 4 seeds.) A
         stream of new rows (a long tail) folds rows that do not come back: no growth.
-        Doubles the capacity at most, within the budget at the current rank."""
+        Doubles the capacity at most (or takes the whole table when doubling would hold
+        three quarters of it), within the budget at the current rank."""
         a = self.adapter
         evicted, self._evicted_seen = a.evicted_rows - self._evicted_seen, a.evicted_rows
         if (not self.grow_capacity or evicted == 0 or a.capacity >= a.n_rows or admitted == 0
                 or readmitted < self.readmit_share * admitted):
             return None
-        fit = self._largest_capacity(a.rank, upper=min(a.n_rows, 2 * a.capacity))
+        # doubling, or the whole table when doubling would hold most of it (no row is
+        # then ever folded again; TalkingData's 130-161-row tables stopped at 128 otherwise)
+        want = a.n_rows if 2 * a.capacity >= 0.75 * a.n_rows else 2 * a.capacity
+        fit = self._largest_capacity(a.rank, upper=want)
         if fit is None or fit <= a.capacity:
             return None
         old = a.capacity

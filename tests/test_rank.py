@@ -367,7 +367,8 @@ def test_capacity_grows_when_hot_rows_are_folded():
         caps.append(a.capacity)
         assert adapter_bytes(a, a.capacity, a.rank) + ctl.window.nbytes <= ctl.budget * table.nbytes
     grew = [x for d_ in ctl.log for x in d_["actions"] if x["action"] == "grow_capacity"]
-    assert grew and all(x["new_capacity"] <= 2 * x["old_capacity"] for x in grew)
+    # doubling at most, or the whole table once doubling would hold three quarters of it
+    assert grew and all(x["new_capacity"] <= 2 * x["old_capacity"] or x["new_capacity"] == n for x in grew)
     assert caps[0] == 32 and caps[-1] >= 150 and caps == sorted(caps)
     # served values are kept by the resize: fused lookups equal table + s A B rows
     rows, slots = a.active_rows()
