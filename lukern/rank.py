@@ -615,6 +615,11 @@ class GradientWindow:
 
 # --- the rank controller -------------------------------------------------------------------
 
+# Ids the re-admission tracking of a RankController follows at most (8 bytes each, plus a
+# filter of at most 64 bits each): 512 keeps it at 8 KiB, two gradient windows' worth.
+_TRACK_ROWS = 512
+
+
 def adapter_bytes(adapter, capacity, rank) -> int:
     """Worst-case ``adapter.nbytes`` at ``capacity`` and ``rank``: the adapter's own
     :meth:`~lukern.LoRAAdapter.nbytes_at` (every array it owns, the pending-gradient
@@ -647,10 +652,10 @@ class RankController:
       columns are 0 (served values do not move). The default 0.9 is conservative: on
       the TalkingData sample, growing at 0.5 re-factored every period and raised the
       test log loss (``python -m lukern.bench gradient_spectrum``);
-    - **enforces the budget** ``adapter_bytes + 16 * capacity + window.nbytes <= budget *
+    - **enforces the budget** ``adapter_bytes + window.nbytes + scratch_nbytes <= budget *
       table.nbytes`` (``adapter_bytes``: the adapter's largest possible ``nbytes`` at its
-      capacity and rank, so the bound holds at every step in between; 16 bytes a slot:
-      the controller's row bookkeeping, ``scratch_nbytes``) by lowering the rank or
+      capacity and rank, so the bound holds at every step in between; ``scratch_nbytes``:
+      the controller's row bookkeeping, fixed, at most 8 KiB) by lowering the rank or
       folding the least recently used rows and shrinking the capacity, whichever loses
       less: lowering the rank loses the dropped energy; folding keeps every served value
       and loses only the learning of *hot* rows (touched within ``hot_steps`` adapter
@@ -744,20 +749,20 @@ class RankController:
         self._calls = 0
         self._grew_at = -1
         self._evicted_seen = a.evicted_rows
-        self._prev_rows = np.sort(a.active_rows()[0])
-        self._filter_bits = -1
-        self._new_filter()
+        # re-admission tracking on a fixed-size sample of rows (see _track_rows)
+        self._track_k = min(a.n_rows, _TRACK_ROWS)
+        self._filter_bits = min(a.n_rows, 64 * self._track_k)
+        self._filter = np.zeros(-(-self._filter_bits // 8), np.uint8)
+        self._reset_tracking()
 
     @property
     def limit_bytes(self) -> int:
-        """Bytes the adapter and the controller's row bookkeeping may use: the budget
-        minus the gradient window's bytes."""
-        return int(self.budget * self.table.nbytes) - self.window.nbytes
+        """Bytes the adapter may use: the budget minus the gradient window's bytes and
+        the controller's row bookkeeping (``scratch_nbytes``)."""
+        return int(self.budget * self.table.nbytes) - self.window.nbytes - self.scratch_nbytes
 
     def _bytes(self, capacity, rank):
-        """Worst-case bytes charged to the budget besides the window: the adapter's
-        (:func:`adapter_bytes`) plus the controller's row bookkeeping (16 bytes a slot)."""
-        return adapter_bytes(self.adapter, capacity, rank) + 16 * int(capacity)
+        return adapter_bytes(self.adapter, capacity, rank)
 
     def spectrum(self):
         """Exact singular values (and factors) of the active correction ``s A B``."""
@@ -905,14 +910,21 @@ class RankController:
         a = self.adapter
         return a._state.last_step[slots] >= a.step_count - self.hot_steps
 
-    def _new_filter(self):
-        # one bit a row when the table has at most 64 rows a slot (exact), else 64 bits a
-        # slot addressed by a multiplicative hash (cleared when a quarter is set, so at
-        # most a quarter of new rows look re-admitted)
+    def _tracked(self, rows):
+        """The rows of ``rows`` inside the tracked sample of the table's rows: all of them
+        while the capacity is at most ``_TRACK_ROWS``, else those whose hash falls in one
+        of ``m`` buckets (so about ``_TRACK_ROWS`` active rows are followed)."""
+        if self._track_m == 1:
+            return rows
+        h = (rows.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)) >> np.uint64(32)
+        return rows[(h % np.uint64(self._track_m)) == 0]
+
+    def _reset_tracking(self):
         a = self.adapter
-        bits = a.n_rows if a.n_rows <= 64 * a.capacity else 64 * a.capacity
-        self._filter = np.zeros(-(-bits // 8), np.uint8)
-        self._filter_bits = bits
+        self._track_m = max(1, -(-a.capacity // self._track_k))
+        self._track_cap = a.capacity
+        self._prev_rows = self._tracked(np.sort(a.active_rows()[0]))[:self._track_k]
+        self._filter[:] = 0
         self._filter_set = 0
 
     def _filter_pos(self, rows):
@@ -924,19 +936,24 @@ class RankController:
     def _track_rows(self):
         """Rows admitted since the last decision, and how many of them had been folded
         before (active at an earlier decision, then gone): a re-admission restarts the
-        row's A and optimizer memory. Keeps the active rows of the last decision and a
-        bit filter of folded rows (``scratch_nbytes``, at most 16 bytes a slot, counted
-        in the budget). Rows admitted and folded between two decisions go unseen."""
+        row's A and optimizer memory. Followed on a fixed-size sample of the rows (see
+        :meth:`_tracked`): the last decision's active sampled rows and a bit filter of
+        folded ones (exact up to 64 rows a tracked id, else hashed and cleared when a
+        quarter full), ``scratch_nbytes`` in all, reserved from the budget like the
+        window. Rows admitted and folded between two decisions go unseen."""
         a = self.adapter
-        rows = np.sort(a.active_rows()[0])
-        if self._filter_bits != (a.n_rows if a.n_rows <= 64 * a.capacity else 64 * a.capacity):
-            self._new_filter()  # the capacity changed
+        if a.capacity != self._track_cap:
+            if max(1, -(-a.capacity // self._track_k)) != self._track_m:  # another sample
+                self._reset_tracking()
+                return 0, 0
+            self._track_cap = a.capacity
+        rows = self._tracked(np.sort(a.active_rows()[0]))[:self._track_k]
         admitted = np.setdiff1d(rows, self._prev_rows, assume_unique=True)
         pos = self._filter_pos(admitted)
         back = int(np.count_nonzero(self._filter[pos >> 3] & (1 << (pos & 7)).astype(np.uint8)))
         gone = np.setdiff1d(self._prev_rows, rows, assume_unique=True)
         if gone.size:
-            if 4 * (self._filter_set + gone.size) > self._filter_bits and self._filter_bits != a.n_rows:
+            if self._filter_bits != a.n_rows and 4 * (self._filter_set + gone.size) > self._filter_bits:
                 self._filter[:] = 0
                 self._filter_set = 0
             pos = self._filter_pos(gone)
@@ -947,9 +964,9 @@ class RankController:
 
     @property
     def scratch_nbytes(self) -> int:
-        """Bytes of the controller's row bookkeeping (the last decision's active rows and
-        the filter of folded rows)."""
-        return int(self._prev_rows.nbytes + self._filter.nbytes)
+        """Bytes reserved for the controller's row bookkeeping (fixed at construction:
+        8 bytes a tracked id and the folded-row filter), taken from the budget."""
+        return int(8 * self._track_k + self._filter.nbytes)
 
     def _grow_capacity(self, admitted, readmitted):
         """Widen the capacity when it thrashes: rows were folded since the last decision
@@ -1017,7 +1034,8 @@ class RankController:
                 raise ValueError(f"the budget {self.budget} of the table's {self.table.nbytes} bytes ({limit} bytes) "
                                  f"cannot hold a rank-{self.min_rank}, capacity-1 adapter "
                                  f"({self._bytes(1, self.min_rank)} bytes) besides the gradient window's "
-                                 f"{self.window.nbytes} bytes; raise `budget` or use a smaller window.")
+                                 f"{self.window.nbytes} bytes and the controller's {self.scratch_nbytes} bytes of "
+                                 f"row bookkeeping; raise `budget` or use a smaller window.")
             lost = float(np.sum(S[self.min_rank:] ** 2)) if S is not None else 0.0
             self._lower_rank(self.min_rank, U, S)
             n = self._evict_to(c_min)

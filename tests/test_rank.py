@@ -170,6 +170,12 @@ def test_gradient_window_ring_and_residual():
 
 # --- rank controller ---------------------------------------------------------------------------
 
+def _scratch(n_rows):
+    # RankController.scratch_nbytes: 8 bytes a tracked id, a bit filter of folded rows
+    k = min(n_rows, 512)
+    return 8 * k + -(-min(n_rows, 64 * k) // 8)
+
+
 def _adapter_with_planted(n, d, rank, n_active, true_rank, noise, seed=0, capacity=None):
     rng = np.random.default_rng(seed)
     a = lukern.LoRAAdapter(n, d, rank=rank, capacity=capacity or 2 * n_active, seed=seed)
@@ -242,7 +248,7 @@ def test_budget_picks_cheaper_loss():
     a, rng = _adapter_with_planted(n, d, 8, 1500, 1, 1e-3, capacity=1600)
     table = np.zeros((n, d), np.float32)
     window = lukern.GradientWindow(d, 16)
-    limit = (0.9 * adapter_bytes(a, a.capacity, a.rank) + window.nbytes) / table.nbytes
+    limit = (0.9 * adapter_bytes(a, a.capacity, a.rank) + window.nbytes + _scratch(n)) / table.nbytes
     ctl = lukern.RankController(a, table, budget=limit, energy=1.0, every=1, window=window)
     dec = ctl.step()
     assert [x["action"] for x in dec["actions"]] == ["budget_rank"]
@@ -250,7 +256,7 @@ def test_budget_picks_cheaper_loss():
     # too small for rank 1 at this capacity: rows are folded into the table, served values kept
     idx, off = a.active_rows()[0][:64], np.arange(65)
     before = lukern.embedding_bag(table, idx, off, adapter=a)
-    ctl.budget = (0.5 * adapter_bytes(a, a.capacity, 1) + window.nbytes) / table.nbytes
+    ctl.budget = (0.5 * adapter_bytes(a, a.capacity, 1) + window.nbytes + _scratch(n)) / table.nbytes
     dec = ctl.decide()
     assert any(x["action"].endswith("evict") for x in dec["actions"])
     assert a.nbytes + ctl.window.nbytes <= ctl.budget * table.nbytes and a.capacity < 1600
@@ -365,7 +371,8 @@ def test_capacity_grows_when_hot_rows_are_folded():
         for _ in range(5):
             ctl.step()
         caps.append(a.capacity)
-        assert adapter_bytes(a, a.capacity, a.rank) + ctl.window.nbytes <= ctl.budget * table.nbytes
+        used = adapter_bytes(a, a.capacity, a.rank) + ctl.window.nbytes + ctl.scratch_nbytes
+        assert used <= ctl.budget * table.nbytes
     grew = [x for d_ in ctl.log for x in d_["actions"] if x["action"] == "grow_capacity"]
     # doubling at most, or the whole table once doubling would hold three quarters of it
     assert grew and all(x["new_capacity"] <= 2 * x["old_capacity"] or x["new_capacity"] == n for x in grew)
@@ -393,8 +400,8 @@ def test_capacity_does_not_grow_for_cold_folds_or_past_the_budget():
     # hot rows folded, but no room in the budget: the capacity stays
     b = lukern.LoRAAdapter(n, d, rank=4, capacity=32, seed=2)
     w = lukern.GradientWindow(d, 4)
-    ctl = lukern.RankController(b, table, budget=(adapter_bytes(b, 33, 4) - 1 + w.nbytes) / table.nbytes,
-                                energy=1.0, every=5, window=w)
+    ctl = lukern.RankController(b, table, budget=(adapter_bytes(b, 33, 4) - 1 + w.nbytes + _scratch(n))
+                                / table.nbytes, energy=1.0, every=5, window=w)
     ctl.step()
     _train(b, table, rng, rng.choice(n, 100, replace=False), 10)
     for _ in range(5):
@@ -429,7 +436,7 @@ def test_budget_folds_cold_rows_before_lowering_rank():
     table = np.zeros((n, d), np.float32)
     a.step_count = 100  # every row was last touched 99 steps ago: cold
     window = lukern.GradientWindow(d, 16)
-    limit = (0.8 * adapter_bytes(a, a.capacity, a.rank) + window.nbytes) / table.nbytes
+    limit = (0.8 * adapter_bytes(a, a.capacity, a.rank) + window.nbytes + _scratch(n)) / table.nbytes
     ctl = lukern.RankController(a, table, budget=limit, energy=1.0, every=10, window=window)
     idx, off = a.active_rows()[0][:64], np.arange(65)
     before = lukern.embedding_bag(table, idx, off, adapter=a)
@@ -450,8 +457,8 @@ def test_ties_choose_rank_or_rows_and_budget_may_exceed_the_table():
     for ties, want in (("rows", "budget_rank"), ("rank", "budget_evict")):
         a = lukern.LoRAAdapter(n, d, rank=8, capacity=200)  # nothing learned: every option loses 0
         w = lukern.GradientWindow(d, 4)
-        ctl = lukern.RankController(a, table, budget=(0.7 * adapter_bytes(a, 200, 8) + w.nbytes) / table.nbytes,
-                                    ties=ties, window=w)
+        budget = (0.7 * adapter_bytes(a, 200, 8) + w.nbytes + _scratch(n)) / table.nbytes
+        ctl = lukern.RankController(a, table, budget=budget, ties=ties, window=w)
         dec = ctl.step()
         assert [x["action"] for x in dec["actions"]] == [want]
         assert (a.rank, a.capacity == 200) == ((a.rank, True) if ties == "rows" else (8, False))

@@ -50,7 +50,7 @@ import time
 import numpy as np
 
 from .. import GradientWindow, LoRAAdapter, RankController, probe_rank
-from ..rank import adapter_bytes
+from ..rank import _TRACK_ROWS, adapter_bytes
 from ..replay.dlrm import DLRM, bce_with_logits
 from ..replay.streams import read_movielens, read_talkingdata
 
@@ -209,10 +209,13 @@ def controller_run(stream, *, dim=64, batch_size=64, budget_total=0.01, every=20
             limit = 0.99 * budget_total * model.table_nbytes
             window_bytes = GradientWindow(dim, _WINDOW_ROWS).nbytes  # counts against the budget
             adapters = [LoRAAdapter(sz, dim, rank=max_rank, seed=seed + t, **kw) for t, sz in enumerate(stream.cat_sizes)]
-            # (16 bytes a slot: the controller's row bookkeeping, RankController._bytes)
-            demand = [adapter_bytes(a, a.n_rows, max_rank) + 16 * a.n_rows + window_bytes for a in adapters]
+            # (scratch: the controller's row bookkeeping, RankController.scratch_nbytes)
+            scratch = [8 * min(a.n_rows, _TRACK_ROWS) + -(-min(a.n_rows, 64 * _TRACK_ROWS) // 8)
+                       for a in adapters]
+            demand = [adapter_bytes(a, a.n_rows, max_rank) + window_bytes + x for a, x in zip(adapters, scratch)]
             shares = split_budget(demand, limit)
-            least = np.array([adapter_bytes(a, 1, 1) + 16 + window_bytes for a in adapters], np.float64)
+            least = np.array([adapter_bytes(a, 1, 1) + window_bytes + x for a, x in zip(adapters, scratch)],
+                             np.float64)
             if np.any(shares < least):
                 # a rank-1 adapter with one slot and its window does not fit in some
                 # table's share: there is nothing for a controller to control
@@ -231,7 +234,7 @@ def controller_run(stream, *, dim=64, batch_size=64, budget_total=0.01, every=20
             **r,
             # worst-case bytes (pending-gradient buffers at their largest) at the end
             "bound_share": (sum(adapter_bytes(a, a.capacity, a.rank) for a in adapters)
-                            + sum(c.window.nbytes + 16 * c.adapter.capacity for c in ctls)) / model.table_nbytes,
+                            + sum(c.window.nbytes + c.scratch_nbytes for c in ctls)) / model.table_nbytes,
             "final_ranks": [a.rank for a in adapters],
             "final_capacities": [a.capacity for a in adapters],
         }
