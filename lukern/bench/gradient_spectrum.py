@@ -208,7 +208,8 @@ def controller_run(stream, *, dim=64, batch_size=64, budget_total=0.01, every=20
             # default capacity); the controllers move rank and capacity from there.
             limit = 0.99 * budget_total * model.table_nbytes
             window_bytes = GradientWindow(dim, _WINDOW_ROWS).nbytes  # counts against the budget
-            adapters = [LoRAAdapter(sz, dim, rank=max_rank, seed=seed + t, **kw) for t, sz in enumerate(stream.cat_sizes)]
+            adapters = [LoRAAdapter(sz, dim, rank=max_rank, seed=seed + t, **kw)
+                        for t, sz in enumerate(stream.cat_sizes)]
             # (scratch: the controller's row bookkeeping, RankController.scratch_nbytes)
             scratch = [8 * min(a.n_rows, _TRACK_ROWS) + -(-min(a.n_rows, 64 * _TRACK_ROWS) // 8)
                        for a in adapters]
