@@ -616,7 +616,8 @@ class GradientWindow:
 # --- the rank controller -------------------------------------------------------------------
 
 # Ids the re-admission tracking of a RankController follows at most (8 bytes each, plus a
-# filter of at most 64 bits each): 512 keeps it at 8 KiB, two gradient windows' worth.
+# filter of at most 64 bits each): 512 keeps it at 8 KiB, two gradient windows' worth; it
+# also takes at most 1/16 of the budget.
 _TRACK_ROWS = 512
 
 
@@ -655,7 +656,7 @@ class RankController:
     - **enforces the budget** ``adapter_bytes + window.nbytes + scratch_nbytes <= budget *
       table.nbytes`` (``adapter_bytes``: the adapter's largest possible ``nbytes`` at its
       capacity and rank, so the bound holds at every step in between; ``scratch_nbytes``:
-      the controller's row bookkeeping, fixed, at most 8 KiB) by lowering the rank or
+      the controller's row bookkeeping, fixed, at most 8 KiB and 1/16 of the budget) by lowering the rank or
       folding the least recently used rows and shrinking the capacity, whichever loses
       less: lowering the rank loses the dropped energy; folding keeps every served value
       and loses only the learning of *hot* rows (touched within ``hot_steps`` adapter
@@ -750,7 +751,8 @@ class RankController:
         self._grew_at = -1
         self._evicted_seen = a.evicted_rows
         # re-admission tracking on a fixed-size sample of rows (see _track_rows)
-        self._track_k = min(a.n_rows, _TRACK_ROWS)
+        # (at most 1/16 of the budget: about 16 bytes a tracked id with its filter bits)
+        self._track_k = int(max(1, min(a.n_rows, _TRACK_ROWS, self.budget * self.table.nbytes // 256)))
         self._filter_bits = min(a.n_rows, 64 * self._track_k)
         self._filter = np.zeros(-(-self._filter_bits // 8), np.uint8)
         self._reset_tracking()

@@ -171,7 +171,7 @@ def test_gradient_window_ring_and_residual():
 # --- rank controller ---------------------------------------------------------------------------
 
 def _scratch(n_rows):
-    # RankController.scratch_nbytes: 8 bytes a tracked id, a bit filter of folded rows
+    # RankController.scratch_nbytes at most: 8 bytes a tracked id, a bit filter of folded rows
     k = min(n_rows, 512)
     return 8 * k + -(-min(n_rows, 64 * k) // 8)
 
@@ -400,8 +400,8 @@ def test_capacity_does_not_grow_for_cold_folds_or_past_the_budget():
     # hot rows folded, but no room in the budget: the capacity stays
     b = lukern.LoRAAdapter(n, d, rank=4, capacity=32, seed=2)
     w = lukern.GradientWindow(d, 4)
-    ctl = lukern.RankController(b, table, budget=(adapter_bytes(b, 33, 4) - 1 + w.nbytes + _scratch(n))
-                                / table.nbytes, energy=1.0, every=5, window=w)
+    ctl = lukern.RankController(b, table, budget=1.0, energy=1.0, every=5, window=w)
+    ctl.budget = (adapter_bytes(b, 33, 4) - 1 + w.nbytes + ctl.scratch_nbytes) / table.nbytes  # 33 slots: no
     ctl.step()
     _train(b, table, rng, rng.choice(n, 100, replace=False), 10)
     for _ in range(5):
@@ -457,8 +457,8 @@ def test_ties_choose_rank_or_rows_and_budget_may_exceed_the_table():
     for ties, want in (("rows", "budget_rank"), ("rank", "budget_evict")):
         a = lukern.LoRAAdapter(n, d, rank=8, capacity=200)  # nothing learned: every option loses 0
         w = lukern.GradientWindow(d, 4)
-        budget = (0.7 * adapter_bytes(a, 200, 8) + w.nbytes + _scratch(n)) / table.nbytes
-        ctl = lukern.RankController(a, table, budget=budget, ties=ties, window=w)
+        ctl = lukern.RankController(a, table, ties=ties, window=w)
+        ctl.budget = (0.7 * adapter_bytes(a, 200, 8) + w.nbytes + ctl.scratch_nbytes) / table.nbytes
         dec = ctl.step()
         assert [x["action"] for x in dec["actions"]] == [want]
         assert (a.rank, a.capacity == 200) == ((a.rank, True) if ties == "rows" else (8, False))
