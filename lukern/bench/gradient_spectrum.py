@@ -210,13 +210,17 @@ def controller_run(stream, *, dim=64, batch_size=64, budget_total=0.01, every=20
             window_bytes = GradientWindow(dim, _WINDOW_ROWS).nbytes  # counts against the budget
             adapters = [LoRAAdapter(sz, dim, rank=max_rank, seed=seed + t, **kw)
                         for t, sz in enumerate(stream.cat_sizes)]
-            # (scratch: the controller's row bookkeeping, RankController.scratch_nbytes)
-            scratch = [8 * min(a.n_rows, _TRACK_ROWS) + -(-min(a.n_rows, 64 * _TRACK_ROWS) // 8)
-                       for a in adapters]
-            demand = [adapter_bytes(a, a.n_rows, max_rank) + window_bytes + x for a, x in zip(adapters, scratch)]
+            # (scratch: the controller's row bookkeeping, RankController.scratch_nbytes:
+            # 8 bytes and up to 64 filter bits a tracked id, at most 512 ids and 1/16 of
+            # the budget)
+            def scratch(n_rows, nbytes):
+                k = int(max(1, min(n_rows, _TRACK_ROWS, nbytes // 256)))
+                return 8 * k + -(-min(n_rows, 64 * k) // 8)
+            demand = [adapter_bytes(a, a.n_rows, max_rank) + window_bytes + scratch(a.n_rows, np.inf)
+                      for a in adapters]
             shares = split_budget(demand, limit)
-            least = np.array([adapter_bytes(a, 1, 1) + window_bytes + x for a, x in zip(adapters, scratch)],
-                             np.float64)
+            least = np.array([adapter_bytes(a, 1, 1) + window_bytes + scratch(a.n_rows, sh)
+                              for a, sh in zip(adapters, shares)], np.float64)
             if np.any(shares < least):
                 # a rank-1 adapter with one slot and its window does not fit in some
                 # table's share: there is nothing for a controller to control
