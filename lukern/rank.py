@@ -615,6 +615,12 @@ class GradientWindow:
 
 # --- the rank controller -------------------------------------------------------------------
 
+# Ids the re-admission tracking of a RankController follows at most (8 bytes each, plus a
+# filter of at most 64 bits each): 512 keeps it at 8 KiB, two gradient windows' worth; it
+# also takes at most 1/16 of the budget.
+_TRACK_ROWS = 512
+
+
 def adapter_bytes(adapter, capacity, rank) -> int:
     """Worst-case ``adapter.nbytes`` at ``capacity`` and ``rank``: the adapter's own
     :meth:`~lukern.LoRAAdapter.nbytes_at` (every array it owns, the pending-gradient
@@ -647,11 +653,27 @@ class RankController:
       columns are 0 (served values do not move). The default 0.9 is conservative: on
       the TalkingData sample, growing at 0.5 re-factored every period and raised the
       test log loss (``python -m lukern.bench gradient_spectrum``);
-    - **enforces the budget** ``adapter_bytes + window.nbytes <= budget * table.nbytes``
-      (``adapter_bytes``: the adapter's largest possible ``nbytes`` at its capacity and
-      rank, so the bound holds at every step in between) by lowering the rank or
-      evicting (folding) cold rows and shrinking the capacity, whichever moves less of
-      the correction's energy (ties lower the rank).
+    - **enforces the budget** ``adapter_bytes + window.nbytes + scratch_nbytes <= budget *
+      table.nbytes`` (``adapter_bytes``: the adapter's largest possible ``nbytes`` at its
+      capacity and rank, so the bound holds at every step in between; ``scratch_nbytes``:
+      the controller's row bookkeeping, fixed, at most 8 KiB and 1/16 of the budget) by lowering the rank or
+      folding the least recently used rows and shrinking the capacity, whichever loses
+      less: lowering the rank loses the dropped energy; folding keeps every served value
+      and loses only the learning of *hot* rows (touched within ``hot_steps`` adapter
+      steps, default ``every``), counted as their share of the correction. Equal losses
+      (typically nothing learned yet) lower the rank with ``ties="rows"`` and fold rows
+      with ``ties="rank"``;
+    - **grows the capacity** (``grow_capacity``) when it thrashes: rows were folded since
+      the last decision and at least ``readmit_share`` of the rows admitted since had
+      been folded before (a filter of folded row ids); it doubles at most, within the
+      budget. A long tail of new rows does not trigger it.
+
+    ``shrink_after`` holds the shrink back for the adapter's first steps. On the
+    TalkingData sample every energy-based shrink cost test log loss: the correction's
+    energy sits in one or two directions, yet the loss kept improving with rank up to 16,
+    and a shrink at step 20 cut rank 16 to 1-2 for good (``python -m lukern.bench
+    gradient_spectrum``, see its docstring); there ``energy=1.0`` (drop only directions
+    without energy), ``shrink_after=100`` and ``ties="rank"`` did best.
 
     Every change goes through ``adapter.refactor`` / ``adapter.evict`` / ``adapter.resize``
     (new arrays, one reference swap). The decision log is ``controller.log``.
@@ -677,6 +699,11 @@ class RankController:
     grow_threshold: float = 0.9
     grow_step: int = 2
     seed_scale: float = 1.0
+    shrink_after: int = 0
+    grow_capacity: bool = True
+    hot_steps: int | None = None
+    ties: str = "rows"
+    readmit_share: float = 0.5
     window: GradientWindow | None = field(default=None, repr=False)
     log: list = field(default_factory=list, repr=False)
 
@@ -687,8 +714,12 @@ class RankController:
                 raise TypeError(f"`adapter` must be a lukern.LoRAAdapter; got {type(a).__name__}.")
         V.check_table(self.table)
         a._check_compatible(self.table)
-        if not 0 < self.budget <= 1:
-            raise ValueError(f"`budget` must be in (0, 1] (a share of the table's bytes); got {self.budget!r}.")
+        # above 1 is allowed: a global budget split over tables may give a small table more
+        # than its own bytes (a 161-row table's adapter holding every row at rank 16 takes
+        # 48 KB, its table 41 KB; the hash, bitmap and B's optimizer state do not shrink)
+        if not (isinstance(self.budget, (int, float, np.floating)) and np.isfinite(self.budget) and self.budget > 0):
+            raise ValueError(f"`budget` must be a finite number > 0 (a share of the table's bytes); "
+                             f"got {self.budget!r}.")
         if not 0 < self.energy <= 1:
             raise ValueError(f"`energy` must be in (0, 1]; got {self.energy!r}.")
         if self.max_rank is None:
@@ -699,6 +730,13 @@ class RankController:
             raise ValueError(f"`min_rank` ({self.min_rank}) must be <= `max_rank` ({self.max_rank}).")
         self.every = V.check_positive_int("every", self.every, allow_none=False)
         self.grow_step = V.check_positive_int("grow_step", self.grow_step, allow_none=False)
+        if isinstance(self.shrink_after, bool) or not isinstance(self.shrink_after, (int, np.integer)) \
+                or self.shrink_after < 0:
+            raise ValueError(f"`shrink_after` must be an int >= 0 (adapter steps); got {self.shrink_after!r}.")
+        self.hot_steps = V.check_positive_int("hot_steps", self.hot_steps) or self.every
+        V.check_choice("ties", self.ties, ("rows", "rank"))
+        if not 0 <= self.readmit_share <= 1:
+            raise ValueError(f"`readmit_share` must be in [0, 1]; got {self.readmit_share!r}.")
         if self.window is None:
             if isinstance(a.grad_window, GradientWindow):
                 self.window = a.grad_window
@@ -711,11 +749,22 @@ class RankController:
         a.grad_window = self.window
         self._calls = 0
         self._grew_at = -1
+        self._evicted_seen = a.evicted_rows
+        # re-admission tracking on a fixed-size sample of rows (see _track_rows)
+        # (at most 1/16 of the budget: about 16 bytes a tracked id with its filter bits)
+        self._track_k = int(max(1, min(a.n_rows, _TRACK_ROWS, self.budget * self.table.nbytes // 256)))
+        self._filter_bits = min(a.n_rows, 64 * self._track_k)
+        self._filter = np.zeros(-(-self._filter_bits // 8), np.uint8)
+        self._reset_tracking()
 
     @property
     def limit_bytes(self) -> int:
-        """Bytes the adapter may use: the budget minus the gradient window's bytes."""
-        return int(self.budget * self.table.nbytes) - self.window.nbytes
+        """Bytes the adapter may use: the budget minus the gradient window's bytes and
+        the controller's row bookkeeping (``scratch_nbytes``)."""
+        return int(self.budget * self.table.nbytes) - self.window.nbytes - self.scratch_nbytes
+
+    def _bytes(self, capacity, rank):
+        return adapter_bytes(self.adapter, capacity, rank)
 
     def spectrum(self):
         """Exact singular values (and factors) of the active correction ``s A B``."""
@@ -814,7 +863,7 @@ class RankController:
             return None
         g = min(self.grow_step, self.max_rank - a.rank)
         # the budget must allow the wider factors at the current capacity
-        while g > 0 and adapter_bytes(a, a.capacity, a.rank + g) > self.limit_bytes:
+        while g > 0 and self._bytes(a.capacity, a.rank + g) > self.limit_bytes:
             g -= 1
         if g == 0:
             return None
@@ -847,15 +896,104 @@ class RankController:
             Vp[:min(r_new, self._Vt.shape[0])] = self._Vt[:r_new]
             self._refactor_to(r_new, Up, Sp, Vp)
 
-    def _largest_capacity(self, rank):
-        a, lo, hi, best = self.adapter, 1, self.adapter.capacity, None
+    def _largest_capacity(self, rank, upper=None):
+        a, lo, best = self.adapter, 1, None
+        hi = a.capacity if upper is None else int(upper)
         while lo <= hi:
             mid = (lo + hi) // 2
-            if adapter_bytes(a, mid, rank) <= self.limit_bytes:
+            if self._bytes(mid, rank) <= self.limit_bytes:
                 best, lo = mid, mid + 1
             else:
                 hi = mid - 1
         return best
+
+    def _hot(self, slots):
+        """Which of ``slots`` were touched within the last ``hot_steps`` adapter steps."""
+        a = self.adapter
+        return a._state.last_step[slots] >= a.step_count - self.hot_steps
+
+    def _tracked(self, rows):
+        """The rows of ``rows`` inside the tracked sample of the table's rows: all of them
+        while the capacity is at most ``_TRACK_ROWS``, else those whose hash falls in one
+        of ``m`` buckets (so about ``_TRACK_ROWS`` active rows are followed)."""
+        if self._track_m == 1:
+            return rows
+        h = (rows.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)) >> np.uint64(32)
+        return rows[(h % np.uint64(self._track_m)) == 0]
+
+    def _reset_tracking(self):
+        a = self.adapter
+        self._track_m = max(1, -(-a.capacity // self._track_k))
+        self._track_cap = a.capacity
+        self._prev_rows = self._tracked(np.sort(a.active_rows()[0]))[:self._track_k]
+        self._filter[:] = 0
+        self._filter_set = 0
+
+    def _filter_pos(self, rows):
+        if self._filter_bits == self.adapter.n_rows:
+            return rows
+        h = (rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)
+        return (h % np.uint64(self._filter_bits)).astype(np.int64)
+
+    def _track_rows(self):
+        """Rows admitted since the last decision, and how many of them had been folded
+        before (active at an earlier decision, then gone): a re-admission restarts the
+        row's A and optimizer memory. Followed on a fixed-size sample of the rows (see
+        :meth:`_tracked`): the last decision's active sampled rows and a bit filter of
+        folded ones (exact up to 64 rows a tracked id, else hashed and cleared when a
+        quarter full), ``scratch_nbytes`` in all, reserved from the budget like the
+        window. Rows admitted and folded between two decisions go unseen."""
+        a = self.adapter
+        if a.capacity != self._track_cap:
+            if max(1, -(-a.capacity // self._track_k)) != self._track_m:  # another sample
+                self._reset_tracking()
+                return 0, 0
+            self._track_cap = a.capacity
+        rows = self._tracked(np.sort(a.active_rows()[0]))[:self._track_k]
+        admitted = np.setdiff1d(rows, self._prev_rows, assume_unique=True)
+        pos = self._filter_pos(admitted)
+        back = int(np.count_nonzero(self._filter[pos >> 3] & (1 << (pos & 7)).astype(np.uint8)))
+        gone = np.setdiff1d(self._prev_rows, rows, assume_unique=True)
+        if gone.size:
+            if self._filter_bits != a.n_rows and 4 * (self._filter_set + gone.size) > self._filter_bits:
+                self._filter[:] = 0
+                self._filter_set = 0
+            pos = self._filter_pos(gone)
+            np.bitwise_or.at(self._filter, pos >> 3, (1 << (pos & 7)).astype(np.uint8))
+            self._filter_set += int(gone.size)
+        self._prev_rows = rows
+        return int(admitted.size), back
+
+    @property
+    def scratch_nbytes(self) -> int:
+        """Bytes reserved for the controller's row bookkeeping (fixed at construction:
+        8 bytes a tracked id and the folded-row filter), taken from the budget."""
+        return int(8 * self._track_k + self._filter.nbytes)
+
+    def _grow_capacity(self, admitted, readmitted):
+        """Widen the capacity when it thrashes: rows were folded since the last decision
+        and most rows admitted since were rows folded earlier (``readmit_share``), i.e.
+        rows still in use are folded and re-admitted, each time with A and its optimizer
+        memory restarted. (TalkingData, fixed rank 16: holding all 161 rows of the
+        ``channel`` table instead of 64 gave 0.83x the test log loss over 4 seeds.) A
+        stream of new rows (a long tail) folds rows that do not come back: no growth.
+        Doubles the capacity at most (or takes the whole table when doubling would hold
+        three quarters of it), within the budget at the current rank."""
+        a = self.adapter
+        evicted, self._evicted_seen = a.evicted_rows - self._evicted_seen, a.evicted_rows
+        if (not self.grow_capacity or evicted == 0 or a.capacity >= a.n_rows or admitted == 0
+                or readmitted < self.readmit_share * admitted):
+            return None
+        # doubling, or the whole table when doubling would hold most of it (no row is
+        # then ever folded again; TalkingData's 130-161-row tables stopped at 128 otherwise)
+        want = a.n_rows if 2 * a.capacity >= 0.75 * a.n_rows else 2 * a.capacity
+        fit = self._largest_capacity(a.rank, upper=want)
+        if fit is None or fit <= a.capacity:
+            return None
+        old = a.capacity
+        a.resize(fit)
+        return dict(action="grow_capacity", old_rank=a.rank, new_rank=a.rank, old_capacity=old, new_capacity=fit,
+                    evicted_since_last=int(evicted), admitted=admitted, readmitted=readmitted, energy_kept=1.0)
 
     def _evict_to(self, cap):
         a = self.adapter
@@ -868,13 +1006,13 @@ class RankController:
     def _enforce_budget(self, U, S):
         a = self.adapter
         limit = self.limit_bytes
-        if adapter_bytes(a, a.capacity, a.rank) <= limit:
+        if self._bytes(a.capacity, a.rank) <= limit:
             return None
         total = float(np.sum(S ** 2)) if S is not None else 0.0
         old_rank, old_cap = a.rank, a.capacity
         # option 1: lower the rank at the current capacity (loses the dropped energy)
         r_opt = next((r for r in range(a.rank - 1, self.min_rank - 1, -1)
-                      if adapter_bytes(a, a.capacity, r) <= limit), None)
+                      if self._bytes(a.capacity, r) <= limit), None)
         rank_loss = np.inf if r_opt is None else (float(np.sum(S[r_opt:] ** 2)) if S is not None else 0.0)
         # option 2: fold the coldest rows into the table and shrink the capacity (moves
         # their share of the correction out of the adapter)
@@ -885,6 +1023,10 @@ class RankController:
             evict_loss = 0.0
             if n_evict and S is not None:
                 slots = np.asarray(a.eviction.choose(a, n_evict), np.int64)
+                # folding keeps every served value; what it can cost is the learning of
+                # rows still in use (re-admitted with A and optimizer memory restarted),
+                # so only the correction of hot rows counts as lost. Cold rows fold free.
+                slots = slots[self._hot(slots)]
                 Ae = a.A[slots].astype(np.float64) @ a.B.astype(np.float64)
                 evict_loss = float(a.scale ** 2 * np.einsum("ij,ij->", Ae, Ae))
         if r_opt is None and c_opt is None:
@@ -893,17 +1035,18 @@ class RankController:
             if c_min is None:
                 raise ValueError(f"the budget {self.budget} of the table's {self.table.nbytes} bytes ({limit} bytes) "
                                  f"cannot hold a rank-{self.min_rank}, capacity-1 adapter "
-                                 f"({adapter_bytes(a, 1, self.min_rank)} bytes) besides the gradient window's "
-                                 f"{self.window.nbytes} bytes; raise `budget` or use a smaller window.")
+                                 f"({self._bytes(1, self.min_rank)} bytes) besides the gradient window's "
+                                 f"{self.window.nbytes} bytes and the controller's {self.scratch_nbytes} bytes of "
+                                 f"row bookkeeping; raise `budget` or use a smaller window.")
             lost = float(np.sum(S[self.min_rank:] ** 2)) if S is not None else 0.0
             self._lower_rank(self.min_rank, U, S)
             n = self._evict_to(c_min)
             return dict(action="budget_rank_and_evict", old_rank=old_rank, new_rank=a.rank, evicted_rows=int(n),
                         energy_kept=1.0 - lost / total if total > 0 else 1.0, old_capacity=old_cap,
                         new_capacity=c_min)
-        # ties (typically nothing learned yet) keep the rows: an adapter with rows can
-        # learn and grow its rank later; one without rows cannot learn at all
-        if rank_loss <= evict_loss:
+        # ties (typically nothing learned yet) keep the rows with ties="rows" (an adapter
+        # with rows can learn and grow its rank later) or the rank with ties="rank"
+        if rank_loss < evict_loss or (rank_loss == evict_loss and self.ties == "rows"):
             self._lower_rank(r_opt, U, S)
             return dict(action="budget_rank", old_rank=old_rank, new_rank=r_opt,
                         energy_kept=1.0 - rank_loss / total if total > 0 else 1.0,
@@ -936,8 +1079,10 @@ class RankController:
         if a.n_active:
             U, S, Vt = self.spectrum()
             self._Vt = Vt
-            # right after a grow the new directions had one period to learn: keep them
-            if self._grew_at < 0 or self._calls - self._grew_at > self.every:
+            # right after a grow the new directions had one period to learn: keep them;
+            # before `shrink_after` steps the spectrum is still forming (on TalkingData a
+            # shrink at step 20 cut rank 16 to 1-2, and the directions never came back)
+            if (self._grew_at < 0 or self._calls - self._grew_at > self.every) and a.step_count >= self.shrink_after:
                 d = self._shrink(U, S, Vt)
                 if d:
                     actions.append(d)
@@ -945,17 +1090,21 @@ class RankController:
             d = self._grow()
             if d:
                 actions.append(d)
+        d = self._grow_capacity(*self._track_rows())
+        if d:
+            actions.append(d)
         if actions and a.n_active:
             U, S, self._Vt = self.spectrum()
         d = self._enforce_budget(U, S)
         if d:
             actions.append(d)
+        self._evicted_seen = a.evicted_rows  # the controller's own folds are not thrashing
         if not actions:
             return None
         kept = float(np.prod([x.get("energy_kept", 1.0) for x in actions]))
         decision = dict(step=int(a.step_count), call=self._calls, old_rank=rank_before, new_rank=a.rank,
                         energy_kept=kept, bytes_before=int(bytes_before), bytes_after=int(a.nbytes),
-                        bytes_bound=adapter_bytes(a, a.capacity, a.rank), limit_bytes=self.limit_bytes,
+                        bytes_bound=self._bytes(a.capacity, a.rank), limit_bytes=self.limit_bytes,
                         actions=actions)
         self.log.append(decision)
         return decision

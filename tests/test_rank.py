@@ -170,6 +170,12 @@ def test_gradient_window_ring_and_residual():
 
 # --- rank controller ---------------------------------------------------------------------------
 
+def _scratch(n_rows):
+    # RankController.scratch_nbytes at most: 8 bytes a tracked id, a bit filter of folded rows
+    k = min(n_rows, 512)
+    return 8 * k + -(-min(n_rows, 64 * k) // 8)
+
+
 def _adapter_with_planted(n, d, rank, n_active, true_rank, noise, seed=0, capacity=None):
     rng = np.random.default_rng(seed)
     a = lukern.LoRAAdapter(n, d, rank=rank, capacity=capacity or 2 * n_active, seed=seed)
@@ -242,7 +248,7 @@ def test_budget_picks_cheaper_loss():
     a, rng = _adapter_with_planted(n, d, 8, 1500, 1, 1e-3, capacity=1600)
     table = np.zeros((n, d), np.float32)
     window = lukern.GradientWindow(d, 16)
-    limit = (0.9 * adapter_bytes(a, a.capacity, a.rank) + window.nbytes) / table.nbytes
+    limit = (0.9 * adapter_bytes(a, a.capacity, a.rank) + window.nbytes + _scratch(n)) / table.nbytes
     ctl = lukern.RankController(a, table, budget=limit, energy=1.0, every=1, window=window)
     dec = ctl.step()
     assert [x["action"] for x in dec["actions"]] == ["budget_rank"]
@@ -250,7 +256,7 @@ def test_budget_picks_cheaper_loss():
     # too small for rank 1 at this capacity: rows are folded into the table, served values kept
     idx, off = a.active_rows()[0][:64], np.arange(65)
     before = lukern.embedding_bag(table, idx, off, adapter=a)
-    ctl.budget = (0.5 * adapter_bytes(a, a.capacity, 1) + window.nbytes) / table.nbytes
+    ctl.budget = (0.5 * adapter_bytes(a, a.capacity, 1) + window.nbytes + _scratch(n)) / table.nbytes
     dec = ctl.decide()
     assert any(x["action"].endswith("evict") for x in dec["actions"])
     assert a.nbytes + ctl.window.nbytes <= ctl.budget * table.nbytes and a.capacity < 1600
@@ -340,3 +346,128 @@ def test_shrink_keeps_directions_gradients_point_along():
     dec = ctl.step()
     assert dec is not None and a.rank >= 3  # kept a direction covering v
     assert ctl.window.residual_energy(a.B) < 0.05
+
+
+def _train(a, table, rng, ids, steps, bag=1):
+    d = a.dim
+    for _ in range(steps):
+        idx = rng.choice(ids, 64 * bag)
+        off = np.arange(0, idx.size + 1, bag)
+        a.train_step(table, idx, off, rng.standard_normal((64, d)).astype(np.float32) * 0.1)
+
+
+def test_capacity_grows_when_hot_rows_are_folded():
+    n, d = 400, 8
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((n, d)).astype(np.float32)
+    a = lukern.LoRAAdapter(n, d, rank=4, capacity=32, seed=1)
+    # 150 rows in constant use: 32 slots thrash (every folded row was touched a step ago)
+    hot = rng.choice(n, 150, replace=False)
+    ctl = lukern.RankController(a, table, budget=10.0, energy=1.0, every=5)  # room for every row
+    ctl.step()
+    caps = [a.capacity]
+    for _ in range(10):  # the first re-admissions are seen once folded rows were noted
+        _train(a, table, rng, hot, 5)
+        for _ in range(5):
+            ctl.step()
+        caps.append(a.capacity)
+        used = adapter_bytes(a, a.capacity, a.rank) + ctl.window.nbytes + ctl.scratch_nbytes
+        assert used <= ctl.budget * table.nbytes
+    grew = [x for d_ in ctl.log for x in d_["actions"] if x["action"] == "grow_capacity"]
+    # doubling at most, or the whole table once doubling would hold three quarters of it
+    assert grew and all(x["new_capacity"] <= 2 * x["old_capacity"] or x["new_capacity"] == n for x in grew)
+    assert caps[0] == 32 and caps[-1] >= 150 and caps == sorted(caps)
+    # served values are kept by the resize: fused lookups equal table + s A B rows
+    rows, slots = a.active_rows()
+    want = table[rows] + a.scale * (a.A[slots].astype(np.float64) @ a.B)
+    got = lukern.embedding_bag(table, rows, np.arange(rows.size + 1), adapter=a)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_does_not_grow_for_cold_folds_or_past_the_budget():
+    n, d = 5000, 8
+    rng = np.random.default_rng(2)
+    table = rng.standard_normal((n, d)).astype(np.float32)
+    # a long tail: a row is seen once, so no folded row comes back
+    a = lukern.LoRAAdapter(n, d, rank=4, capacity=64, seed=2)
+    ctl = lukern.RankController(a, table, budget=1.0, every=10)
+    ctl.step()
+    for s in range(60):
+        idx = np.arange(s * 64, (s + 1) * 64) % n
+        a.train_step(table, idx, np.arange(65), rng.standard_normal((64, d)).astype(np.float32))
+        ctl.step()
+    assert a.evicted_rows > 0 and a.capacity == 64
+    # hot rows folded, but no room in the budget: the capacity stays
+    b = lukern.LoRAAdapter(n, d, rank=4, capacity=32, seed=2)
+    w = lukern.GradientWindow(d, 4)
+    ctl = lukern.RankController(b, table, budget=1.0, energy=1.0, every=5, window=w)
+    ctl.budget = (adapter_bytes(b, 33, 4) - 1 + w.nbytes + ctl.scratch_nbytes) / table.nbytes  # 33 slots: no
+    ctl.step()
+    _train(b, table, rng, rng.choice(n, 100, replace=False), 10)
+    for _ in range(5):
+        ctl.step()
+    assert b.evicted_rows > 0 and b.capacity == 32 and b.rank == 4
+    c = lukern.LoRAAdapter(n, d, rank=4, capacity=32, seed=2)
+    ctl = lukern.RankController(c, table, budget=1.0, energy=1.0, every=5, grow_capacity=False)
+    ctl.step()
+    _train(c, table, rng, rng.choice(n, 100, replace=False), 10)
+    for _ in range(5):
+        ctl.step()
+    assert c.evicted_rows > 0 and c.capacity == 32
+
+
+def test_no_shrink_before_shrink_after_steps():
+    n, d = 5000, 16
+    a, rng = _adapter_with_planted(n, d, 8, 600, 2, 0.0)
+    table = np.zeros((n, d), np.float32)
+    ctl = lukern.RankController(a, table, budget=1.0, energy=0.95, every=1, shrink_after=3)
+    assert a.step_count == 1 and ctl.step() is None and a.rank == 8
+    a.step_count = 3  # (the count the controller reads; no gradients needed here)
+    dec = ctl.step()
+    assert dec is not None and dec["actions"][0]["action"] == "shrink" and a.rank <= 3
+    with pytest.raises(ValueError, match="shrink_after"):
+        lukern.RankController(a, table, shrink_after=-1)
+
+
+def test_budget_folds_cold_rows_before_lowering_rank():
+    n, d = 20000, 16
+    # a full-rank correction: lowering the rank drops energy, folding cold rows drops none
+    a, rng = _adapter_with_planted(n, d, 8, 1500, 8, 0.0, capacity=1600)
+    table = np.zeros((n, d), np.float32)
+    a.step_count = 100  # every row was last touched 99 steps ago: cold
+    window = lukern.GradientWindow(d, 16)
+    limit = (0.8 * adapter_bytes(a, a.capacity, a.rank) + window.nbytes + _scratch(n)) / table.nbytes
+    ctl = lukern.RankController(a, table, budget=limit, energy=1.0, every=10, window=window)
+    idx, off = a.active_rows()[0][:64], np.arange(65)
+    before = lukern.embedding_bag(table, idx, off, adapter=a)
+    dec = ctl.step()
+    assert [x["action"] for x in dec["actions"]] == ["budget_evict"] and a.rank == 8 and a.capacity < 1600
+    np.testing.assert_allclose(lukern.embedding_bag(table, idx, off, adapter=a), before, atol=1e-4)
+    # the same adapter with hot rows: lowering the rank loses less than folding them
+    b, _ = _adapter_with_planted(n, d, 8, 1500, 8, 0.0, capacity=1600)
+    b.A[:] *= np.linspace(0.1, 1, 8)[::-1].astype(np.float32)  # a decaying spectrum: the last rank is cheap
+    ctl = lukern.RankController(b, table, budget=limit, energy=1.0, every=10, window=lukern.GradientWindow(d, 16))
+    dec = ctl.step()
+    assert [x["action"] for x in dec["actions"]] == ["budget_rank"] and b.rank < 8 and b.capacity == 1600
+
+
+def test_ties_choose_rank_or_rows_and_budget_may_exceed_the_table():
+    n, d = 3000, 16
+    table = np.zeros((n, d), np.float32)
+    for ties, want in (("rows", "budget_rank"), ("rank", "budget_evict")):
+        a = lukern.LoRAAdapter(n, d, rank=8, capacity=200)  # nothing learned: every option loses 0
+        w = lukern.GradientWindow(d, 4)
+        ctl = lukern.RankController(a, table, ties=ties, window=w)
+        ctl.budget = (0.7 * adapter_bytes(a, 200, 8) + w.nbytes + ctl.scratch_nbytes) / table.nbytes
+        dec = ctl.step()
+        assert [x["action"] for x in dec["actions"]] == [want]
+        assert (a.rank, a.capacity == 200) == ((a.rank, True) if ties == "rows" else (8, False))
+    small = np.zeros((100, d), np.float32)
+    a = lukern.LoRAAdapter(100, d, rank=16, capacity=100)
+    ctl = lukern.RankController(a, small, budget=8.0)  # more than the table: allowed (a global budget's share)
+    assert ctl.step() is None and a.rank == 16
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="budget"):
+            lukern.RankController(a, small, budget=bad)
+    with pytest.raises(ValueError, match="ties"):
+        lukern.RankController(a, small, ties="both")

@@ -46,3 +46,19 @@ def test_gradient_spectrum_on_movielens_head(shared_data, monkeypatch, capsys):
     c = rep["controller"]["controlled"]
     assert c["max_adapter_bytes_share"] <= 0.05
     assert c["bound_share"] <= 0.05 and all(1 <= r <= 16 for r in c["final_ranks"])
+    same = rep["controller"]["fixed_rank16_same_capacity"]
+    assert same["final_capacities"] == c["final_capacities"] and same["final_ranks"] == [16] * len(c["final_ranks"])
+    assert rep["controller"]["controlled_over_fixed_same_capacity"] == pytest.approx(
+        c["test_logloss"] / same["test_logloss"])
+
+
+def test_split_budget_water_fills():
+    demand = np.array([10.0, 50.0, 1000.0, 20.0])
+    shares = gradient_spectrum.split_budget(demand, 200.0)
+    # small demands met in full, the rest split equally, nothing over the total
+    np.testing.assert_allclose(shares[[0, 1, 3]], [10, 50, 20])
+    assert shares[2] == pytest.approx(120.0, rel=1e-9) and shares.sum() <= 200.0 + 1e-9
+    shares = gradient_spectrum.split_budget(demand, 3 * demand.sum())  # room to spare: in proportion
+    np.testing.assert_allclose(shares, 3 * demand)
+    shares = gradient_spectrum.split_budget(demand, 20.0)  # everyone capped at the same level
+    np.testing.assert_allclose(shares, [5, 5, 5, 5], rtol=1e-9)
