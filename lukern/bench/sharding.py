@@ -1,5 +1,8 @@
 """Sharding: per-node load imbalance of three partitioners on Zipf(1.05) ids, and the cost
-of a ShardedTable lookup against the plain one (same inputs, one run).
+of a ShardedTable lookup against the plain one (same inputs, one run): one shard, two
+shards in one ordered pass (1 thread), and two shards run pinned per node on a fake
+2-node topology that deals this machine's CPUs over the nodes (against plain on as many
+threads).
 
     python -m lukern.bench sharding
 """
@@ -7,6 +10,7 @@ of a ShardedTable lookup against the plain one (same inputs, one run).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import numpy as np
@@ -14,6 +18,7 @@ import numpy as np
 from .. import ShardedTable, embedding_bag, partition_rows
 from ..memory import empty_table
 from ..testing import zipf_ids
+from ..topology import Node, read_topology
 from .lookup import _batches, _median_times
 
 
@@ -22,6 +27,15 @@ def _ids(rng, n_rows, n, permuted):
         return zipf_ids(rng, n, n_rows)
     c = np.cumsum(np.arange(1, n_rows + 1, dtype=np.float64) ** -1.05)
     return np.minimum(np.searchsorted(c / c[-1], rng.random(n)), n_rows - 1)
+
+
+def split_topology(n_nodes: int):
+    """This machine's topology with its CPUs dealt round-robin over ``n_nodes`` fake
+    nodes (ids 0..n-1; memory nodes that do not exist fall back to first touch)."""
+    topo = read_topology()
+    cpus = sorted(c for n in topo.nodes for c in n.cpus)
+    nodes = tuple(Node(k, tuple(cpus[k::n_nodes]) or (cpus[k % len(cpus)],), 0) for k in range(n_nodes))
+    return dataclasses.replace(topo, nodes=nodes)
 
 
 def main(argv=None):
@@ -51,19 +65,28 @@ def main(argv=None):
     table[:] = rng.standard_normal((a.rows, a.dim), dtype=np.float32)
     one = ShardedTable(table, partition_rows(np.ones(a.rows), 1))
     freq = np.bincount(_ids(rng, a.rows, a.stream, True), minlength=a.rows).astype(np.float64)
-    two = ShardedTable(table, partition_rows(freq, 2, replicate_bytes=2**20, row_bytes=row_bytes))
+    part2 = partition_rows(freq, 2, replicate_bytes=2**20, row_bytes=row_bytes)
+    two = ShardedTable(table, part2)
+    topo2 = split_topology(2)
+    pinned = ShardedTable(table, part2, topology=topo2)
+    nt = sum(len(c) for c in pinned.node_cpus)
     out = np.empty((2048, a.dim), np.float32)
-    print(f"\nlookup, {a.rows} x {a.dim} float32, batch 2048, pooling 20-40, 1 thread; medians of {a.repeats}")
+    print(f"\nlookup, {a.rows} x {a.dim} float32, batch 2048, pooling 20-40; medians of {a.repeats}; ordered runs "
+          f"1 thread, pinned runs nodes on CPUs {[sorted(c) for c in pinned.node_cpus]} (allocation "
+          f"{pinned.allocation}) against plain on {nt} threads")
     for dist in ("uniform", "zipf"):
         batches = _batches(rng, a.rows, 2048, (20, 40), dist, 16)
         med = _median_times({
             "plain": lambda i, o: embedding_bag(table, i, o, out=out, n_threads=1),
             "1 shard": lambda i, o: one.lookup(i, o, out=out, n_threads=1),
             "2 shards": lambda i, o: two.lookup(i, o, out=out, n_threads=1),
+            "plain par": lambda i, o: embedding_bag(table, i, o, out=out, n_threads=nt),
+            "2 pinned": lambda i, o: pinned.lookup(i, o, out=out),
         }, batches, a.repeats)
         print(f"  {dist:8} plain {med['plain'] * 1e3:.3f} ms, 1 shard {med['1 shard'] * 1e3:.3f} ms "
-              f"({med['1 shard'] / med['plain']:.2f}x), 2 shards {med['2 shards'] * 1e3:.3f} ms "
-              f"({med['2 shards'] / med['plain']:.2f}x)")
+              f"({med['1 shard'] / med['plain']:.2f}x), 2 shards ordered {med['2 shards'] * 1e3:.3f} ms "
+              f"({med['2 shards'] / med['plain']:.2f}x); plain {nt} threads {med['plain par'] * 1e3:.3f} ms, "
+              f"2 shards pinned {med['2 pinned'] * 1e3:.3f} ms ({med['2 pinned'] / med['plain par']:.2f}x)")
     return 0
 
 
