@@ -325,12 +325,16 @@ def _alloc_rows(n_rows: int, dim: int, dtype, align: int) -> np.ndarray:
 class _Placement:
     """Where each node's part lives and runs: memory node ids, CPU sets, worker pools."""
 
+    @property
+    def pools(self):
+        # looked up per use, not held: a forked child gets fresh pools (lukern._pool)
+        return None if self.pool_keys is None else tuple(pinned_pool(c, t) for c, t in self.pool_keys)
+
     def __init__(self, topology, n_nodes: int, numa: str, threads_per_node):
         V.check_choice("numa", numa, ("auto", "libnuma", "first-touch"))
         self.numa = numa
         if topology is None:
-            self.memory_nodes = self.requested_cpus = self.node_cpus = None
-            self.pools = None
+            self.memory_nodes = self.requested_cpus = self.node_cpus = self.pool_keys = None
             return
         with_cpus = [n for n in topology.nodes if n.cpus]
         if len(with_cpus) != n_nodes:
@@ -342,7 +346,7 @@ class _Placement:
             counts = [len(c) for c in self.node_cpus]
         else:
             counts = [V.check_positive_int("threads_per_node", threads_per_node, allow_none=False)] * n_nodes
-        self.pools = tuple(pinned_pool(c, t) for c, t in zip(self.node_cpus, counts))
+        self.pool_keys = tuple(zip(self.node_cpus, counts))
         if numa == "libnuma" and libnuma() is None:
             raise RuntimeError("numa='libnuma' but libnuma is not available; install it (Debian: apt-get install "
                                "libnuma1) or pass numa='auto'.")
@@ -552,7 +556,7 @@ class ShardedTable:
         L = self._layout  # read once: a repartition swaps the whole layout
         execution = self.execution if execution is None else execution
         V.check_choice("execution", execution, ("pinned", "ordered"))
-        if execution == "pinned" and self._placement.pools is None:
+        if execution == "pinned" and self._placement.pool_keys is None:
             raise ValueError("execution='pinned' needs a table built with a `topology`.")
         V.check_indices(indices, self.n_rows)
         n_ids = indices.shape[0]
@@ -600,7 +604,7 @@ class ShardedTable:
         parts = np.empty((n_nodes, n_bags, self.dim), self.dtype)
         route = self._args(L)
         futures = []
-        for k, pool in enumerate(self._placement.pools):
+        for k, pool in enumerate(self._placement.pools):  # node k's part on its pinned threads
             for b0, b1 in split_by_work(offsets, pool.n_threads):
                 futures.append(pool.submit(kern, L.buffer, indices, offsets, w, use_w, part_mode, parts[k], b0, b1,
                                            *route, k, 0))
@@ -619,9 +623,9 @@ class ShardedTable:
         V.check_table(table)
         if not isinstance(partition, Partition) or partition.n_rows != self.n_rows:
             raise ValueError(f"`partition` must be a lukern.Partition of {self.n_rows} rows.")
-        if self._placement.pools is not None and partition.n_nodes != len(self._placement.pools):
-            raise ValueError(f"`partition` has {partition.n_nodes} nodes; this table's topology has "
-                             f"{len(self._placement.pools)}.")
+        keys = self._placement.pool_keys
+        if keys is not None and partition.n_nodes != len(keys):
+            raise ValueError(f"`partition` has {partition.n_nodes} nodes; this table's topology has {len(keys)}.")
         self._layout = _Layout(table, partition, self._placement)
 
     def gather(self) -> np.ndarray:

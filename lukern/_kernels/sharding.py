@@ -85,6 +85,7 @@ def combine_parts(parts, offsets, mode, out, b0, b1):
     mean divides the sum by the bag length; an empty bag gives zeros."""
     n_parts = parts.shape[0]
     d = out.shape[1]
+    scale = np.empty(1, out.dtype)
     for b in range(b0, b1):
         n = offsets[b + 1] - offsets[b]
         o = out[b]
@@ -104,9 +105,11 @@ def combine_parts(parts, offsets, mode, out, b0, b1):
                 for k in range(d):
                     o[k] += q[k]
         if mode == 1:
-            inv = 1.0 / n
+            # the scale in the table's dtype, as lukern's specialised plain kernels take it
+            scale[0] = 1.0
+            scale[0] = scale[0] / n
             for k in range(d):
-                o[k] = o[k] * inv
+                o[k] = o[k] * scale[0]
 
 
 def _route(pad: str) -> str:
