@@ -167,9 +167,11 @@ class Partition:
 
     def map_nbytes(self) -> int:
         """Bytes of the id -> (node, local row) map: cut points plus the replica hash
-        and presence bitmap (see :class:`ShardedTable`)."""
-        hcap = 1 << max(4, int(2 * max(self.replicated.size, 1) - 1).bit_length())
-        return (0 if self.cuts is None else self.cuts.nbytes) + hcap * 12 + (self.n_rows + 63) // 64 * 8
+        and its filter (see :class:`ShardedTable`)."""
+        n_rep = self.replicated.size
+        hcap = 1 << max(4, int(2 * max(n_rep, 1) - 1).bit_length())
+        filt = (1 << max(12, int(64 * max(n_rep, 1) - 1).bit_length())) // 8
+        return (0 if self.cuts is None else self.cuts.nbytes) + hcap * 12 + filt
 
 
 def partition_rows(freq, nodes, *, strategy: str = "frequency", replicate_bytes: int = 0,
@@ -400,8 +402,9 @@ class _Layout:
         hcap = 1 << max(4, int(2 * max(rep.size, 1) - 1).bit_length())
         self.keys = np.full(hcap, -1, np.int64)
         self.vals = np.full(hcap, -1, np.int32)
-        self.bitmap = np.zeros((partition.n_rows + 63) // 64, np.uint64)
-        LK.rebuild_hash(rep.copy(), self.keys, self.vals, hcap - 1, self.bitmap)
+        bitmap = np.zeros((partition.n_rows + 63) // 64, np.uint64)  # the LoRA layout's; the kernels use filt
+        LK.rebuild_hash(rep.copy(), self.keys, self.vals, hcap - 1, bitmap)
+        self.filt = SK.replica_filter(rep, rep.size)
         self.partition = partition
 
     def _place(self, placement: _Placement, per_node, row_bytes) -> tuple[str, ...]:
@@ -524,7 +527,7 @@ class ShardedTable:
     @property
     def nbytes(self) -> int:
         L = self._layout
-        return L.buffer.nbytes + L.keys.nbytes + L.vals.nbytes + L.bitmap.nbytes + L.cuts.nbytes
+        return L.buffer.nbytes + L.keys.nbytes + L.vals.nbytes + L.filt.nbytes + L.cuts.nbytes
 
     def shard(self, node: int) -> np.ndarray:
         """Node ``node``'s range of rows (a view; its replicas follow it in the buffer)."""
@@ -541,7 +544,7 @@ class ShardedTable:
         ``home_node``'s replicas), or of part ``part``'s ids (-1 for the others)."""
         L = self._layout
         out = np.empty(indices.shape[0], np.int64)
-        SK.translate_ids(indices, L.cuts, L.starts, L.keys, L.vals, L.keys.shape[0] - 1, L.bitmap, L.n_rep,
+        SK.translate_ids(indices, L.cuts, L.starts, L.keys, L.vals, L.keys.shape[0] - 1, L.filt, L.n_rep,
                          L.rep_starts, int(part), int(home_node), out)
         return out
 
@@ -585,7 +588,7 @@ class ShardedTable:
         return out
 
     def _args(self, L):
-        return (L.cuts, L.starts, L.keys, L.vals, L.keys.shape[0] - 1, L.bitmap, L.n_rep, L.rep_starts)
+        return (L.cuts, L.starts, L.keys, L.vals, L.keys.shape[0] - 1, L.filt, L.n_rep, L.rep_starts)
 
     def _ordered(self, L, indices, offsets, w, use_w, mode, out, home_node, n_threads):
         n_bags = offsets.shape[0] - 1

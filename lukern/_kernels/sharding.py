@@ -3,7 +3,8 @@
 Contract: ids are in [0, n_rows); ``cuts`` are the first global row of each node's range
 (non-decreasing, ``cuts[0] == 0``, ``cuts[-1] == n_rows``); node k's rows start at buffer
 row ``starts[k]`` and its replicas at ``rep_starts[k]``; the ``n_rep`` replicated rows are
-found through the LoRA hash kernels (same layout: keys/vals/mask plus a presence bitmap).
+found in a hash of the LoRA layout (keys/vals/mask, built by ``lora.rebuild_hash``) after
+a small filter (:func:`replica_filter`) says an id may be one.
 ``me`` selects the ids a call pools: ``me < 0`` every id (replicas of node ``home``), else
 node ``me``'s part: its own rows, plus the replicated ids at positions ``j % n_nodes == me``
 read from its replicas (which spreads their load evenly over the nodes).
@@ -22,6 +23,8 @@ from .embedding import _DTYPE_NAMES, PREFETCH_DISTANCE, SPECIALISED_DIMS
 
 PF = PREFETCH_DISTANCE
 BLK = 256  # ids routed at a time
+#: the replica filter's hash multiplier (``filter_bits``)
+FILTER_MULT = np.uint64(0xC2B2AE3D27D4EB4F)
 RING = 1024  # a power of two > BLK + PF
 
 _MULTS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
@@ -118,29 +121,23 @@ def _route(pad: str) -> str:
     (numba's reference counting of its array arguments, when LLVM did not inline it);
     for the same reason no inlined helper taking arrays is called per id."""
     body = """row = indices[jj]
-q = -1
-node = -1
-if n_rep > 0 and (bitmap[np.uint64(row) >> np.uint64(6)] >> (np.uint64(row) & np.uint64(63))) & np.uint64(1):
-    # the LoRA hash's probe (lukern._kernels.lora.find_slot)
-    h = np.int64((np.uint64(row) * GOLDEN) >> np.uint64(32)) & mask
-    sl = -1
-    while keys[h] >= 0:
-        if keys[h] == row:
-            sl = np.int64(vals[h])
-            break
+u = np.uint64(row)
+node = 0
+for k in range(1, n_nodes):  # no branch: random ids mispredicted a search loop
+    node += np.int64(row >= cuts[k])
+q = starts[node] + row - cuts[node]
+if me >= 0 and node != me:
+    q = -1
+f = np.int64((u * FILTER_MULT) >> np.uint64(32)) & fmask
+if n_rep > 0 and (filt[f >> 6] >> np.uint64(f & 63)) & np.uint64(1):
+    # maybe replicated: probe the LoRA-layout hash (lukern._kernels.lora.find_slot)
+    h = np.int64((u * GOLDEN) >> np.uint64(32)) & mask
+    while keys[h] >= 0 and keys[h] != row:
         h = (h + 1) & mask
-    if sl >= 0:
-        node = n_nodes
-        if me < 0:
-            q = rep_starts[home] + sl
-        elif jj % n_nodes == me:
-            q = rep_starts[me] + sl
-if node < 0:
-    node = 0
-    for k in range(1, n_nodes):  # no branch: random ids mispredicted a search loop
-        node += np.int64(row >= cuts[k])
-    if me < 0 or node == me:
-        q = starts[node] + row - cuts[node]"""
+    if keys[h] == row:
+        q = rep_base + np.int64(vals[h])
+        if me >= 0 and jj % n_nodes != me:
+            q = -1"""
     return "\n".join(pad + x for x in body.splitlines())
 
 
@@ -150,6 +147,8 @@ from numba import njit
 
 from lukern._kernels._intrinsics import prefetch
 from lukern._kernels.lora import _GOLDEN as GOLDEN
+
+FILTER_MULT = np.uint64({filter_mult})
 
 PF = {pf}
 BLK = {blk}
@@ -164,8 +163,10 @@ _LOOP = """
 
 @njit(nogil=True, cache=True)
 def sharded_bag_range(buf, indices, offsets, weights, use_w, mode, out, b0, b1,
-                      cuts, starts, keys, vals, mask, bitmap, n_rep, rep_starts, me, home):
+                      cuts, starts, keys, vals, mask, filt, n_rep, rep_starts, me, home):
     n_nodes = cuts.shape[0] - 1
+    rep_base = rep_starts[home] if me < 0 else rep_starts[me]
+    fmask = filt.shape[0] * 64 - 1
     ring = np.empty(RING, np.int64)
     pf_end = offsets[b1]
     j0 = offsets[b0]
@@ -225,12 +226,27 @@ _GENERIC_STORE = """        if e == s:
 _TRANSLATE = """
 
 @njit(nogil=True, cache=True)
-def translate_ids(indices, cuts, starts, keys, vals, mask, bitmap, n_rep, rep_starts, me, home, out):
+def translate_ids(indices, cuts, starts, keys, vals, mask, filt, n_rep, rep_starts, me, home, out):
     n_nodes = cuts.shape[0] - 1
+    rep_base = rep_starts[home] if me < 0 else rep_starts[me]
+    fmask = filt.shape[0] * 64 - 1
     for jj in range(indices.shape[0]):
 {route8}
         out[jj] = q
 """
+
+
+def replica_filter(rows: np.ndarray, n_rep: int) -> np.ndarray:
+    """The filter the kernels test before probing the replica hash: one bit per hash of
+    a row, 64 bits per replicated row (false positives ~1/64, which only cost a probe),
+    so it stays in L1/L2 where a bit per table row (500 KB for 4M rows) competed with
+    the row prefetches and doubled the routing cost."""
+    n_bits = 1 << max(12, int(64 * max(n_rep, 1) - 1).bit_length())
+    filt = np.zeros(n_bits // 64, np.uint64)
+    with np.errstate(over="ignore"):
+        f = ((rows.astype(np.uint64) * FILTER_MULT) >> np.uint64(32)) & np.uint64(n_bits - 1)
+    np.bitwise_or.at(filt, (f >> np.uint64(6)).astype(np.int64), np.uint64(1) << (f & np.uint64(63)))
+    return filt
 
 
 def _prefetch(d: int | None, itemsize: int | None, pad: str) -> str:
@@ -246,7 +262,7 @@ def _generic_source() -> str:
     """``translate_ids`` and the any-width, every-mode ``sharded_bag_range``, which
     mirrors the generic plain kernel (so ``me < 0`` gives its bits). A part with no id of
     a non-empty bag gives 0 (sum, mean) or -inf (max) there, for the combine."""
-    return (_HEADER.format(what="generic", pf=PF, blk=BLK, ring=RING)
+    return (_HEADER.format(what="generic", pf=PF, blk=BLK, ring=RING, filter_mult=int(FILTER_MULT))
             + _LOOP.format(route8=_route(" " * 8), route24=_route(" " * 24), init=_GENERIC_INIT, pool=_GENERIC_POOL,
                            store=_GENERIC_STORE, prefetch8=_prefetch(None, None, " " * 12),
                            prefetch20=_prefetch(None, None, " " * 20))
@@ -264,7 +280,7 @@ def _specialised_source(d: int, name: str) -> str:
     store = [f"        scale = np.{name}(1.0)", "        if mode == 1 and e > s:",
              f"            scale = np.{name}(1.0) / np.{name}(e - s)"]
     store += [f"        out[b, {k}] = {a} * scale" for k, a in enumerate(acc)]
-    return (_HEADER.format(what=f"d={d}, {name}", pf=PF, blk=BLK, ring=RING)
+    return (_HEADER.format(what=f"d={d}, {name}", pf=PF, blk=BLK, ring=RING, filter_mult=int(FILTER_MULT))
             + _LOOP.format(route8=_route(" " * 8), route24=_route(" " * 24),
                            prefetch8=_prefetch(d, np.dtype(name).itemsize, " " * 12),
                            prefetch20=_prefetch(d, np.dtype(name).itemsize, " " * 20),
@@ -276,9 +292,9 @@ def _generic():
     return load_generated("sharded_generic", _generic_source())
 
 
-def translate_ids(indices, cuts, starts, keys, vals, mask, bitmap, n_rep, rep_starts, me, home, out):
+def translate_ids(indices, cuts, starts, keys, vals, mask, filt, n_rep, rep_starts, me, home, out):
     """``out[j]`` = buffer row of ``indices[j]`` (-1: not part ``me``'s)."""
-    _generic().translate_ids(indices, cuts, starts, keys, vals, mask, bitmap, n_rep, rep_starts, me, home, out)
+    _generic().translate_ids(indices, cuts, starts, keys, vals, mask, filt, n_rep, rep_starts, me, home, out)
 
 
 _KERNELS: dict = {}

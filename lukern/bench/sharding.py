@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .. import ShardedTable, embedding_bag, partition_rows
 from ..memory import empty_table
 from ..testing import zipf_ids
 from ..topology import Node, read_topology
-from .lookup import _batches, _median_times
+from .lookup import _batches
 
 
 def _ids(rng, n_rows, n, permuted):
@@ -27,6 +28,25 @@ def _ids(rng, n_rows, n, permuted):
         return zipf_ids(rng, n, n_rows)
     c = np.cumsum(np.arange(1, n_rows + 1, dtype=np.float64) ** -1.05)
     return np.minimum(np.searchsorted(c / c[-1], rng.random(n)), n_rows - 1)
+
+
+def _paired_times(contenders, batches, repeats):
+    """name -> per-round seconds; each round times every contender once (rotating the
+    order) on the next batch of the ring, so a round's ratios see the same machine load
+    (this host is shared: its load drifts between rounds)."""
+    names = list(contenders)
+    for name in names:  # untimed: compile, page-in, thread start
+        contenders[name](*batches[0])
+    times = {name: [] for name in names}
+    k = 0
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            idx, off = batches[k % len(batches)]
+            k += 1
+            t0 = time.perf_counter()
+            contenders[name](idx, off)
+            times[name].append(time.perf_counter() - t0)
+    return {name: np.array(v) for name, v in times.items()}
 
 
 def split_topology(n_nodes: int):
@@ -45,7 +65,7 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--stream", type=int, default=4_000_000, help="ids in the recorded stream")
     p.add_argument("--replicate-mib", type=float, default=1.0, help="replica budget per node")
-    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=60)
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
     row_bytes = a.dim * 4
@@ -71,22 +91,25 @@ def main(argv=None):
     pinned = ShardedTable(table, part2, topology=topo2)
     nt = sum(len(c) for c in pinned.node_cpus)
     out = np.empty((2048, a.dim), np.float32)
-    print(f"\nlookup, {a.rows} x {a.dim} float32, batch 2048, pooling 20-40; medians of {a.repeats}; ordered runs "
-          f"1 thread, pinned runs nodes on CPUs {[sorted(c) for c in pinned.node_cpus]} (allocation "
-          f"{pinned.allocation}) against plain on {nt} threads")
+    print(f"\nlookup, {a.rows} x {a.dim} float32, batch 2048, pooling 20-40, {a.repeats} rounds: medians, and in "
+          f"brackets the median over rounds of the ratio to the row's baseline in the same round. Ordered rows run "
+          f"1 thread against plain on 1; pinned runs nodes on CPUs {[sorted(c) for c in pinned.node_cpus]} "
+          f"(allocation {pinned.allocation}) against plain on {nt} threads")
     for dist in ("uniform", "zipf"):
         batches = _batches(rng, a.rows, 2048, (20, 40), dist, 16)
-        med = _median_times({
+        t = _paired_times({
             "plain": lambda i, o: embedding_bag(table, i, o, out=out, n_threads=1),
             "1 shard": lambda i, o: one.lookup(i, o, out=out, n_threads=1),
-            "2 shards": lambda i, o: two.lookup(i, o, out=out, n_threads=1),
-            "plain par": lambda i, o: embedding_bag(table, i, o, out=out, n_threads=nt),
-            "2 pinned": lambda i, o: pinned.lookup(i, o, out=out),
+            "2 shards ordered": lambda i, o: two.lookup(i, o, out=out, n_threads=1),
+            f"plain {nt} threads": lambda i, o: embedding_bag(table, i, o, out=out, n_threads=nt),
+            "2 shards pinned": lambda i, o: pinned.lookup(i, o, out=out),
         }, batches, a.repeats)
-        print(f"  {dist:8} plain {med['plain'] * 1e3:.3f} ms, 1 shard {med['1 shard'] * 1e3:.3f} ms "
-              f"({med['1 shard'] / med['plain']:.2f}x), 2 shards ordered {med['2 shards'] * 1e3:.3f} ms "
-              f"({med['2 shards'] / med['plain']:.2f}x); plain {nt} threads {med['plain par'] * 1e3:.3f} ms, "
-              f"2 shards pinned {med['2 pinned'] * 1e3:.3f} ms ({med['2 pinned'] / med['plain par']:.2f}x)")
+        cells = []
+        for name, v in t.items():
+            base = t[f"plain {nt} threads"] if name == "2 shards pinned" else t["plain"]
+            cells.append(f"{name} {np.median(v) * 1e3:.3f} ms" + ("" if name.startswith("plain") else
+                                                                  f" ({np.median(v / base):.2f}x)"))
+        print(f"  {dist:8} " + ", ".join(cells))
     return 0
 
 
