@@ -273,3 +273,46 @@ def test_libnuma_falls_back_per_node_for_nodes_this_machine_lacks():
         assert st.allocation == "mixed"
         with pytest.raises(OSError, match="mbind of node 1's rows to memory node 1 failed"):
             lukern.ShardedTable(W, part, topology=topo, numa="libnuma")
+
+
+# --- a real two-node kernel: QEMU guest (optional, slow) ---------------------------------------
+
+def _qemu():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lukern_qemu_guest", pathlib.Path(__file__).parent / "qemu" / "guest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_two_node_qemu_guest(tmp_path):
+    """Boot a guest with ``-numa node`` x2 (tests/qemu/README.md): its sysfs reports two
+    nodes and lukern.topology reads them; with LUKERN_QEMU_PYTHON=1 the sharded lookup
+    also runs inside the guest (the host's root over 9p), on its two real nodes."""
+    guest = _qemu()
+    folder = guest.image()
+    if folder is None:
+        pytest.skip("needs qemu-system-x86_64 and LUKERN_QEMU_IMAGE (python tests/qemu/build_image.py DEST)")
+    run_python = os.environ.get("LUKERN_QEMU_PYTHON") == "1"
+    console = guest.boot(folder, run_python=run_python, timeout=3000 if run_python else 600)
+    assert "LUKERN-GUEST-DONE" in console, console[-3000:]
+    files = guest.sysfs_tree(console, tmp_path)
+    assert "devices/system/node/node1/cpulist" in files
+    assert (tmp_path / "devices/system/node/online").read_text().strip() == "0-1"
+    topo = read_topology(tmp_path, cpu=CPU, threading_layer="omp")
+    assert [(n.id, n.cpus) for n in topo.nodes] == [(0, (0,)), (1, (1,))]
+    assert all(n.mem_total_bytes > 512 << 20 for n in topo.nodes)
+    assert topo.nodes[0].distances[1] > topo.nodes[0].distances[0]
+    part = lukern.partition_rows(np.arange(1000, 0, -1, dtype=float), topo, replicate_bytes=10 * 64, row_bytes=64)
+    assert part.n_nodes == 2 and part.imbalance(np.arange(1000, 0, -1, dtype=float)) < 1.10
+    if run_python:
+        res = guest.result(console)
+        assert res is not None, console[-3000:]
+        assert res["nodes"] == [[0, [0]], [1, [1]]]
+        assert res["allocation"] == "libnuma"
+        # each node's rows bound to its node (MPOL_BIND) and their pages there
+        assert [(pl[0], pl[1], pl[2]) for pl in res["placed"]] == [(2, [0], 0), (2, [1], 1)]
+        assert res["pinned"] == [[0], [1]]
+        assert res["ordered_bit_exact"] and res["pinned_max_abs_err"] < 1e-9
