@@ -440,7 +440,8 @@ class ShardedTable:
     of ``home_node``), which gives :func:`lukern.embedding_bag`'s bits exactly. Pinned
     sums differ from the plain lookup only by rounding (bit for bit when each bag's ids
     fall in one part, and always in mode ``max``). Both fuse the id -> (node, local row)
-    routing into the pooling loop. The default, ``"auto"``, is ``pinned`` when a
+    routing into the pooling pass; in ``pinned`` execution every node's threads scan all
+    ids and pool their own (no bucketing pass), so routing work grows with the nodes. The default, ``"auto"``, is ``pinned`` when a
     topology with two or more nodes is given, else ``ordered``.
 
     A fake topology (more nodes or CPUs than this machine has) still runs: its nodes get

@@ -9,8 +9,9 @@ a small filter (:func:`replica_filter`) says an id may be one.
 node ``me``'s part: its own rows, plus the replicated ids at positions ``j % n_nodes == me``
 read from its replicas (which spreads their load evenly over the nodes).
 
-The lookups route inside the pooling loop (one pass over the ids): a ring of routed rows
-lets the prefetch ``PF`` ids ahead hand its routing to the load.
+The lookups route inside the pooling pass (no id array is translated beforehand): ids are
+routed ``BLK`` at a time into a small ring just before the prefetch ``PF`` ids ahead needs
+them, and the pooling loop reads the ring.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from .embedding import _DTYPE_NAMES, PREFETCH_DISTANCE, SPECIALISED_DIMS
 
 PF = PREFETCH_DISTANCE
 BLK = 256  # ids routed at a time
-#: the replica filter's hash multiplier (``filter_bits``)
-FILTER_MULT = np.uint64(0xC2B2AE3D27D4EB4F)
 RING = 1024  # a power of two > BLK + PF
+#: the replica filter's hash multiplier (:func:`replica_filter`)
+FILTER_MULT = np.uint64(0xC2B2AE3D27D4EB4F)
 
 _MULTS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
                    0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9], dtype=np.uint64)
@@ -78,8 +79,6 @@ def cms_estimate(sketch, mults, rows, out):
             if c < est:
                 est = c
         out[j] = est
-
-
 
 
 @njit(nogil=True, cache=True)
