@@ -558,6 +558,10 @@ class ShardedTable:
         execution uses the node pools). ``adapter`` (a LoRAAdapter over the whole table)
         adds its correction."""
         L = self._layout  # read once: a repartition swaps the whole layout
+        if L.partition.is_identity and home_node == 0:
+            # one node, no replicas: the buffer is the table; embedding_bag validates
+            return embedding_bag(L.buffer, indices, offsets, weights=weights, mode=mode, out=out, n_threads=n_threads,
+                                 chunk_size=chunk_size, driver=driver, adapter=adapter)
         execution = self.execution if execution is None else execution
         V.check_choice("execution", execution, ("pinned", "ordered"))
         if execution == "pinned" and self._placement.pool_keys is None:
@@ -577,10 +581,7 @@ class ShardedTable:
             V.check_out(out, (n_bags, self.dim), self.dtype)
         if n_bags == 0:
             return out
-        if L.partition.is_identity:
-            embedding_bag(L.buffer, indices, offsets, weights=weights, mode=mode, out=out, n_threads=n_threads,
-                          chunk_size=chunk_size, driver=driver, unchecked=True)
-        elif execution == "ordered":
+        if execution == "ordered":
             self._ordered(L, indices, offsets, w, use_w, mode, out, home_node, n_threads)
         else:
             self._pinned(L, indices, offsets, w, use_w, mode, out)

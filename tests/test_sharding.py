@@ -99,6 +99,8 @@ def test_sharded_lookup_with_adapter_and_repartition():
     st = lukern.ShardedTable(W, lukern.partition_rows(freq, 2))
     fused = lukern.embedding_bag(W, p.indices, p.offsets, adapter=a)
     np.testing.assert_allclose(st.lookup(p.indices, p.offsets, adapter=a), fused, rtol=1e-12, atol=1e-12)
+    one = lukern.ShardedTable(W, lukern.partition_rows(freq, 1))  # one node: embedding_bag's own fused pass
+    assert np.array_equal(one.lookup(p.indices, p.offsets, adapter=a), fused)
     old = st._layout
     st.repartition(lukern.partition_rows(freq[::-1].copy(), 4, replicate_bytes=10 * 128, row_bytes=128))
     assert st._layout is not old and st.partition.n_nodes == 4
