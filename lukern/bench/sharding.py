@@ -49,6 +49,26 @@ def _paired_times(contenders, batches, repeats):
     return {name: np.array(v) for name, v in times.items()}
 
 
+def huge_page_share(arr) -> float | None:
+    """Share of ``arr``'s mapping backed by transparent huge pages (/proc/self/smaps):
+    random lookups from 4 KiB pages pay TLB misses, so this explains a slow table."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    addr, inside, size = arr.ctypes.data, False, 0
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) / max(size, 1)
+    return None
+
+
 def split_topology(n_nodes: int):
     """This machine's topology with its CPUs dealt round-robin over ``n_nodes`` fake
     nodes (ids 0..n-1; memory nodes that do not exist fall back to first touch)."""
@@ -95,6 +115,9 @@ def main(argv=None):
           f"brackets the median over rounds of the ratio to the row's baseline in the same round. Ordered rows run "
           f"1 thread against plain on 1; pinned runs nodes on CPUs {[sorted(c) for c in pinned.node_cpus]} "
           f"(allocation {pinned.allocation}) against plain on {nt} threads")
+    shares = [huge_page_share(x) for x in (table, one._layout.buffer, two._layout.buffer)]
+    if None not in shares:
+        print("  huge-page share of the mapping: plain table {:.0%}, 1 shard {:.0%}, 2 shards {:.0%}".format(*shares))
     for dist in ("uniform", "zipf"):
         batches = _batches(rng, a.rows, 2048, (20, 40), dist, 16)
         t = _paired_times({
