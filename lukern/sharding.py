@@ -23,6 +23,7 @@ from ._kernels import lora as LK
 from ._kernels import sharding as SK
 from ._pool import pinned_pool, run_ranges, split_by_work
 from .embedding import _bucket, _check_adapter, _check_mode_weights, embedding_bag
+from .memory import empty_table
 from .plan import resolve_plan
 
 __all__ = ["AccessCounter", "Partition", "ShardedTable", "partition_rows"]
@@ -381,7 +382,10 @@ class _Layout:
             end = int(starts[k] + per_node[k])
         self.starts = starts
         self.rep_starts = (starts + sizes).astype(np.int64)
-        self.buffer = _alloc_rows(end, dim, dtype, align)
+        if placement.memory_nodes is None:  # nothing to place: numpy's memory, as the plain tables
+            self.buffer = empty_table(end, dim, dtype, align=align)
+        else:
+            self.buffer = _alloc_rows(end, dim, dtype, align)
         self.node_allocation = self._place(placement, per_node, row_bytes)
         pools = placement.pools
         for k in range(n_nodes):
