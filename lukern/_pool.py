@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["available_cpus", "run_ranges", "split_by_work"]
+__all__ = ["PinnedPool", "available_cpus", "pinned_pool", "run_ranges", "split_by_work"]
 
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
@@ -24,9 +24,11 @@ def _after_fork_in_child():
     # The child has none of the parent's worker threads, but the executor object still
     # counts its idle ones and would queue work for them forever (run_ranges hung in
     # a forked child, e.g. LiveUpdater's sidecar): start a fresh pool on first use.
-    global _executor, _executor_lock
+    global _executor, _executor_lock, _pinned_lock
     _executor = None
     _executor_lock = threading.Lock()
+    _pinned.clear()
+    _pinned_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -78,3 +80,44 @@ def run_ranges(fn, ranges: list[tuple[int, int]]) -> None:
     finally:
         for f in futures:
             f.result()
+
+
+class PinnedPool:
+    """Worker threads pinned to ``cpus``: each sets its own affinity (``sched_setaffinity``
+    on its own thread id) when it starts, so the serial ``nogil`` kernels it runs touch
+    memory from those CPUs (one pool per NUMA node for :class:`lukern.ShardedTable`).
+
+    ``pinned`` lists ``(native thread id, affinity read back)`` of every started worker.
+    """
+
+    def __init__(self, cpus, n_threads: int):
+        self.cpus = frozenset(int(c) for c in cpus)
+        if not self.cpus or n_threads < 1:
+            raise ValueError(f"`cpus` must be non-empty and `n_threads` >= 1; got {sorted(self.cpus)}, {n_threads}.")
+        self.n_threads = int(n_threads)
+        self.pinned: list[tuple[int, frozenset]] = []
+        self._executor = ThreadPoolExecutor(max_workers=self.n_threads, thread_name_prefix="lukern-pinned",
+                                            initializer=self._pin)
+
+    def _pin(self):
+        os.sched_setaffinity(0, self.cpus)  # 0: the calling thread only
+        self.pinned.append((threading.get_native_id(), frozenset(os.sched_getaffinity(0))))
+
+    def submit(self, fn, *args):
+        return self._executor.submit(fn, *args)
+
+
+_pinned: dict = {}
+_pinned_lock = threading.Lock()
+
+
+def pinned_pool(cpus, n_threads: int) -> PinnedPool:
+    """The shared :class:`PinnedPool` of these CPUs and thread count (made on first use)."""
+    key = (frozenset(cpus), int(n_threads))
+    pool = _pinned.get(key)
+    if pool is None:
+        with _pinned_lock:
+            pool = _pinned.get(key)
+            if pool is None:
+                pool = _pinned[key] = PinnedPool(*key)
+    return pool
