@@ -590,3 +590,28 @@ def test_forward_generic_width():
     assert c.backward(p.indices, p.offsets, G, mode="mean")
     for x, z in zip(b.pending_gradients(), c.pending_gradients()):
         np.testing.assert_array_equal(x, z)
+
+
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_fused_long_bags_and_dense_active_ids(mode, weighted):
+    # bags far longer than the kernel's lookahead, every id active, empty bags between:
+    # the fused kernel's queue of active positions must hold a whole bag plus its lead
+    rng = np.random.default_rng(11)
+    n_rows, dim = 300, 16
+    W = rng.standard_normal((n_rows, dim))
+    a = lukern.LoRAAdapter(n_rows, dim, rank=4, capacity=n_rows, dtype=np.float64)
+    all_rows = np.arange(n_rows)
+    assert a.backward(all_rows, np.array([0, n_rows]), np.zeros((1, dim))) and a.step()
+    a.A[:] = rng.standard_normal(a.A.shape)
+    lens = [0, 3000, 1, 0, 517, 64, 65, 2000]
+    off = np.concatenate([[0], np.cumsum(lens)])
+    idx = rng.integers(0, n_rows, off[-1])
+    w = rng.random(idx.size) if weighted else None
+    ref = reference_embedding_bag(W + a.dense_delta(), idx, off, w, mode)
+    for driver in ("serial", "threads"):
+        got = lukern.embedding_bag(W, idx, off, weights=w, mode=mode, adapter=a, driver=driver, n_threads=2)
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
+    y, ctx = a.forward(W, idx, off, weights=w, mode=mode)
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+    active = np.isin(idx, all_rows)
+    assert np.array_equal(ctx.slots >= 0, active)
