@@ -29,12 +29,12 @@ def _adapter_with_active(rows, dim, rank, active_share, rng, dtype=np.float32, i
     a = LoRAAdapter(rows, dim, rank=rank, capacity=n_active, dtype=dtype, lr_a=0.05, lr_b=0.01)
     if ids is None:
         ids = rng.choice(rows, n_active, replace=False).astype(np.int64)
-    st = a._state
     for start in range(0, n_active, 1 << 16):  # admit in chunks, then give A random rows
         part = ids[start:start + (1 << 16)]
         a.backward(part, np.array([0, part.size]), np.zeros((1, dim), dtype))
         a.step()
-    st.A[:] = rng.standard_normal(st.A.shape).astype(dtype) * 0.01
+    rows, acc_a, acc_b = a.optimizer_state()
+    a.refactor(rng.standard_normal((rows.size, rank)).astype(dtype) * 0.01, a.B, acc_a=acc_a, acc_b=acc_b)
     return a
 
 
