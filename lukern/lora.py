@@ -33,7 +33,6 @@ import numpy as np
 from . import _validate as V
 from ._io import atomic_write
 from ._kernels import lora as LK
-from ._kernels.checks import first_non_finite
 from ._pool import run_ranges
 
 __all__ = [
@@ -710,7 +709,7 @@ class LoRAAdapter:
             raise ValueError(f"`indices` may hold at most 2**31 - 1 ids per backward; got {n_ids}. Split the batch.")
         if grad.dtype not in V.FLOAT_DTYPES or not grad.flags.c_contiguous:
             grad = np.ascontiguousarray(grad, dtype=np.float64)
-        if first_non_finite(grad) >= 0:
+        if not LK.all_finite(grad):
             self._reject("`grad` holds NaN or Inf")
             return False
         st = self._state
@@ -730,6 +729,44 @@ class LoRAAdapter:
             G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), r), self.dtype)
             G[:self._n_u] = self._G[:self._n_u]
             self._G = G
+        w = weights if weights is not None else _EMPTY[self.dtype]
+        use_w = weights is not None
+        m = 1 if mode == "mean" else 0
+        scale = float(st.scale)
+        Bt = np.ascontiguousarray(st.B.T, dtype=np.float64)
+        n_chunks = -(-n_bags // _BACKWARD_CHUNK)
+        U = np.empty((n_bags, r), np.float64)
+        parts = np.empty((n_chunks, r, self.dim), np.float64)
+        dB = np.zeros((r, self.dim), np.float64) if self._dB is None else self._dB
+        if n_threads == 1 and context is not None and LK.count_below(known, 0) <= self._n_free:
+            # the serial trainer after forward(), every admission fitting the free slots:
+            # the bag side from the forward's pooled rows, then one pass over the ids
+            # that finds slots, admits, registers pending rows and scatters u_b, with the
+            # sums of the two-pass path below in the same order (the same bits)
+            LK.backward_bags(_NO_SLOTS, offsets, w, use_w, m, grad, st.A, st.B, Bt, scale, U, parts, _BACKWARD_CHUNK,
+                             0, n_chunks, context.P, True)
+            LK.sum_parts(parts, dB)
+            n_free0 = self._n_free
+            self._n_free, self._n_u, missed = LK.assign_scatter(
+                indices, offsets, w, use_w, st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.last_step,
+                self._free, self._n_free, self.step_count, self._local, self._uniq, self._n_u, self._G, known, U)
+            self._seed_admitted(n_free0)
+            self.dropped_admissions += int(missed)  # 0: the free slots were counted
+        else:
+            self._backward_two_pass(indices, offsets, w, use_w, m, grad, table, n_threads, context, known, U, parts,
+                                    dB, Bt, scale)
+        self._dB = dB
+        if self.grad_window is not None:
+            self.grad_window.add(grad)
+        return True
+
+    def _backward_two_pass(self, indices, offsets, w, use_w, m, grad, table, n_threads, context, known, U, parts, dB,
+                           Bt, scale):
+        """The backward in passes that split over ``n_threads``: slots (admitting, and
+        evicting when the slots run out), the bag side by chunks, the id side by
+        pending rows."""
+        st = self._state
+        n_ids = indices.shape[0]
         slots = np.empty(n_ids, np.int64)
         pend = np.empty(n_ids, np.int32)  # every id's pending row
         n_free0 = self._n_free
@@ -752,28 +789,16 @@ class LoRAAdapter:
                 # the folded rows left the parameters B acts on: pool A again without them
                 context = None
             self.dropped_admissions += int(missed)
-        w = weights if weights is not None else _EMPTY[self.dtype]
-        use_w = weights is not None
-        m = 1 if mode == "mean" else 0
         # bag side: u_b and the chunk partials of dB
-        U = np.empty((n_bags, r), np.float64)
-        n_chunks = -(-n_bags // _BACKWARD_CHUNK)
-        parts = np.empty((n_chunks, r, self.dim), np.float64)
-        scale = float(st.scale)
         P, have_p = (context.P, True) if context is not None else (_NO_P[self.dtype], False)
-        Bt = np.ascontiguousarray(st.B.T, dtype=np.float64)
+        n_chunks = parts.shape[0]
         _run_split(lambda c0, c1: LK.backward_bags(slots, offsets, w, use_w, m, grad, st.A, st.B, Bt, scale, U, parts,
                                                    _BACKWARD_CHUNK, c0, c1, P, have_p),
                    n_chunks, n_threads)
-        dB = np.zeros((r, self.dim), np.float64) if self._dB is None else self._dB
         LK.sum_parts(parts, dB)
         # id side: each pending row owned by one thread, summed in id order
         G = self._G
         _run_split(lambda lo, hi: LK.scatter_grad_a(pend, offsets, w, use_w, U, G, lo, hi), self._n_u, n_threads)
-        self._dB = dB
-        if self.grad_window is not None:
-            self.grad_window.add(grad)
-        return True
 
     def pending_gradients(self):
         """(row_ids, dA rows, dB) accumulated by :meth:`backward` since the last step
@@ -796,7 +821,7 @@ class LoRAAdapter:
         n_threads = 1 if n_threads is None else V.check_positive_int("n_threads", n_threads, allow_none=False)
         st = self._state
         n_u = self._n_u
-        if first_non_finite(self._G[:n_u]) >= 0 or first_non_finite(self._dB) >= 0:
+        if not (LK.all_finite(self._G[:n_u]) and LK.all_finite(self._dB)):
             self._clear_pending()
             self._reject("the accumulated gradients hold NaN or Inf")
             return False

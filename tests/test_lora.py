@@ -615,3 +615,32 @@ def test_fused_long_bags_and_dense_active_ids(mode, weighted):
     np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
     active = np.isin(idx, all_rows)
     assert np.array_equal(ctx.slots >= 0, active)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_serial_one_pass_backward_equals_the_split_passes(weighted, monkeypatch):
+    # n_threads=1 after forward() takes the one-pass kernel (slots, admission, scatter);
+    # n_threads=2 the split passes: the same admissions, pending order and bits
+    from lukern._kernels import lora as LK
+
+    calls = []
+    one_pass = LK.assign_scatter
+    monkeypatch.setattr(LK, "assign_scatter", lambda *a: calls.append(1) or one_pass(*a))
+    rng = np.random.default_rng(9)
+    W = rng.standard_normal((300, 16))
+    results = []
+    for nt in (1, 2):
+        a = lukern.LoRAAdapter(300, 16, rank=4, capacity=120, dtype=np.float64, seed=3,
+                               acc_a_init=lambda r: 0.01 * r)
+        for k in range(4):
+            p = make_lookup_problem(n_rows=300, dim=16, n_bags=12, pooling=(0, 7), dtype=np.float64, table=W,
+                                    seed=20 + k, weighted=weighted)
+            G = np.random.default_rng(k).standard_normal((12, 16))
+            _, ctx = a.forward(W, p.indices, p.offsets, weights=p.weights)
+            assert a.backward(p.indices, p.offsets, G, weights=p.weights, context=ctx, n_threads=nt)
+            results.append((nt, k, a.pending_gradients(), a.optimizer_state()))
+            assert a.step(n_threads=nt)
+    assert len(calls) == 4  # the serial runs took the one-pass kernel
+    for (_, _, g1, o1), (_, _, g2, o2) in zip(results[:4], results[4:]):
+        for x, y in zip(g1 + o1, g2 + o2):
+            assert np.array_equal(x, y)
