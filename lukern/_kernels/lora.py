@@ -326,6 +326,10 @@ def count_below(x, v):
     return n
 
 
+#: ids ahead whose slot-indexed state (last step, pending row) assign_scatter prefetches
+_SCATTER_AHEAD = 16
+
+
 @njit(nogil=True, cache=True)
 def assign_scatter(indices, offsets, weights, use_w, keys, vals, mask, bitmap, slot_row, last_step, free, n_free, step,
                    local, uniq, n_u, G, known, U):
@@ -335,8 +339,14 @@ def assign_scatter(indices, offsets, weights, use_w, keys, vals, mask, bitmap, s
     (free count, pending count, ids that found no free slot)."""
     r = G.shape[1]
     missed = 0
+    n_ids = known.shape[0]
     for b in range(offsets.shape[0] - 1):
         for j in range(offsets[b], offsets[b + 1]):
+            if j + _SCATTER_AHEAD < n_ids:  # the slot-indexed lines of a later id
+                k = known[j + _SCATTER_AHEAD]
+                if k >= 0:
+                    prefetch_elem(last_step, k)
+                    prefetch_elem(local, k)
             sl = known[j]
             if sl < 0:
                 row = indices[j]
