@@ -505,6 +505,8 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 # (branch-free queue appends) was slower: it adds loads the saturated W loop waits for;
 # testing the bit further ahead than PF (a second id load) did not help either.
 
+#: the rank whose fused kernels keep the pooled A row in registers (others use an array)
+FIXED_RANK = 8
 #: how far ahead (in ids) the presence bit is tested: with the row prefetch (one id load)
 PRESENCE_AHEAD = 64
 #: ids past the current bag whose slots are probed (stage 2); less than PRESENCE_AHEAD so
@@ -553,7 +555,17 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
             body += [f"    {a} += r[{k}]" for k, a in enumerate(acc)]
         return body
 
-    def stages(train):
+    def stages(train, fixed):
+        # fixed: the rank the code is written for, with the pooled A row in scalars
+        # (registers); None: any rank, pooled in the array p
+        if fixed:
+            zero = [f"p{q} = np.{name}(0.0)" for q in range(fixed)]
+            add_w = [f"        p{q} += w * A[sl, {q}]" for q in range(fixed)]
+            add = [f"        p{q} += A[sl, {q}]" for q in range(fixed)]
+        else:
+            zero = ["for qq in range(rank):", "    p[qq] = 0"]
+            add_w = ["        for qq in range(rank):", "            p[qq] += w * A[sl, qq]"]
+            add = ["        for qq in range(rank):", "            p[qq] += A[sl, qq]"]
         return [
             # stage 2: probe the queued ids up to PROBE_AHEAD past the bag (their hash
             # lines were prefetched PF - PROBE_AHEAD ids ago), prefetch their A rows
@@ -569,8 +581,7 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
             "        prefetch(A, sl, rank - 1)",  # a row may straddle two lines
             "    mid += 1",
             # stage 3: the bag's A rows in id order (the order of pool_slots, backward_bags)
-            "for qq in range(rank):",
-            "    p[qq] = 0",
+        ] + zero + [
             "hit = False",
             "while head < mid:",
             "    j = qpos[head & qm]",
@@ -584,28 +595,38 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
         ] + (["    slots_out[j] = sl"] if train else []) + [
             "    if use_w:",
             "        w = weights[j]",
-            "        for qq in range(rank):",
-            "            p[qq] += w * A[sl, qq]",
-            "    else:",
-            "        for qq in range(rank):",
-            "            p[qq] += A[sl, qq]",
-        ]
+        ] + add_w + ["    else:"] + add
 
-    def bag(train):
+    def bag(train, fixed):
         code = []
         if train:
             code += ["for j in range(s, e):", "    slots_out[j] = -1"]
         code += [f"{a} = np.{name}(0.0)" for a in acc]
         code += ["if use_w:"] + [f"    {x}" for x in w_loop(True)]
         code += ["else:"] + [f"    {x}" for x in w_loop(False)]
-        code += stages(train)
-        if train:
-            code += ["for qq in range(rank):", "    P_out[b, qq] = p[qq]"]
-        code += ["if hit:", "    for qq in range(rank):", "        pq = lscale * p[qq]"]
-        code += [f"        {a} += pq * B[qq, {k}]" for k, a in enumerate(acc)]
+        code += stages(train, fixed)
+        if fixed:
+            if train:
+                code += [f"P_out[b, {q}] = p{q}" for q in range(fixed)]
+            code += ["if hit:"]
+            for q in range(fixed):
+                code += [f"    pq = lscale * p{q}"] + [f"    {a} += pq * B[{q}, {k}]" for k, a in enumerate(acc)]
+        else:
+            if train:
+                code += ["for qq in range(rank):", "    P_out[b, qq] = p[qq]"]
+            code += ["if hit:", "    for qq in range(rank):", "        pq = lscale * p[qq]"]
+            code += [f"        {a} += pq * B[qq, {k}]" for k, a in enumerate(acc)]
         code += [f"sc = np.{name}(1.0)", "if mode == 1 and e > s:", f"    sc = np.{name}(1.0) / np.{name}(e - s)"]
         code += [f"o[{k}] = {a} * sc" for k, a in enumerate(acc)]
-        return "\n".join(" " * 8 + x for x in code)
+        head_ = ["for b in range(b0, b1):", "    s = offsets[b]", "    e = offsets[b + 1]", "    o = out[b]"]
+        return head_ + ["    " + x for x in code]
+
+    def bags(train):
+        # the common rank gets its own copy of the loop (the pooled row in registers:
+        # 5-9% faster on the fused lookup); other ranks use the generic one
+        code = [f"if rank == {FIXED_RANK}:"] + ["    " + x for x in bag(train, FIXED_RANK)]
+        code += ["else:"] + ["    " + x for x in bag(train, None)]
+        return "\n".join(" " * 4 + x for x in code)
 
     def function(fname, extra, train):
         prologue = "\n".join(" " * 8 + x for x in row_prefetch("j"))
@@ -636,11 +657,7 @@ def {fname}(table, indices, offsets, weights, use_w, mode, out, b0, b1, keys, va
 {prologue}
     for j in range(j0, min(j0 + PFB, pf_end)):
 {prologue_b}
-    for b in range(b0, b1):
-        s = offsets[b]
-        e = offsets[b + 1]
-        o = out[b]
-{bag(train)}
+{bags(train)}
 """
 
     return f'''"""lukern fused LoRA lookup for d={d}, {name}: generated by lukern._kernels.lora.
