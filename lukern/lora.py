@@ -678,7 +678,8 @@ class LoRAAdapter:
         (default 1: the trainer runs beside serving) never changes a bit.
         Returns False, writes nothing and counts the step in ``rejected_steps`` when
         ``grad`` holds NaN or Inf. ``context`` (from :meth:`forward` on the same arrays)
-        spares the probes and the pooling; a context from an older state is ignored.
+        spares the probes, the pooling and a second check of ``indices`` and ``offsets``
+        (so do not modify them in between); a context from an older state is ignored.
 
         Examples
         --------
@@ -689,8 +690,9 @@ class LoRAAdapter:
         >>> sorted(a.pending_gradients()[0].tolist())
         [3, 5]
         """
-        V.check_indices(indices, self.n_rows)
-        V.check_offsets(offsets, indices.shape[0])
+        if not (isinstance(context, ForwardContext) and context.indices is indices and context.offsets is offsets):
+            V.check_indices(indices, self.n_rows)  # else forward() checked these very arrays
+            V.check_offsets(offsets, indices.shape[0])
         n_bags = offsets.shape[0] - 1
         n_ids = indices.shape[0]
         V.check_array("grad", grad, 2)

@@ -370,8 +370,12 @@ def assign_scatter(indices, offsets, weights, use_w, keys, vals, mask, bitmap, s
                     G[li, q] = 0
                 n_u += 1
             w = weights[j] if use_w else 1.0
-            for q in range(r):
-                G[li, q] += w * U[b, q]
+            if r == 8:  # the common rank: a fixed-length loop, unrolled and vectorized
+                for q in range(8):
+                    G[li, q] += w * U[b, q]
+            else:
+                for q in range(r):
+                    G[li, q] += w * U[b, q]
     return n_free, n_u, missed
 
 
@@ -509,17 +513,19 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 FIXED_RANK = 8
 #: how far ahead (in ids) the presence bit is tested: with the row prefetch (one id load)
 PRESENCE_AHEAD = 64
+#: how far ahead the W rows are prefetched (the plain kernel's distance)
+ROW_AHEAD = 64
 #: ids past the current bag whose slots are probed (stage 2); less than PRESENCE_AHEAD so
 #: the hash lines have had time to arrive
 PROBE_AHEAD = 48
 
 
-def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, probe_ahead: int | None = None) -> str:
-    from .embedding import PREFETCH_DISTANCE
-
+def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, probe_ahead: int | None = None,
+                  row_ahead: int | None = None) -> str:
     pfb = PRESENCE_AHEAD if presence_ahead is None else presence_ahead
     pfa = PROBE_AHEAD if probe_ahead is None else probe_ahead
-    assert 0 < pfa < pfb and pfb >= PREFETCH_DISTANCE
+    pf = ROW_AHEAD if row_ahead is None else row_ahead
+    assert 0 < pfa < pfb and pfb >= pf
     name = dtype.name
     step = 64 // dtype.itemsize
     lines = -(-d * dtype.itemsize // 64)
@@ -541,7 +547,7 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
 
     def w_loop(weighted):  # the plain kernel's loop plus stage 1
         body = ["for j in range(s, e):"]
-        if pfb == PREFETCH_DISTANCE:  # one load of the id for both
+        if pfb == pf:  # one load of the id for both
             body += ["    if j + PF < pf_end:"] + [f"        {x}" for x in row_prefetch("j + PF")]
             body += [f"        {x}" for x in presence("j + PF")[1:]]
             body = [x.replace("qb", "q") for x in body]
@@ -670,7 +676,7 @@ from numba import njit, prange
 from lukern._kernels._intrinsics import prefetch
 from lukern._kernels.lora import find_slot, prefetch_probe
 
-PF = {PREFETCH_DISTANCE}
+PF = {pf}
 PFB = {pfb}
 PROBE_AHEAD = {pfa}
 {function("lora_bag_range", "", False)}
