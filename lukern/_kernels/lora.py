@@ -370,12 +370,8 @@ def assign_scatter(indices, offsets, weights, use_w, keys, vals, mask, bitmap, s
                     G[li, q] = 0
                 n_u += 1
             w = weights[j] if use_w else 1.0
-            if r == 8:  # the common rank: a fixed-length loop, unrolled and vectorized
-                for q in range(8):
-                    G[li, q] += w * U[b, q]
-            else:
-                for q in range(r):
-                    G[li, q] += w * U[b, q]
+            for q in range(r):
+                G[li, q] += w * U[b, q]
     return n_free, n_u, missed
 
 
