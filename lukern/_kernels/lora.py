@@ -497,13 +497,17 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 # the bag's own A rows are pooled in id order (stage 3), then multiplied by B once.
 #
 # Measured (4M x 64 float32, r = 8, 5% of rows active at random, 1 thread, kernels
-# called directly, medians of 60, a busy machine): the first design (every stage inside
-# the W loop, rings indexed by id position) ran at 1.5-1.7x the plain lookup on uniform
-# ids and 2.1x on Zipf ids; this one at 1.26-1.4x and 1.5-1.8x. Of the rest, the bit
-# test costs ~10%, the probes of the 5% active ids ~20% (their prefetched hash lines
-# often arrive late on a loaded memory system). A separate scan loop over the ids
-# (branch-free queue appends) was slower: it adds loads the saturated W loop waits for;
-# testing the bit further ahead than PF (a second id load) did not help either.
+# called directly, medians of 60 on a machine shared with other benchmarks, so +-15%):
+# the first design (every stage inside the W loop, rings indexed by id position) ran at
+# 1.5-2.0x the plain lookup on uniform ids and 2.1-2.3x on Zipf ids, 2.8-3.6x with most
+# ids active; this one at 1.25-1.45x, 1.5-1.85x and 2.1-2.6x, bit for bit the same
+# output. Of the rest, the bit test costs ~10%, the probes of the 5% active ids ~20%
+# (their prefetched hash lines often arrive late on a loaded memory system: the W
+# loop keeps the miss queues full, so every extra memory operation waits). Tried and
+# dropped: a separate branch-free scan loop over the ids (its loads queue behind the W
+# loop's), a bitmap prefetch stage, the bit test further ahead than the row prefetch (a
+# second id load), other distances (96/64, 128/80: within noise). The rank-8 copy of
+# the loop (pooled row in registers) gained 5-9%.
 
 #: the rank whose fused kernels keep the pooled A row in registers (others use an array)
 FIXED_RANK = 8
