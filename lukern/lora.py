@@ -33,7 +33,6 @@ import numpy as np
 from . import _validate as V
 from ._io import atomic_write
 from ._kernels import lora as LK
-from ._kernels.checks import first_non_finite
 from ._pool import run_ranges
 
 __all__ = [
@@ -280,6 +279,13 @@ class LoRAAdapter:
         Share of the capacity freed at once when the slots run out (amortises eviction).
     seed : int
         Seed of B's initialisation (A starts at zero, so the correction starts at zero).
+    acc_a_init : float, ndarray (n_rows,) or callable, optional
+        Starting row-wise Adagrad accumulator of rows admitted from now on (default 0):
+        one value for every row, one per table row, or ``f(row_ids) -> values`` called
+        with the rows a backward admits (e.g. the base rows' own Adagrad history, so a
+        settled row does not take full-size steps). Also settable later as the
+        attribute ``acc_a_init``. See :meth:`optimizer_state` and
+        :meth:`set_row_accumulators` for the accumulators of rows already active.
 
     Examples
     --------
@@ -296,7 +302,7 @@ class LoRAAdapter:
     def __init__(self, n_rows: int, dim: int, *, rank: int = 8, capacity: int | None = None, alpha: float | None = None,
                  dtype=np.float32, optimizer_a: str = "rowwise_adagrad", optimizer_b: str = "adagrad",
                  lr_a: float = 0.05, lr_b: float = 0.01, weight_decay: float = 0.0, eps: float = 1e-8,
-                 eviction=None, evict_fraction: float = 1 / 16, seed: int = 0):
+                 eviction=None, evict_fraction: float = 1 / 16, seed: int = 0, acc_a_init=None):
         n_rows = V.check_positive_int("n_rows", n_rows, allow_none=False)
         dim = V.check_positive_int("dim", dim, allow_none=False)
         rank = V.check_positive_int("rank", rank, allow_none=False)
@@ -323,6 +329,7 @@ class LoRAAdapter:
         self.lr_a, self.lr_b, self.weight_decay, self.eps = float(lr_a), float(lr_b), float(weight_decay), float(eps)
         self.eviction = eviction if eviction is not None else LeastRecentlyUsed()
         self.evict_fraction = float(evict_fraction)
+        self.acc_a_init = acc_a_init  # validated by the property setter
         self.grad_window = None  # optional object with .add(pooled_grad), fed by backward()
         self.step_count = 0
         self.version = 0
@@ -433,6 +440,130 @@ class LoRAAdapter:
     def __repr__(self):
         return (f"LoRAAdapter(n_rows={self.n_rows}, dim={self.dim}, rank={self.rank}, capacity={self.capacity}, "
                 f"active={self.n_active}, scale={self.scale:g}, nbytes={self.nbytes})")
+
+    # -- optimizer state -------------------------------------------------------------------
+
+    @property
+    def acc_a_init(self):
+        """Starting row-wise Adagrad accumulator of newly admitted rows: None (0), a
+        float, an array of ``n_rows`` values or a callable ``f(row_ids) -> values``."""
+        return self._acc_a_init
+
+    @acc_a_init.setter
+    def acc_a_init(self, value):
+        if value is None or callable(value):
+            pass
+        elif np.ndim(value) == 0:
+            v = value
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"`acc_a_init` must be None, a number >= 0, an array of n_rows values or a callable; "
+                                f"got {type(value).__name__}.")
+            if not np.isfinite(v) or v < 0:
+                raise ValueError(f"`acc_a_init` must be a finite number >= 0; got {value!r}.")
+            value = float(value)
+        else:
+            arr = np.asarray(value)
+            if arr.shape != (self.n_rows,) or arr.dtype.kind not in "fiu":
+                raise ValueError(f"`acc_a_init` as an array must hold one number per table row, shape "
+                                 f"({self.n_rows},); got shape {arr.shape}, dtype {arr.dtype}. Pass a callable "
+                                 "f(row_ids) to compute values on demand.")
+            if not np.isfinite(arr).all() or (arr < 0).any():
+                raise ValueError("`acc_a_init` must hold finite values >= 0.")
+            value = arr
+        self._acc_a_init = value
+
+    def _initial_acc(self, rows: np.ndarray) -> np.ndarray:
+        """Validated starting accumulators of ``rows`` from ``acc_a_init``."""
+        init = self._acc_a_init
+        if callable(init):
+            vals = np.asarray(init(rows.copy()))
+            if vals.ndim == 0:
+                vals = np.full(rows.size, vals)
+            if vals.shape != (rows.size,) or vals.dtype.kind not in "fiu":
+                raise ValueError(f"`acc_a_init` returned shape {vals.shape} ({vals.dtype}) for {rows.size} rows; "
+                                 "it must return one number per row id given.")
+            if not np.isfinite(vals).all() or (vals < 0).any():
+                raise ValueError("`acc_a_init` returned values that are not finite and >= 0.")
+            return vals
+        if isinstance(init, float):
+            return np.full(rows.size, init)
+        return init[rows]
+
+    def _seed_admitted(self, n_free_before: int) -> None:
+        """Give the slots popped from the free stack since ``n_free_before`` (the rows
+        just admitted) their starting accumulators."""
+        if self._acc_a_init is None or self._n_free >= n_free_before:
+            return
+        st = self._state
+        slots = self._free[self._n_free:n_free_before].astype(np.int64)
+        st.acc_a[slots] = self._initial_acc(st.slot_row[slots])
+
+    def optimizer_state(self):
+        """``(row_ids, acc_a, acc_b)``: the active rows (in :meth:`active_rows` order),
+        their row-wise Adagrad accumulators and B's accumulator (r x d), as copies from
+        one state. With SGD the accumulators stay zero.
+
+        Examples
+        --------
+        >>> import numpy as np, lukern
+        >>> a = lukern.LoRAAdapter(10, 4, rank=2, dtype=np.float64)
+        >>> _ = a.train_step(None, np.array([3]), np.array([0, 1]), np.ones((1, 4)))
+        >>> rows, acc_a, acc_b = a.optimizer_state()
+        >>> rows.tolist(), acc_a.shape, acc_b.shape
+        ([3], (1,), (2, 4))
+        """
+        st = self._state
+        slots = np.flatnonzero(st.slot_row >= 0)
+        return st.slot_row[slots].copy(), st.acc_a[slots].copy(), st.acc_b.copy()
+
+    def set_row_accumulators(self, row_ids, acc_a, *, missing: str = "raise") -> int:
+        """Set the row-wise Adagrad accumulators of active rows by row id.
+
+        ``acc_a`` is one number >= 0 for all or one per id. Rows that are not active
+        raise ``KeyError`` (``missing="raise"``, nothing is written) or are skipped
+        (``missing="ignore"``). Call it from the trainer's thread (the one writer);
+        lookups never read optimizer state. Returns the number of rows set.
+
+        Examples
+        --------
+        >>> import numpy as np, lukern
+        >>> a = lukern.LoRAAdapter(10, 4, rank=2, dtype=np.float64)
+        >>> a.backward(np.array([3, 5]), np.array([0, 2]), np.zeros((1, 4)))
+        True
+        >>> a.set_row_accumulators([5, 3], [0.5, 0.25])
+        2
+        >>> a.optimizer_state()[1].tolist()
+        [0.25, 0.5]
+        """
+        V.check_choice("missing", missing, ("raise", "ignore"))
+        rows = np.asarray(row_ids)
+        if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+            raise TypeError(f"`row_ids` must be a 1-D array of integers; got shape {rows.shape}, dtype {rows.dtype}.")
+        rows = rows.astype(np.int64, copy=False)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise IndexError(f"`row_ids` must be in [0, {self.n_rows}); got [{rows.min()}, {rows.max()}].")
+        if np.unique(rows).size != rows.size:
+            raise ValueError("`row_ids` must be unique (which value would win for a repeated id?).")
+        vals = np.asarray(acc_a)
+        if vals.ndim == 0:
+            vals = np.full(rows.size, vals)
+        if vals.shape != (rows.size,) or vals.dtype.kind not in "fiu":
+            raise ValueError(f"`acc_a` must be one number or one per row id ({rows.size},); got shape {vals.shape}, "
+                             f"dtype {vals.dtype}.")
+        if not np.isfinite(vals).all() or (vals < 0).any():
+            raise ValueError("`acc_a` must hold finite values >= 0 (Adagrad accumulators); nothing was written.")
+        st = self._state
+        slots = np.empty(rows.size, np.int64)
+        LK.find_slots(rows, st.keys, st.vals, st.mask, st.bitmap, slots)
+        found = slots >= 0
+        if not found.all():
+            if missing == "raise":
+                raise KeyError(f"{int((~found).sum())} of `row_ids` are not active (first: {int(rows[~found][0])}); "
+                               "nothing was written. Pass missing='ignore' to skip them.")
+            slots, vals = slots[found], vals[found]
+        st.acc_a[slots] = vals
+        return int(slots.size)
+
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -547,7 +678,8 @@ class LoRAAdapter:
         (default 1: the trainer runs beside serving) never changes a bit.
         Returns False, writes nothing and counts the step in ``rejected_steps`` when
         ``grad`` holds NaN or Inf. ``context`` (from :meth:`forward` on the same arrays)
-        spares the probes and the pooling; a context from an older state is ignored.
+        spares the probes, the pooling and a second check of ``indices`` and ``offsets``
+        (so do not modify them in between); a context from an older state is ignored.
 
         Examples
         --------
@@ -558,8 +690,9 @@ class LoRAAdapter:
         >>> sorted(a.pending_gradients()[0].tolist())
         [3, 5]
         """
-        V.check_indices(indices, self.n_rows)
-        V.check_offsets(offsets, indices.shape[0])
+        if not (isinstance(context, ForwardContext) and context.indices is indices and context.offsets is offsets):
+            V.check_indices(indices, self.n_rows)  # else forward() checked these very arrays
+            V.check_offsets(offsets, indices.shape[0])
         n_bags = offsets.shape[0] - 1
         n_ids = indices.shape[0]
         V.check_array("grad", grad, 2)
@@ -578,7 +711,7 @@ class LoRAAdapter:
             raise ValueError(f"`indices` may hold at most 2**31 - 1 ids per backward; got {n_ids}. Split the batch.")
         if grad.dtype not in V.FLOAT_DTYPES or not grad.flags.c_contiguous:
             grad = np.ascontiguousarray(grad, dtype=np.float64)
-        if first_non_finite(grad) >= 0:
+        if not LK.all_finite(grad):
             self._reject("`grad` holds NaN or Inf")
             return False
         st = self._state
@@ -598,46 +731,76 @@ class LoRAAdapter:
             G = np.zeros((min(max(need, 2 * self._G.shape[0]), self.capacity), r), self.dtype)
             G[:self._n_u] = self._G[:self._n_u]
             self._G = G
+        w = weights if weights is not None else _EMPTY[self.dtype]
+        use_w = weights is not None
+        m = 1 if mode == "mean" else 0
+        scale = float(st.scale)
+        Bt = np.ascontiguousarray(st.B.T, dtype=np.float64)
+        n_chunks = -(-n_bags // _BACKWARD_CHUNK)
+        U = np.empty((n_bags, r), np.float64)
+        parts = np.empty((n_chunks, r, self.dim), np.float64)
+        dB = np.zeros((r, self.dim), np.float64) if self._dB is None else self._dB
+        if n_threads == 1 and context is not None and LK.count_below(known, 0) <= self._n_free:
+            # the serial trainer after forward(), every admission fitting the free slots:
+            # the bag side from the forward's pooled rows, then one pass over the ids
+            # that finds slots, admits, registers pending rows and scatters u_b, with the
+            # sums of the two-pass path below in the same order (the same bits)
+            LK.backward_bags(_NO_SLOTS, offsets, w, use_w, m, grad, st.A, st.B, Bt, scale, U, parts, _BACKWARD_CHUNK,
+                             0, n_chunks, context.P, True)
+            LK.sum_parts(parts, dB)
+            n_free0 = self._n_free
+            self._n_free, self._n_u, missed = LK.assign_scatter(
+                indices, offsets, w, use_w, st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.last_step,
+                self._free, self._n_free, self.step_count, self._local, self._uniq, self._n_u, self._G, known, U)
+            self._seed_admitted(n_free0)
+            self.dropped_admissions += int(missed)  # 0: the free slots were counted
+        else:
+            self._backward_two_pass(indices, offsets, w, use_w, m, grad, table, n_threads, context, known, U, parts,
+                                    dB, Bt, scale)
+        self._dB = dB
+        if self.grad_window is not None:
+            self.grad_window.add(grad)
+        return True
+
+    def _backward_two_pass(self, indices, offsets, w, use_w, m, grad, table, n_threads, context, known, U, parts, dB,
+                           Bt, scale):
+        """The backward in passes that split over ``n_threads``: slots (admitting, and
+        evicting when the slots run out), the bag side by chunks, the id side by
+        pending rows."""
+        st = self._state
+        n_ids = indices.shape[0]
         slots = np.empty(n_ids, np.int64)
         pend = np.empty(n_ids, np.int32)  # every id's pending row
+        n_free0 = self._n_free
         self._n_free, self._n_u, missed = LK.assign_slots(
             indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.last_step, self._free, self._n_free,
             self.step_count, slots, self._local, self._uniq, self._n_u, self._G, known, context is not None, pend)
+        self._seed_admitted(n_free0)
         if missed:
             if table is not None:
                 # rows pending from this batch stay pending; evicted ones leave the list,
                 # and the forward's slots may be stale now: probe every id again
                 self._evict(max(missed, int(self.capacity * self.evict_fraction)), table)
                 st = self._state
+                n_free0 = self._n_free
                 self._n_free, self._n_u, missed = LK.assign_slots(
                     indices, st.keys, st.vals, st.mask, st.bitmap, st.slot_row, st.last_step, self._free,
                     self._n_free, self.step_count, slots, self._local, self._uniq, self._n_u, self._G, known, False,
                     pend)
+                self._seed_admitted(n_free0)
                 # the folded rows left the parameters B acts on: pool A again without them
                 context = None
             self.dropped_admissions += int(missed)
-        w = weights if weights is not None else _EMPTY[self.dtype]
-        use_w = weights is not None
-        m = 1 if mode == "mean" else 0
         # bag side: u_b and the chunk partials of dB
-        U = np.empty((n_bags, r), np.float64)
-        n_chunks = -(-n_bags // _BACKWARD_CHUNK)
-        parts = np.empty((n_chunks, r, self.dim), np.float64)
-        scale = float(st.scale)
         P, have_p = (context.P, True) if context is not None else (_NO_P[self.dtype], False)
-        Bt = np.ascontiguousarray(st.B.T, dtype=np.float64)
+        n_chunks = parts.shape[0]
         _run_split(lambda c0, c1: LK.backward_bags(slots, offsets, w, use_w, m, grad, st.A, st.B, Bt, scale, U, parts,
                                                    _BACKWARD_CHUNK, c0, c1, P, have_p),
                    n_chunks, n_threads)
-        dB = np.zeros((r, self.dim), np.float64) if self._dB is None else self._dB
         LK.sum_parts(parts, dB)
         # id side: each pending row owned by one thread, summed in id order
         G = self._G
         _run_split(lambda lo, hi: LK.scatter_grad_a(pend, offsets, w, use_w, U, G, lo, hi), self._n_u, n_threads)
-        self._dB = dB
-        if self.grad_window is not None:
-            self.grad_window.add(grad)
-        return True
 
     def pending_gradients(self):
         """(row_ids, dA rows, dB) accumulated by :meth:`backward` since the last step
@@ -660,7 +823,7 @@ class LoRAAdapter:
         n_threads = 1 if n_threads is None else V.check_positive_int("n_threads", n_threads, allow_none=False)
         st = self._state
         n_u = self._n_u
-        if first_non_finite(self._G[:n_u]) >= 0 or first_non_finite(self._dB) >= 0:
+        if not (LK.all_finite(self._G[:n_u]) and LK.all_finite(self._dB)):
             self._clear_pending()
             self._reject("the accumulated gradients hold NaN or Inf")
             return False
@@ -773,10 +936,26 @@ class LoRAAdapter:
         self._adopt(rows, st.A[slots], st.B, st.acc_b, capacity=capacity, acc_a=st.acc_a[slots],
                     last_step=st.last_step[slots])
 
-    def refactor(self, A_active, B, *, scale=None) -> None:
+    def refactor(self, A_active, B, *, scale=None, acc_a=None, acc_b=None) -> None:
         """Replace the factors of the active rows (same rows, in :meth:`active_rows`
         order) by ``A_active`` (k x r') and ``B`` (r' x d): the rank controller's way to
-        change the rank. Optimizer state of A restarts; built aside and swapped."""
+        change the rank. Built aside and swapped in at once.
+
+        The optimizer state restarts (zero accumulators) unless given: ``acc_a`` (k,),
+        the row-wise Adagrad accumulators of the rows in the same order (they do not
+        depend on the rank, e.g. ``optimizer_state()[1]``), and ``acc_b`` (r' x d), B's
+        accumulator. Both must be finite and >= 0. Bad input raises and changes nothing.
+
+        Examples
+        --------
+        >>> import numpy as np, lukern
+        >>> a = lukern.LoRAAdapter(10, 4, rank=2, dtype=np.float64)
+        >>> _ = a.train_step(None, np.array([3]), np.array([0, 1]), np.ones((1, 4)))
+        >>> rows, acc_a, acc_b = a.optimizer_state()
+        >>> a.refactor(np.ones((1, 1)), np.ones((1, 4)), acc_a=acc_a, acc_b=acc_b[:1])
+        >>> a.rank, bool(np.array_equal(a.optimizer_state()[1], acc_a))
+        (1, True)
+        """
         rows, slots = self.active_rows()
         A_active = np.asarray(A_active)
         B = np.asarray(B)
@@ -787,9 +966,24 @@ class LoRAAdapter:
             raise ValueError(f"`B` must have shape ({A_active.shape[1]}, {self.dim}); got {B.shape}.")
         if not (np.isfinite(A_active).all() and np.isfinite(B).all()):
             raise ValueError("`A_active` and `B` must be finite.")
+        if acc_a is not None:
+            acc_a = self._check_acc("acc_a", acc_a, (rows.size,), "one per active row, in active_rows() order")
+        if acc_b is not None:
+            acc_b = self._check_acc("acc_b", acc_b, B.shape, "the shape of `B`").copy()
         s = self._state.scale if scale is None else float(scale)
-        self._adopt(rows, A_active, B, None, capacity=self.capacity, last_step=self._state.last_step[slots],
-                    scale=s)
+        if not np.isfinite(s):
+            raise ValueError(f"`scale` must be a finite number; got {scale!r}.")
+        self._adopt(rows, A_active, B, acc_b, capacity=self.capacity, acc_a=acc_a,
+                    last_step=self._state.last_step[slots], scale=s)
+
+    def _check_acc(self, name, acc, shape, what):
+        acc = np.asarray(acc)
+        if acc.shape != tuple(shape) or acc.dtype.kind not in "fiu":
+            raise ValueError(f"`{name}` must have shape {tuple(shape)} ({what}); got shape {acc.shape}, "
+                             f"dtype {acc.dtype}.")
+        if not np.isfinite(acc).all() or (acc < 0).any():
+            raise ValueError(f"`{name}` must hold finite values >= 0 (Adagrad accumulators).")
+        return acc.astype(self.dtype, copy=False)
 
     def _adopt(self, rows, A_rows, B, acc_b, *, capacity, acc_a=None, last_step=None, scale=None):
         """Build a state holding ``rows`` with ``A_rows`` and ``B`` aside, then swap it in."""

@@ -778,27 +778,22 @@ class RankController:
     def _refactor(a, A_active, B, keep_b_rows=0):
         """``a.refactor`` keeping the optimizer's memory.
 
-        ``refactor`` restarts the optimizer state, so the next Adagrad steps are full-size
-        again. In the TalkingData controller run (``python -m lukern.bench
-        gradient_spectrum``, seed 0, growth at 0.5, balanced factors) restarting gave a
-        test log loss of 0.0193 and carrying the memory 0.0113 (no re-factors: 0.0086).
-        The row-wise accumulator of A does not depend on the rank and is carried per
-        row; B's accumulator is carried for rows kept as they were and set to its column
-        mean for rotated or new rows. Written right after the swap from the trainer's
-        thread (the only writer); lookups never read optimizer state. LoRAAdapter.refactor
-        has no argument for this yet, hence the private access.
+        Without accumulators ``refactor`` restarts the optimizer state, so the next
+        Adagrad steps are full-size again. In the TalkingData controller run (``python -m
+        lukern.bench gradient_spectrum``, seed 0, growth at 0.5, balanced factors)
+        restarting gave a test log loss of 0.0193 and carrying the memory 0.0113 (no
+        re-factors: 0.0086). The row-wise accumulator of A does not depend on the rank
+        and is carried per row; B's accumulator is carried for rows kept as they were and
+        set to its column mean for rotated or new rows.
         """
-        st = a._state
-        _, slots = a.active_rows()
-        acc_a = st.acc_a[slots].copy()
-        acc_b = st.acc_b.copy()
-        a.refactor(A_active, B)
-        new = a._state
-        new.acc_a[:acc_a.shape[0]] = acc_a
+        _, acc_a, acc_b = a.optimizer_state()
+        new_acc_b = None
         if acc_b.size:
-            new.acc_b[:] = acc_b.mean(axis=0)
-            keep = min(keep_b_rows, acc_b.shape[0], new.acc_b.shape[0])
-            new.acc_b[:keep] = acc_b[:keep]
+            new_acc_b = np.empty((np.shape(B)[0], acc_b.shape[1]), acc_b.dtype)
+            new_acc_b[:] = acc_b.mean(axis=0)
+            keep = min(keep_b_rows, acc_b.shape[0], new_acc_b.shape[0])
+            new_acc_b[:keep] = acc_b[:keep]
+        a.refactor(A_active, B, acc_a=acc_a, acc_b=new_acc_b)
 
     def _refactor_to(self, r_new, U, S, Vt):
         a = self.adapter

@@ -590,3 +590,60 @@ def test_forward_generic_width():
     assert c.backward(p.indices, p.offsets, G, mode="mean")
     for x, z in zip(b.pending_gradients(), c.pending_gradients()):
         np.testing.assert_array_equal(x, z)
+
+
+@pytest.mark.parametrize("rank", [4, 8])  # 8 has its own copy of the fused loop
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_fused_long_bags_and_dense_active_ids(mode, weighted, rank):
+    # bags far longer than the kernel's lookahead, every id active, empty bags between:
+    # the fused kernel's queue of active positions must hold a whole bag plus its lead
+    rng = np.random.default_rng(11)
+    n_rows, dim = 300, 16
+    W = rng.standard_normal((n_rows, dim))
+    a = lukern.LoRAAdapter(n_rows, dim, rank=rank, capacity=n_rows, dtype=np.float64)
+    all_rows = np.arange(n_rows)
+    assert a.backward(all_rows, np.array([0, n_rows]), np.zeros((1, dim))) and a.step()
+    a.A[:] = rng.standard_normal(a.A.shape)
+    lens = [0, 3000, 1, 0, 517, 64, 65, 2000]
+    off = np.concatenate([[0], np.cumsum(lens)])
+    idx = rng.integers(0, n_rows, off[-1])
+    w = rng.random(idx.size) if weighted else None
+    ref = reference_embedding_bag(W + a.dense_delta(), idx, off, w, mode)
+    for driver in ("serial", "threads"):
+        got = lukern.embedding_bag(W, idx, off, weights=w, mode=mode, adapter=a, driver=driver, n_threads=2)
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
+    y, ctx = a.forward(W, idx, off, weights=w, mode=mode)
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+    assert (ctx.slots >= 0).all()
+    P = np.zeros((len(lens), rank))
+    np.add.at(P, np.repeat(np.arange(len(lens)), lens), a.A[ctx.slots] * (w[:, None] if weighted else 1))
+    np.testing.assert_allclose(ctx.P, P, rtol=1e-10, atol=1e-10)  # the pooled A rows kept for the backward
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_serial_one_pass_backward_equals_the_split_passes(weighted, monkeypatch):
+    # n_threads=1 after forward() takes the one-pass kernel (slots, admission, scatter);
+    # n_threads=2 the split passes: the same admissions, pending order and bits
+    from lukern._kernels import lora as LK
+
+    calls = []
+    one_pass = LK.assign_scatter
+    monkeypatch.setattr(LK, "assign_scatter", lambda *a: calls.append(1) or one_pass(*a))
+    rng = np.random.default_rng(9)
+    W = rng.standard_normal((300, 16))
+    results = []
+    for nt in (1, 2):
+        a = lukern.LoRAAdapter(300, 16, rank=4, capacity=120, dtype=np.float64, seed=3,
+                               acc_a_init=lambda r: 0.01 * r)
+        for k in range(4):
+            p = make_lookup_problem(n_rows=300, dim=16, n_bags=12, pooling=(0, 7), dtype=np.float64, table=W,
+                                    seed=20 + k, weighted=weighted)
+            G = np.random.default_rng(k).standard_normal((12, 16))
+            _, ctx = a.forward(W, p.indices, p.offsets, weights=p.weights)
+            assert a.backward(p.indices, p.offsets, G, weights=p.weights, context=ctx, n_threads=nt)
+            results.append((nt, k, a.pending_gradients(), a.optimizer_state()))
+            assert a.step(n_threads=nt)
+    assert len(calls) == 4  # the serial runs took the one-pass kernel
+    for (_, _, g1, o1), (_, _, g2, o2) in zip(results[:4], results[4:]):
+        for x, y in zip(g1 + o1, g2 + o2):
+            assert np.array_equal(x, y)

@@ -319,6 +319,63 @@ def scatter_grad_a(rows, offsets, weights, use_w, U, G, lo, hi):
 
 
 @njit(nogil=True, cache=True)
+def count_below(x, v):
+    n = 0
+    for i in range(x.shape[0]):
+        n += x[i] < v
+    return n
+
+
+#: ids ahead whose slot-indexed state (last step, pending row) assign_scatter prefetches
+_SCATTER_AHEAD = 16
+
+
+@njit(nogil=True, cache=True)
+def assign_scatter(indices, offsets, weights, use_w, keys, vals, mask, bitmap, slot_row, last_step, free, n_free, step,
+                   local, uniq, n_u, G, known, U):
+    """:func:`assign_slots` (with ``known``) and :func:`scatter_grad_a` over every
+    pending row in one pass over the ids, for one caller: the same admissions, pending
+    order and sums in the same order, without the slot and pending-row arrays. Returns
+    (free count, pending count, ids that found no free slot)."""
+    r = G.shape[1]
+    missed = 0
+    n_ids = known.shape[0]
+    for b in range(offsets.shape[0] - 1):
+        for j in range(offsets[b], offsets[b + 1]):
+            if j + _SCATTER_AHEAD < n_ids:  # the slot-indexed lines of a later id
+                k = known[j + _SCATTER_AHEAD]
+                if k >= 0:
+                    prefetch_elem(last_step, k)
+                    prefetch_elem(local, k)
+            sl = known[j]
+            if sl < 0:
+                row = indices[j]
+                if is_active(bitmap, row):
+                    sl = find_slot(keys, vals, mask, row)
+                if sl < 0:
+                    if n_free == 0:
+                        missed += 1
+                        continue
+                    n_free -= 1
+                    sl = free[n_free]
+                    slot_row[sl] = row
+                    insert(keys, vals, mask, bitmap, row, sl)
+            last_step[sl] = step
+            li = local[sl]
+            if li < 0:
+                li = n_u
+                local[sl] = li
+                uniq[li] = sl
+                for q in range(r):
+                    G[li, q] = 0
+                n_u += 1
+            w = weights[j] if use_w else 1.0
+            for q in range(r):
+                G[li, q] += w * U[b, q]
+    return n_free, n_u, missed
+
+
+@njit(nogil=True, cache=True)
 def drop_pending(slots, local, uniq, G, n_u):
     """Remove the given slots from the pending list, keeping the others' order and
     gradients. Returns the new pending count."""
@@ -414,109 +471,200 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 
 
 # --- fused lookup: generated per width ---------------------------------------------------
+#
+# The W rows are pooled by a loop identical to the plain kernel's (d accumulators that
+# LLVM's SLP vectorizer packs, rows prefetched ``PF`` ids ahead): nothing of the LoRA
+# path runs inside it. The LoRA path is a pipeline over id positions that runs ahead of
+# the current bag, between bags, in three tight loops over a queue of candidate ids:
+#
+# 1. scan: test the presence bit of the next ids (up to ``SCAN_AHEAD`` ids past the
+#    current bag) and append the positions of set bits to the queue without a branch
+#    (always store, advance the tail by the bit); then prefetch their hash lines;
+# 2. probe: find the slots of queued ids up to ``PROBE_AHEAD`` ids past the current bag
+#    (their hash lines arrived while earlier bags were pooled) and prefetch their A rows;
+# 3. pool: add the A rows of the current bag's queued ids (prefetched) to ``p``.
+#
+# Inactive ids cost a few branch-free instructions. The first design (every stage inside
+# the W loop, rings indexed by id position) cost ~25 extra cycles per id and ran at
+# 1.5-2.7x the plain lookup (4M x 64 float32, r = 8, 1 thread).
 
-#: how far ahead (in ids) the fused lookup tests the presence bit of an id and, when it
-#: is set, prefetches the id's hash lines
+# The fused lookup pools the W rows with the plain kernel's loop (d accumulators that
+# LLVM's SLP vectorizer packs, rows prefetched ``PF`` ids ahead) plus one extra step per
+# id: where the row of id j + PF is prefetched, its presence bit is tested (the id is in
+# a register already); a set bit (rare: a well-predicted branch) appends the position to
+# a queue and prefetches the id's hash lines (stage 1). Between bags, the queued ids up
+# to ``PROBE_AHEAD`` past the bag are probed and their A rows prefetched (stage 2), and
+# the bag's own A rows are pooled in id order (stage 3), then multiplied by B once.
+#
+# Measured (4M x 64 float32, r = 8, 5% of rows active at random, 1 thread, kernels
+# called directly, medians of 60 on a machine shared with other benchmarks, so +-15%):
+# the first design (every stage inside the W loop, rings indexed by id position) ran at
+# 1.5-2.0x the plain lookup on uniform ids and 2.1-2.3x on Zipf ids, 2.8-3.6x with most
+# ids active; this one at 1.25-1.45x, 1.5-1.85x and 2.1-2.6x, bit for bit the same
+# output. Of the rest, the bit test costs ~10%, the probes of the 5% active ids ~20%
+# (their prefetched hash lines often arrive late on a loaded memory system: the W
+# loop keeps the miss queues full, so every extra memory operation waits). Tried and
+# dropped: a separate branch-free scan loop over the ids (its loads queue behind the W
+# loop's), a bitmap prefetch stage, the bit test further ahead than the row prefetch (a
+# second id load), other distances (96/64, 128/80: within noise). The rank-8 copy of
+# the loop (pooled row in registers) gained 5-9%.
+
+#: the rank whose fused kernels keep the pooled A row in registers (others use an array)
+FIXED_RANK = 8
+#: how far ahead (in ids) the presence bit is tested: with the row prefetch (one id load)
 PRESENCE_AHEAD = 64
-#: how far ahead it probes the hash for ids whose bit was set and prefetches their A row;
-#: the slot found waits in a ring until the id's turn, so every active id is probed once
-PROBE_AHEAD = 32
-# Measured on a 4M x 64 float32 table, r = 8, 1 thread (lukern.bench lora and probes):
-# this pipeline and the earlier one that probed twice per active id ran within noise of
-# each other with 5% of rows active at random (1.3-1.6x plain, uniform ids), 3-5% better
-# with every looked-up id active (Zipf ids on an adapter trained on them: 2.9-3.0x);
-# a block design (branch-free presence scan, probe loop, then the W pass) was 10% faster
-# on Zipf ids with 5% random rows active but 1.5x slower when every id was active.
-# Interleaving keys and slots in one array (one cache line per probe) did not help.
+#: how far ahead the W rows are prefetched (the plain kernel's distance)
+ROW_AHEAD = 64
+#: ids past the current bag whose slots are probed (stage 2); less than PRESENCE_AHEAD so
+#: the hash lines have had time to arrive
+PROBE_AHEAD = 48
 
 
-def _fused_source(d: int, dtype: np.dtype) -> str:
-    from .embedding import PREFETCH_DISTANCE, _prologue_snippet
-
-    assert 0 < PROBE_AHEAD <= PRESENCE_AHEAD
-    ring = 1 << PRESENCE_AHEAD.bit_length()  # the rings hold the ids from j to j + PFH
+def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, probe_ahead: int | None = None,
+                  row_ahead: int | None = None) -> str:
+    pfb = PRESENCE_AHEAD if presence_ahead is None else presence_ahead
+    pfa = PROBE_AHEAD if probe_ahead is None else probe_ahead
+    pf = ROW_AHEAD if row_ahead is None else row_ahead
+    assert 0 < pfa < pfb and pfb >= pf
     name = dtype.name
     step = 64 // dtype.itemsize
     lines = -(-d * dtype.itemsize // 64)
     acc = [f"a{k}" for k in range(d)]
-    pf = ["q = np.uint64(indices[j + PF])"] + [f"prefetch(table, q, {c * step})" for c in range(lines)]
-    pf.append(f"prefetch(table, q, {d - 1})")  # a row not aligned to 64 bytes spans one more line
 
-    def w_loop(weighted, train):
-        body = ["for j in range(s, e):",
-                "    if j + PFH < pf_end:",  # stage 1: presence bit, hash lines
-                "        rn = np.uint64(indices[j + PFH])",
-                "        bit = (bitmap[rn >> np.uint64(6)] >> (rn & np.uint64(63))) & np.uint64(1)",
-                "        bits[(j + PFH) & RM] = bit",
-                "        if bit:",
-                "            prefetch_probe(keys, vals, mask, rn)",
-                "    if j + PF < pf_end:"] + [f"        {x}" for x in pf]
-        body += ["    if j + PFA < pf_end:",  # stage 2: probe (hash lines now cached), A row
-                 "        slm = -1",
-                 "        if bits[(j + PFA) & RM]:",
-                 "            slm = find_slot(keys, vals, mask, indices[j + PFA])",
-                 "            if slm >= 0:",
-                 "                prefetch(A, slm, 0)",
-                 "        slots[(j + PFA) & RM] = slm",
-                 "    r = table[np.uint64(indices[j])]"]
+    def row_prefetch(pos):
+        code = [f"q = np.uint64(indices[{pos}])"] + [f"prefetch(table, q, {c * step})" for c in range(lines)]
+        code.append(f"prefetch(table, q, {d - 1})")  # a row not aligned to 64 bytes spans one more line
+        return code
+
+    def presence(pos):
+        # stage 1: a set bit (rare, so the branch predicts well) queues the position
+        # and prefetches the hash lines
+        return [f"qb = np.uint64(indices[{pos}])",
+                "if (bitmap[qb >> np.uint64(6)] >> (qb & np.uint64(63))) & np.uint64(1):",
+                f"    qpos[tail & qm] = {pos}",
+                "    tail += 1",
+                "    prefetch_probe(keys, vals, mask, qb)"]
+
+    def w_loop(weighted):  # the plain kernel's loop plus stage 1
+        body = ["for j in range(s, e):"]
+        if pfb == pf:  # one load of the id for both
+            body += ["    if j + PF < pf_end:"] + [f"        {x}" for x in row_prefetch("j + PF")]
+            body += [f"        {x}" for x in presence("j + PF")[1:]]
+            body = [x.replace("qb", "q") for x in body]
+        else:
+            body += ["    if j + PFB < pf_end:"] + [f"        {x}" for x in presence("j + PFB")]
+            body += ["    if j + PF < pf_end:"] + [f"        {x}" for x in row_prefetch("j + PF")]
+        body += ["    r = table[np.uint64(indices[j])]"]
         if weighted:
             body += ["    w = weights[j]"] + [f"    {a} += w * r[{k}]" for k, a in enumerate(acc)]
         else:
             body += [f"    {a} += r[{k}]" for k, a in enumerate(acc)]
-        body += ["    sl = slots[j & RM]"]  # stage 3: the A row (prefetched)
-        if train:
-            body += ["    slots_out[j] = sl"]
-        body += ["    if sl >= 0:",
-                 "        hit = True",
-                 "        for qq in range(rank):",
-                 f"            p[qq] += {'w * ' if weighted else ''}A[sl, qq]"]
         return body
 
-    def bag(train):
-        code = [f"{a} = np.{name}(0.0)" for a in acc] + ["hit = False", "for qq in range(rank):", "    p[qq] = 0"]
-        code += ["if use_w:"] + [f"    {x}" for x in w_loop(True, train)]
-        code += ["else:"] + [f"    {x}" for x in w_loop(False, train)]
+    def stages(train, fixed):
+        # fixed: the rank the code is written for, with the pooled A row in scalars
+        # (registers); None: any rank, pooled in the array p
+        if fixed:
+            zero = [f"p{q} = np.{name}(0.0)" for q in range(fixed)]
+            add_w = [f"        p{q} += w * A[sl, {q}]" for q in range(fixed)]
+            add = [f"        p{q} += A[sl, {q}]" for q in range(fixed)]
+        else:
+            zero = ["for qq in range(rank):", "    p[qq] = 0"]
+            add_w = ["        for qq in range(rank):", "            p[qq] += w * A[sl, qq]"]
+            add = ["        for qq in range(rank):", "            p[qq] += A[sl, qq]"]
+        return [
+            # stage 2: probe the queued ids up to PROBE_AHEAD past the bag (their hash
+            # lines were prefetched PF - PROBE_AHEAD ids ago), prefetch their A rows
+            "upto = e + PROBE_AHEAD",
+            "while mid < tail:",
+            "    j = qpos[mid & qm]",
+            "    if j >= upto:",
+            "        break",
+            "    sl = find_slot(keys, vals, mask, indices[j])",
+            "    qslot[mid & qm] = sl",
+            "    if sl >= 0:",
+            "        prefetch(A, sl, 0)",
+            "        prefetch(A, sl, rank - 1)",  # a row may straddle two lines
+            "    mid += 1",
+            # stage 3: the bag's A rows in id order (the order of pool_slots, backward_bags)
+        ] + zero + [
+            "hit = False",
+            "while head < mid:",
+            "    j = qpos[head & qm]",
+            "    if j >= e:",
+            "        break",
+            "    sl = qslot[head & qm]",
+            "    head += 1",
+            "    if sl < 0:",
+            "        continue",
+            "    hit = True",
+        ] + (["    slots_out[j] = sl"] if train else []) + [
+            "    if use_w:",
+            "        w = weights[j]",
+        ] + add_w + ["    else:"] + add
+
+    def bag(train, fixed):
+        code = []
         if train:
-            code += ["for qq in range(rank):", "    P_out[b, qq] = p[qq]"]
-        code += ["if hit:", "    for qq in range(rank):", "        pq = lscale * p[qq]"]
-        code += [f"        {a} += pq * B[qq, {k}]" for k, a in enumerate(acc)]
+            code += ["for j in range(s, e):", "    slots_out[j] = -1"]
+        code += [f"{a} = np.{name}(0.0)" for a in acc]
+        code += ["if use_w:"] + [f"    {x}" for x in w_loop(True)]
+        code += ["else:"] + [f"    {x}" for x in w_loop(False)]
+        code += stages(train, fixed)
+        if fixed:
+            if train:
+                code += [f"P_out[b, {q}] = p{q}" for q in range(fixed)]
+            code += ["if hit:"]
+            for q in range(fixed):
+                code += [f"    pq = lscale * p{q}"] + [f"    {a} += pq * B[{q}, {k}]" for k, a in enumerate(acc)]
+        else:
+            if train:
+                code += ["for qq in range(rank):", "    P_out[b, qq] = p[qq]"]
+            code += ["if hit:", "    for qq in range(rank):", "        pq = lscale * p[qq]"]
+            code += [f"        {a} += pq * B[qq, {k}]" for k, a in enumerate(acc)]
         code += [f"sc = np.{name}(1.0)", "if mode == 1 and e > s:", f"    sc = np.{name}(1.0) / np.{name}(e - s)"]
         code += [f"o[{k}] = {a} * sc" for k, a in enumerate(acc)]
-        return "\n".join(" " * 8 + x for x in code)
+        head_ = ["for b in range(b0, b1):", "    s = offsets[b]", "    e = offsets[b + 1]", "    o = out[b]"]
+        return head_ + ["    " + x for x in code]
+
+    def bags(train):
+        # the common rank gets its own copy of the loop (the pooled row in registers:
+        # 5-9% faster on the fused lookup); other ranks use the generic one
+        code = [f"if rank == {FIXED_RANK}:"] + ["    " + x for x in bag(train, FIXED_RANK)]
+        code += ["else:"] + ["    " + x for x in bag(train, None)]
+        return "\n".join(" " * 4 + x for x in code)
 
     def function(fname, extra, train):
-        return f'''
+        prologue = "\n".join(" " * 8 + x for x in row_prefetch("j"))
+        prologue_b = "\n".join(" " * 8 + x for x in presence("j"))
+        return f"""
 @njit(nogil=True, cache=True)
 def {fname}(table, indices, offsets, weights, use_w, mode, out, b0, b1, keys, vals, mask, bitmap, A, B, lscale{extra}):
     if b1 <= b0:
         return
     pf_end = offsets[b1]
-    base = 0
     rank = A.shape[1]
     p = np.zeros(rank, A.dtype)
-    bits = np.zeros(RM + 1, np.uint64)  # presence bits of the ids PFH ahead, by id position
-    slots = np.full(RM + 1, -1, np.int64)  # slots of the ids PFA ahead
-    j0 = offsets[b0]
-{_prologue_snippet(d, dtype.itemsize, " " * 4)}
-    for jn in range(j0, min(j0 + PFH, pf_end)):  # fill the pipeline: stage 1, then stage 2
-        rn = np.uint64(indices[jn])
-        bit = (bitmap[rn >> np.uint64(6)] >> (rn & np.uint64(63))) & np.uint64(1)
-        bits[jn & RM] = bit
-        if bit:
-            prefetch_probe(keys, vals, mask, rn)
-    for jn in range(j0, min(j0 + PFA, pf_end)):
-        slm = -1
-        if bits[jn & RM]:
-            slm = find_slot(keys, vals, mask, indices[jn])
-            if slm >= 0:
-                prefetch(A, slm, 0)
-        slots[jn & RM] = slm
+    # the queue holds the set-bit positions from the current bag's first id to PFB ids
+    # past its last: room for the longest bag plus PFB
+    longest = 0
     for b in range(b0, b1):
-        s = offsets[b]
-        e = offsets[b + 1]
-        o = out[b]
-{bag(train)}
-'''
+        longest = max(longest, offsets[b + 1] - offsets[b])
+    qm = 1
+    while qm < longest + PFB:
+        qm = 2 * qm + 1
+    qpos = np.empty(qm + 1, np.int64)  # positions of the ids whose presence bit is set
+    qslot = np.empty(qm + 1, np.int64)  # their slots (-1: bit set, row not in the hash)
+    tail = 0  # queue entries appended, probed, pooled
+    mid = 0
+    head = 0
+    j0 = offsets[b0]
+    for j in range(j0, min(j0 + PF, pf_end)):
+{prologue}
+    for j in range(j0, min(j0 + PFB, pf_end)):
+{prologue_b}
+{bags(train)}
+"""
 
     return f'''"""lukern fused LoRA lookup for d={d}, {name}: generated by lukern._kernels.lora.
 
@@ -528,10 +676,9 @@ from numba import njit, prange
 from lukern._kernels._intrinsics import prefetch
 from lukern._kernels.lora import find_slot, prefetch_probe
 
-PF = {PREFETCH_DISTANCE}
-PFH = {PRESENCE_AHEAD}
-PFA = {PROBE_AHEAD}
-RM = {ring - 1}
+PF = {pf}
+PFB = {pfb}
+PROBE_AHEAD = {pfa}
 {function("lora_bag_range", "", False)}
 {function("lora_train_range", ", slots_out, P_out", True)}
 
@@ -583,3 +730,24 @@ def _fused_kernels(d: int, dtype: str):
         return None
     m = load_generated(f"lora_d{d}_{dtype}", _fused_source(d, np.dtype(dtype)))
     return FusedKernels(with_slp(m.lora_bag_range), with_slp(m.lora_bag_parallel), with_slp(m.lora_train_range))
+
+
+@njit(nogil=True, cache=True)
+def count_nonfinite_bits(u, m):
+    """Number of elements of ``u`` (the bits of a float array, ravelled) whose exponent
+    bits ``m`` are all set (Inf or NaN). No early exit and integer sums only, so LLVM
+    vectorizes it (the early-exit float test ran at ~3 ns per element)."""
+    n = 0
+    for i in range(u.shape[0]):
+        n += (u[i] & m) == m
+    return n
+
+
+_EXP_BITS = {np.dtype(np.float32): (np.uint32, np.uint32(0x7F800000)),
+             np.dtype(np.float64): (np.uint64, np.uint64(0x7FF0000000000000))}
+
+
+def all_finite(x) -> bool:
+    """Whether the contiguous float array ``x`` holds no NaN or Inf."""
+    ut, m = _EXP_BITS[x.dtype]
+    return count_nonfinite_bits(x.reshape(-1).view(ut), m) == 0

@@ -584,8 +584,7 @@ class LukernStrategy(Strategy):
         for t, ctl in enumerate(self.controllers):
             if ctl is not None:
                 a = self.adapters[t]
-                rows, slots = a.active_rows()
-                acc = a._state.acc_a[slots].copy()
+                rows, acc, _ = a.optimizer_state()
                 decision = ctl.step()
                 if decision:
                     self._unit_rows(a)
@@ -621,23 +620,21 @@ class LukernStrategy(Strategy):
     def _restore_acc(a, rows, acc):
         # A rank change re-factors A and restarts its optimizer state; the rows' Adagrad
         # history still says how settled each row is, so it is carried over by row id.
-        st = a._state
-        new_rows, new_slots = a.active_rows()
+        new_rows, _ = a.active_rows()
         order = np.argsort(rows, kind="stable")
         rows_sorted = rows[order]
         pos = np.searchsorted(rows_sorted, new_rows)
         ok = (pos < rows_sorted.size) & (rows_sorted[np.minimum(pos, rows_sorted.size - 1)] == new_rows) \
             if rows_sorted.size else np.zeros(new_rows.size, bool)
-        st.acc_a[new_slots[ok]] = acc[order][pos[ok]]
+        a.set_row_accumulators(new_rows[ok], acc[order][pos[ok]])
 
     def _seed_fresh_slots(self, t, a):
-        # LoRAAdapter has no public hook for a per-row starting accumulator yet, so the
-        # slots admitted by this backward (accumulator still 0) are seeded here, between
-        # backward() and step(), from the base rows' history.
-        st = a._state
-        fresh = np.flatnonzero((st.acc_a == 0) & (st.slot_row >= 0))
+        # The rows whose accumulator is still 0 (admitted by this backward) are seeded
+        # here, between backward() and step(), from the base rows' history.
+        rows, acc, _ = a.optimizer_state()
+        fresh = rows[acc == 0]
         if fresh.size:
-            st.acc_a[fresh] = self.prior_acc[self.model.row_offsets[t] + st.slot_row[fresh]]
+            a.set_row_accumulators(fresh, self.prior_acc[self.model.row_offsets[t] + fresh])
 
     def _note_memory(self):
         pct = 100.0 * self.adapter_nbytes / self.model.table_nbytes
