@@ -150,3 +150,63 @@ def test_bad_input_is_rejected_and_writes_nothing():
     adapters[0].backward(np.array([1]), np.array([0, 1]), np.ones((1, dim), np.float32))
     with pytest.raises(RuntimeError, match="pending"):
         trainer.train_step(np.array([[1, 2], [3, 0]]), off, grad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fold_rows_ahead_matches_fold_rows(dtype):
+    # the prefetching fold must write the same bits as the adapter's fold, and fold what
+    # the numpy formula says; free slots (row -1) and zero A rows are skipped
+    from lukern._kernels.lora import fold_rows
+    from lukern._kernels.lora_batch import FOLD_AHEAD, fold_rows_ahead
+
+    rng = np.random.default_rng(3)
+    n, d, r, cap = 500, 24, 3, 60
+    table = rng.standard_normal((n, d)).astype(dtype)
+    A = rng.standard_normal((cap, r)).astype(dtype)
+    A[::5] = 0
+    B = rng.standard_normal((r, d)).astype(dtype)
+    slot_row = rng.choice(n, cap, replace=False).astype(np.int64)
+    slot_row[::7] = -1
+    slots = np.sort(rng.choice(cap, 3 * FOLD_AHEAD, replace=False)).astype(np.int64)
+    scale = dtype(0.75)
+    got, want = table.copy(), table.copy()
+    fold_rows_ahead(got, A, B, scale, slot_row, slots)
+    fold_rows(want, A, B, scale, slot_row, slots)
+    np.testing.assert_array_equal(got, want)
+    ref = table.copy()
+    live = slots[slot_row[slots] >= 0]
+    ref[slot_row[live]] += scale * (A[live] @ B)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    untouched = np.setdiff1d(np.arange(n), slot_row[live])
+    np.testing.assert_array_equal(got[untouched], table[untouched])
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_pool_pair_matches_two_single_pools(mode):
+    # _pool_dB2 adds both bags' products in one pass (zero products included): the same
+    # bits as _pool_dB for each bag in turn, which skips zero products
+    from lukern._kernels.lora_batch import _pool_dB, _pool_dB2
+
+    rng = np.random.default_rng(4)
+    d, r, n_bags = 16, 3, 9
+    A = rng.standard_normal((7, r)).astype(np.float32)
+    A[2] = 0  # a fresh slot: zero products
+    grad = rng.standard_normal((n_bags, d)).astype(np.float32)
+    off = np.array([0, 1, 1, 3, 4, 6, 6, 7, 9, 10], np.int64)  # empty bags and multi-id bags
+    slots = np.array([2, 0, 2, -1, 3, 4, 2, 5, 6, 1], np.int64)
+    p0, p1 = np.empty(r, np.float32), np.empty(r, np.float32)
+    got, want = np.zeros((r, d)), np.zeros((r, d))
+    for b in range(0, n_bags - 1, 2):
+        f0 = 0.5 if mode == 0 or off[b + 1] == off[b] else 0.5 / (off[b + 1] - off[b])
+        f1 = 0.5 if mode == 0 or off[b + 2] == off[b + 1] else 0.5 / (off[b + 2] - off[b + 1])
+        _pool_dB2(slots, off, A, grad, b, f0, f1, p0, p1, got)
+        _pool_dB(slots, off, A, grad, b, f0, p0, want)
+        _pool_dB(slots, off, A, grad, b + 1, f1, p0, want)
+    np.testing.assert_array_equal(got, want)
+    ref = np.zeros((r, d))
+    for b in range(n_bags - 1):
+        f = 0.5 if mode == 0 or off[b + 1] == off[b] else 0.5 / (off[b + 1] - off[b])
+        P = sum((A[s].astype(np.float64) for s in slots[off[b]:off[b + 1]] if s >= 0), np.zeros(r))
+        ref += f * np.outer(P, grad[b])
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    assert np.abs(got).sum() > 0
