@@ -531,17 +531,20 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
     lines = -(-d * dtype.itemsize // 64)
     acc = [f"a{k}" for k in range(d)]
 
+    # ids, weights and queue entries are indexed with unsigned integers: numba then
+    # emits no negative-index wraparound (a compare, a select and the array length held
+    # in a register), which spilled the W loop's registers to the stack
     def row_prefetch(pos):
-        code = [f"q = np.uint64(indices[{pos}])"] + [f"prefetch(table, q, {c * step})" for c in range(lines)]
+        code = [f"q = np.uint64(indices[np.uint64({pos})])"] + [f"prefetch(table, q, {c * step})" for c in range(lines)]
         code.append(f"prefetch(table, q, {d - 1})")  # a row not aligned to 64 bytes spans one more line
         return code
 
     def presence(pos):
         # stage 1: a set bit (rare, so the branch predicts well) queues the position
         # and prefetches the hash lines
-        return [f"qb = np.uint64(indices[{pos}])",
+        return [f"qb = np.uint64(indices[np.uint64({pos})])",
                 "if (bitmap[qb >> np.uint64(6)] >> (qb & np.uint64(63))) & np.uint64(1):",
-                f"    qpos[tail & qm] = {pos}",
+                f"    qpos[np.uint64(tail & qm)] = {pos}",
                 "    tail += 1",
                 "    prefetch_probe(keys, vals, mask, qb)"]
 
@@ -554,9 +557,9 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
         else:
             body += ["    if j + PFB < pf_end:"] + [f"        {x}" for x in presence("j + PFB")]
             body += ["    if j + PF < pf_end:"] + [f"        {x}" for x in row_prefetch("j + PF")]
-        body += ["    r = table[np.uint64(indices[j])]"]
+        body += ["    r = table[np.uint64(indices[np.uint64(j)])]"]
         if weighted:
-            body += ["    w = weights[j]"] + [f"    {a} += w * r[{k}]" for k, a in enumerate(acc)]
+            body += ["    w = weights[np.uint64(j)]"] + [f"    {a} += w * r[{k}]" for k, a in enumerate(acc)]
         else:
             body += [f"    {a} += r[{k}]" for k, a in enumerate(acc)]
         return body
