@@ -580,11 +580,11 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
             # lines were prefetched PF - PROBE_AHEAD ids ago), prefetch their A rows
             "upto = e + PROBE_AHEAD",
             "while mid < tail:",
-            "    j = qpos[mid & qm]",
+            "    j = qpos[np.uint64(mid & qm)]",
             "    if j >= upto:",
             "        break",
-            "    sl = find_slot(keys, vals, mask, indices[j])",
-            "    qslot[mid & qm] = sl",
+            "    sl = find_slot(keys, vals, mask, indices[np.uint64(j)])",
+            "    qslot[np.uint64(mid & qm)] = sl",
             "    if sl >= 0:",
             "        prefetch(A, sl, 0)",
             "        prefetch(A, sl, rank - 1)",  # a row may straddle two lines
@@ -593,17 +593,17 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
         ] + zero + [
             "hit = False",
             "while head < mid:",
-            "    j = qpos[head & qm]",
+            "    j = qpos[np.uint64(head & qm)]",
             "    if j >= e:",
             "        break",
-            "    sl = qslot[head & qm]",
+            "    sl = qslot[np.uint64(head & qm)]",
             "    head += 1",
             "    if sl < 0:",
             "        continue",
             "    hit = True",
-        ] + (["    slots_out[j] = sl"] if train else []) + [
+        ] + (["    slots_out[np.uint64(j)] = sl"] if train else []) + [
             "    if use_w:",
-            "        w = weights[j]",
+            "        w = weights[np.uint64(j)]",
         ] + add_w + ["    else:"] + add
 
     def bag(train, fixed):
