@@ -508,6 +508,19 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 # loop's), a bitmap prefetch stage, the bit test further ahead than the row prefetch (a
 # second id load), other distances (96/64, 128/80: within noise). The rank-8 copy of
 # the loop (pooled row in registers) gained 5-9%.
+#
+# Later (same setup, kernels called directly, same-run ratios, 3-6 runs): a zero bitmap
+# (the bit test, nothing set) ran at 1.2-1.45x and the loop without the bit test at
+# 1.04-1.1x, so the bit test, not the probes, was most of the gap. Its code spilled the
+# loop's registers (indices, bitmap, the row stride reloaded from the stack per id) and
+# kept negative-index wraparound selects: unsigned indexing gained 3-7% on uniform ids
+# and 5-13% on Zipf ids (now 1.22-1.27x and 1.35-1.5x). Tried and dropped: keys and
+# slots interleaved in one array so a probe touches one line (new/old 0.96-1.04: the
+# probes are not the bottleneck); a byte per row instead of a bit (2-3x slower); the
+# branch-free append with the hash lines prefetched after the bag (+10%), or the branch
+# without the prefetch in the loop (+5%); the table indexed through a flat view with
+# a constant row stride (within noise). Without the unaligned-row fifth prefetch
+# (redundant for 64-byte-aligned tables) both lookups would gain 2-4%.
 
 #: the rank whose fused kernels keep the pooled A row in registers (others use an array)
 FIXED_RANK = 8
