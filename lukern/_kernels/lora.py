@@ -508,6 +508,20 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 # loop's), a bitmap prefetch stage, the bit test further ahead than the row prefetch (a
 # second id load), other distances (96/64, 128/80: within noise). The rank-8 copy of
 # the loop (pooled row in registers) gained 5-9%.
+#
+# Later (same setup, kernels called directly, same-run ratios, 3-6 runs): a zero bitmap
+# (the bit test, nothing set) ran at 1.2-1.45x and the loop without the bit test at
+# 1.04-1.1x, so the bit test, not the probes, was most of the gap. Its code spilled the
+# loop's registers (indices, bitmap, the row stride reloaded from the stack per id) and
+# kept negative-index wraparound selects: unsigned indexing gained 3-7% on uniform ids
+# and 5-13% on Zipf ids (now 1.22-1.27x and 1.35-1.5x). Tried and dropped: keys and
+# slots interleaved in one array so a probe touches one line (new/old 0.96-1.04: the
+# probes are not the bottleneck); a byte per row instead of a bit (2-3x slower); the
+# branch-free append with the hash lines prefetched after the bag (+10%), or the branch
+# without the prefetch in the loop (+5%); the table indexed through a flat view with
+# a constant row stride (within noise). Dropping the unaligned-row fifth prefetch
+# (redundant for 64-byte-aligned tables) gained the fused lookup 2-4%; not done, as
+# the plain kernel carries the same prefetch.
 
 #: the rank whose fused kernels keep the pooled A row in registers (others use an array)
 FIXED_RANK = 8
@@ -531,17 +545,20 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
     lines = -(-d * dtype.itemsize // 64)
     acc = [f"a{k}" for k in range(d)]
 
+    # ids, weights and queue entries are indexed with unsigned integers: numba then
+    # emits no negative-index wraparound (a compare, a select and the array length held
+    # in a register), which spilled the W loop's registers to the stack
     def row_prefetch(pos):
-        code = [f"q = np.uint64(indices[{pos}])"] + [f"prefetch(table, q, {c * step})" for c in range(lines)]
+        code = [f"q = np.uint64(indices[np.uint64({pos})])"] + [f"prefetch(table, q, {c * step})" for c in range(lines)]
         code.append(f"prefetch(table, q, {d - 1})")  # a row not aligned to 64 bytes spans one more line
         return code
 
     def presence(pos):
         # stage 1: a set bit (rare, so the branch predicts well) queues the position
         # and prefetches the hash lines
-        return [f"qb = np.uint64(indices[{pos}])",
+        return [f"qb = np.uint64(indices[np.uint64({pos})])",
                 "if (bitmap[qb >> np.uint64(6)] >> (qb & np.uint64(63))) & np.uint64(1):",
-                f"    qpos[tail & qm] = {pos}",
+                f"    qpos[np.uint64(tail & qm)] = {pos}",
                 "    tail += 1",
                 "    prefetch_probe(keys, vals, mask, qb)"]
 
@@ -554,9 +571,9 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
         else:
             body += ["    if j + PFB < pf_end:"] + [f"        {x}" for x in presence("j + PFB")]
             body += ["    if j + PF < pf_end:"] + [f"        {x}" for x in row_prefetch("j + PF")]
-        body += ["    r = table[np.uint64(indices[j])]"]
+        body += ["    r = table[np.uint64(indices[np.uint64(j)])]"]
         if weighted:
-            body += ["    w = weights[j]"] + [f"    {a} += w * r[{k}]" for k, a in enumerate(acc)]
+            body += ["    w = weights[np.uint64(j)]"] + [f"    {a} += w * r[{k}]" for k, a in enumerate(acc)]
         else:
             body += [f"    {a} += r[{k}]" for k, a in enumerate(acc)]
         return body
@@ -577,11 +594,11 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
             # lines were prefetched PF - PROBE_AHEAD ids ago), prefetch their A rows
             "upto = e + PROBE_AHEAD",
             "while mid < tail:",
-            "    j = qpos[mid & qm]",
+            "    j = qpos[np.uint64(mid & qm)]",
             "    if j >= upto:",
             "        break",
-            "    sl = find_slot(keys, vals, mask, indices[j])",
-            "    qslot[mid & qm] = sl",
+            "    sl = find_slot(keys, vals, mask, indices[np.uint64(j)])",
+            "    qslot[np.uint64(mid & qm)] = sl",
             "    if sl >= 0:",
             "        prefetch(A, sl, 0)",
             "        prefetch(A, sl, rank - 1)",  # a row may straddle two lines
@@ -590,17 +607,17 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
         ] + zero + [
             "hit = False",
             "while head < mid:",
-            "    j = qpos[head & qm]",
+            "    j = qpos[np.uint64(head & qm)]",
             "    if j >= e:",
             "        break",
-            "    sl = qslot[head & qm]",
+            "    sl = qslot[np.uint64(head & qm)]",
             "    head += 1",
             "    if sl < 0:",
             "        continue",
             "    hit = True",
-        ] + (["    slots_out[j] = sl"] if train else []) + [
+        ] + (["    slots_out[np.uint64(j)] = sl"] if train else []) + [
             "    if use_w:",
-            "        w = weights[j]",
+            "        w = weights[np.uint64(j)]",
         ] + add_w + ["    else:"] + add
 
     def bag(train, fixed):
