@@ -120,13 +120,18 @@ def main(argv=None):
         print("  huge-page share of the mapping: plain table {:.0%}, 1 shard {:.0%}, 2 shards {:.0%}".format(*shares))
     for dist in ("uniform", "zipf"):
         batches = _batches(rng, a.rows, 2048, (20, 40), dist, 16)
+        # single-threaded and multi-threaded contenders are timed in separate rounds: a
+        # parallel lookup's pool threads keep spinning for a while after it returns
+        # (OpenMP's wait policy), which slowed whichever 1-thread contender came next
         t = _paired_times({
             "plain": lambda i, o: embedding_bag(table, i, o, out=out, n_threads=1),
             "1 shard": lambda i, o: one.lookup(i, o, out=out, n_threads=1),
             "2 shards ordered": lambda i, o: two.lookup(i, o, out=out, n_threads=1),
+        }, batches, a.repeats)
+        t.update(_paired_times({
             f"plain {nt} threads": lambda i, o: embedding_bag(table, i, o, out=out, n_threads=nt),
             "2 shards pinned": lambda i, o: pinned.lookup(i, o, out=out),
-        }, batches, a.repeats)
+        }, batches, a.repeats))
         cells = []
         for name, v in t.items():
             base = t[f"plain {nt} threads"] if name == "2 shards pinned" else t["plain"]
