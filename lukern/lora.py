@@ -122,7 +122,9 @@ class LeastRecentlyUsed:
         cand = _candidates(adapter, n)
         if n >= cand.size:
             return cand
-        return np.sort(cand[np.argpartition(st.last_step[cand], n)[:n]])
+        # a stable sort over ascending slots breaks ties by the lowest slot, as documented
+        # (argpartition leaves the choice between equally old slots unspecified)
+        return np.sort(cand[np.argsort(st.last_step[cand], kind="stable")[:n]])
 
 
 class SmallestNorm:

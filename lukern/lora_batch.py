@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _validate as V
 from ._kernels import lora_batch as K
-from .lora import LeastRecentlyUsed, LoRAAdapter, _candidates
+from .lora import LeastRecentlyUsed, LoRAAdapter
 
 __all__ = ["BatchedTrainer", "StableLRU"]
 
@@ -40,12 +40,10 @@ from .lora import _BACKWARD_CHUNK  # noqa: E402
 
 
 class StableLRU(LeastRecentlyUsed):
-    """Least recently used eviction with ties broken by the lowest slot, exactly.
-
-    :class:`lukern.LeastRecentlyUsed` picks among equally old slots with
-    ``numpy.argpartition``, whose choice between ties is not specified; a stable order
-    is what lets :class:`BatchedTrainer` evict inside its kernel and still match
-    ``LoRAAdapter.backward`` bit for bit.
+    """:class:`lukern.LeastRecentlyUsed` (ties broken by the lowest slot), named as the
+    policy :class:`BatchedTrainer` reproduces inside its kernel: an adapter built with it
+    evicts the same slots under ``LoRAAdapter.backward`` and under the batched trainer, so
+    the two paths give the same bits.
 
     Examples
     --------
@@ -56,15 +54,6 @@ class StableLRU(LeastRecentlyUsed):
     >>> a._state.slot_row[a.eviction.choose(a, 2)].tolist()  # same age: lowest slots
     [5, 1]
     """
-
-    name = "lru"
-
-    def choose(self, adapter, n: int) -> np.ndarray:
-        st = adapter._state
-        cand = _candidates(adapter, n)
-        if n >= cand.size:
-            return cand
-        return np.sort(cand[np.argsort(st.last_step[cand], kind="stable")[:n]])
 
 
 _OPT_A = {"rowwise_adagrad": 0, "sgd": 1}
