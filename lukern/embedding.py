@@ -131,9 +131,8 @@ def _fused_lookup(adapter, table, indices, offsets, weights, w, use_w, mode, out
     def run(states):
         st = states[0]
         if fused is not None:
-            lora = (st.keys, st.vals, st.mask, st.bitmap, st.A, st.B, table.dtype.type(st.scale))
             _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver,
-                       lora, fused, op="lora_lookup")
+                       st.lookup_args(), fused, op="lora_lookup")
         else:
             _plain_bag(table, indices, offsets, w, use_w, mode, out, n_ids, n_bags, d, n_threads, chunk_size, driver)
             adapter._add_correction_state(st, indices, offsets, out, weights, mode)

@@ -53,17 +53,30 @@ _OPTIMIZERS_B = ("adagrad", "sgd")
 class _State:
     """Everything a lookup reads, swapped as one reference on structural changes."""
 
-    __slots__ = ("keys", "vals", "mask", "bitmap", "A", "B", "scale", "slot_row", "acc_a", "acc_b", "last_step")
+    __slots__ = ("keys", "vals", "mask", "bitmap", "A", "B", "scale", "slot_row", "acc_a", "acc_b", "last_step",
+                 "_lookup")
+    _FIELDS = __slots__[:-1]
 
     def __init__(self, **kw):
+        self._lookup = None
         for k, v in kw.items():
             setattr(self, k, v)
 
     def replace(self, **kw):
-        new = _State(**{k: getattr(self, k) for k in self.__slots__})
+        new = _State(**{k: getattr(self, k) for k in self._FIELDS})
         for k, v in kw.items():
             setattr(new, k, v)
         return new
+
+    def lookup_args(self):
+        """The fused lookup kernel's adapter arguments ``(keys, vals, mask, bitmap, A, B,
+        scale)``, the scale in A's dtype: built once per state (a state is never
+        modified in place, only replaced), so a serving call does not rebuild them."""
+        args = self._lookup
+        if args is None:
+            args = self._lookup = (self.keys, self.vals, self.mask, self.bitmap, self.A, self.B,
+                                   self.A.dtype.type(self.scale))
+        return args
 
 
 #: optimistic attempts of a lookup before it takes the adapters' write locks
@@ -76,6 +89,18 @@ def read_consistent(adapters, fn):
     attempts (checked with ``generation``), then one under the adapters' write locks
     (taken in a fixed order; writers hold one lock at a time, so this cannot deadlock).
     ``fn`` must be idempotent: it may run more than once."""
+    if len(adapters) == 1:  # the serving path's common case, without the list building
+        a = adapters[0]
+        for _ in range(_OPTIMISTIC_READS):
+            g = a.generation
+            if g & 1:
+                continue
+            fn([a._state])
+            if a.generation == g:
+                return
+        with a._write_lock:
+            fn([a._state])
+        return
     for _ in range(_OPTIMISTIC_READS):
         g0 = [a.generation for a in adapters]
         if any(g & 1 for g in g0):

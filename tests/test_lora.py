@@ -647,3 +647,27 @@ def test_serial_one_pass_backward_equals_the_split_passes(weighted, monkeypatch)
     for (_, _, g1, o1), (_, _, g2, o2) in zip(results[:4], results[4:]):
         for x, y in zip(g1 + o1, g2 + o2):
             assert np.array_equal(x, y)
+
+
+def test_fused_lookup_sees_each_new_state_after_cached_arguments():
+    # the serving path caches the kernel arguments per state: every state swap (step,
+    # refactor with a new scale, resize) must be seen by the next lookup
+    W, a = _trained(dtype=np.float32)
+    p = make_lookup_problem(n_rows=500, dim=16, n_bags=30, pooling=(1, 8), dtype=np.float32, table=W, seed=11)
+
+    def check():
+        got = lukern.embedding_bag(W, p.indices, p.offsets, adapter=a, n_threads=1)
+        ref = reference_embedding_bag((W.astype(np.float64) + a.dense_delta()).astype(np.float32), p.indices,
+                                      p.offsets, None, "sum")
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+        return got
+
+    before = check()
+    assert a.train_step(W, p.indices, p.offsets, np.ones((30, 16), np.float32))  # new B and A rows
+    after_step = check()
+    assert not np.array_equal(before, after_step)
+    rows, acc_a, acc_b = a.optimizer_state()
+    a.refactor(a.export().A * 2, a.B * 3, scale=a.scale / 5, acc_a=acc_a, acc_b=acc_b)
+    assert not np.array_equal(after_step, check())
+    a.resize(a.capacity + 50)
+    check()
