@@ -772,8 +772,8 @@ class LoRAAdapter:
             # the bag side from the forward's pooled rows, then one pass over the ids
             # that finds slots, admits, registers pending rows and scatters u_b, with the
             # sums of the two-pass path below in the same order (the same bits)
-            LK.backward_bags(_NO_SLOTS, offsets, w, use_w, m, grad, st.A, st.B, Bt, scale, U, parts, _BACKWARD_CHUNK,
-                             0, n_chunks, context.P, True)
+            LK.backward_bags_kernel(r)(_NO_SLOTS, offsets, w, use_w, m, grad, st.A, st.B, Bt, scale, U, parts,
+                                       _BACKWARD_CHUNK, 0, n_chunks, context.P, True)
             LK.sum_parts(parts, dB)
             n_free0 = self._n_free
             self._n_free, self._n_u, missed = LK.assign_scatter(
@@ -821,7 +821,8 @@ class LoRAAdapter:
         # bag side: u_b and the chunk partials of dB
         P, have_p = (context.P, True) if context is not None else (_NO_P[self.dtype], False)
         n_chunks = parts.shape[0]
-        _run_split(lambda c0, c1: LK.backward_bags(slots, offsets, w, use_w, m, grad, st.A, st.B, Bt, scale, U, parts,
+        bags = LK.backward_bags_kernel(st.A.shape[1])
+        _run_split(lambda c0, c1: bags(slots, offsets, w, use_w, m, grad, st.A, st.B, Bt, scale, U, parts,
                                                    _BACKWARD_CHUNK, c0, c1, P, have_p),
                    n_chunks, n_threads)
         LK.sum_parts(parts, dB)

@@ -671,3 +671,34 @@ def test_fused_lookup_sees_each_new_state_after_cached_arguments():
     assert not np.array_equal(after_step, check())
     a.resize(a.capacity + 50)
     check()
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("have_p,weighted", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("gdtype", [np.float32, np.float64])
+def test_rank_specialised_backward_bags_equals_generic_bit_for_bit(mode, have_p, weighted, gdtype):
+    from lukern._kernels import lora as LK
+
+    rng = np.random.default_rng(4)
+    r, d, n_bags, chunk = LK.FIXED_RANK, 24, 203, 64  # 203: chunks and 4-bag blocks with remainders
+    off = np.r_[0, np.cumsum(rng.integers(0, 9, n_bags))]  # empty bags too
+    n = int(off[-1])
+    grad = rng.standard_normal((n_bags, d)).astype(gdtype)
+    A = rng.standard_normal((50, r)).astype(np.float32)
+    B = rng.standard_normal((r, d)).astype(np.float32)
+    Bt = np.ascontiguousarray(B.T, dtype=np.float64)
+    P = rng.standard_normal((n_bags, r)).astype(np.float32)
+    P[::7] = 0  # rows that skip the B side
+    slots = rng.integers(-1, 50, n)
+    w = rng.random(n).astype(np.float32)
+    n_chunks = -(-n_bags // chunk)
+    outs = []
+    for kernel in (LK.backward_bags, LK.backward_bags_kernel(r)):
+        U = np.full((n_bags, r), np.nan)
+        parts = np.full((n_chunks, r, d), np.nan)
+        kernel(slots, off, w, weighted, mode, grad, A, B, Bt, 0.37, U, parts, chunk, 0, n_chunks, P, have_p)
+        outs.append((U, parts))
+    assert LK.backward_bags_kernel(r) is not LK.backward_bags
+    assert LK.backward_bags_kernel(r + 1) is LK.backward_bags
+    assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
+    assert np.isfinite(outs[1][0]).all() and np.isfinite(outs[1][1]).all()
