@@ -602,6 +602,28 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 # (redundant for 64-byte-aligned tables) gained the fused lookup 2-4%; not done, as
 # the plain kernel carries the same prefetch.
 
+# Re-measured on the Zen 5 machine (2 cores, shared with two other benchmark jobs;
+# kernels called directly, thread CPU time, medians of 200, same-run ratios): this design
+# at 1.20-1.28x the plain kernel on uniform ids and 1.45-1.50x on Zipf ids. Ablation on
+# Zipf ids (stages cut out of the generated source, same run): the W loop with the
+# stages but nothing queued 0.94-1.01x; the bit test, its branch and the append +12-16%;
+# the probes (stage 2) +18%; the pooling and P @ B (stage 3) +14%. Each stage alone is
+# about half the allowed 25%, so no reordering of them meets the bar on Zipf ids.
+# Tried and dropped (same setup): (a) a block scan, the bits of the next 128/256/512 ids
+# tested in a loop of their own between bags (branch-free append), the hits' hash lines
+# prefetched after the block, with or without the bitmap words of the following block
+# prefetched: 1.19-1.35x uniform, 1.32-1.61x Zipf, no better; the scan alone over a
+# batch's 61k ids takes 0.04 ms warm, 0.06-0.075 ms right after a lookup (15-20% of a
+# Zipf lookup by itself); (b) the block scan probing the previous block's hits before
+# each new block (A rows prefetched 100+ ids ahead): worse, 1.31-1.35x and 1.60-1.65x;
+# (c) the in-loop test without a branch (position always stored, tail advanced by the
+# bit, the hash lines of the id or of slot 0 prefetched through a masked index): worse,
+# 1.29-1.46x and 1.56-1.66x; (d) presence/probe distances 128/64, 192/96, 128/32 against
+# 64/48: within 2%, so late lines are not the cost; (e) 512- and 1024-bag prange
+# chunks on 2 threads: no better than 256. A 2-bag fused call costs ~3 us more than the
+# plain one (kernel ~1 us), with the kernel arguments cached per state
+# (``_State.lookup_args``): ~1% of a batch, not the gap.
+
 #: the rank whose fused kernels keep the pooled A row in registers (others use an array)
 FIXED_RANK = 8
 #: how far ahead (in ids) the presence bit is tested: with the row prefetch (one id load)
