@@ -9,6 +9,21 @@ Contenders alternate on a ring of distinct batches (see :mod:`lukern.bench.looku
 The fused cells activate 5% of the rows at random (the issue's bar); the extra "hot"
 row activates the 5% of rows the Zipf stream touches most, as a trained adapter would,
 so most looked-up ids carry an A row.
+
+Measured (fused/plain wall-time ratios; training step wall medians):
+
+- quiet machine, before the rank-8 backward kernel: uniform 1.25x / 1.15x (1 / 2
+  threads), Zipf 1.45x / 1.27x, hot 2.1x; step 5.17 ms, numpy 49.9 ms (9.6x), torch
+  24.3 ms (4.7x).
+- 2-core Zen 5 shared with two other benchmark jobs, same code: uniform 1.29x / 1.15x,
+  Zipf 1.49x / 1.41x, hot 2.30x / 2.40x; step 7.34 ms, numpy 73.2 ms (10.0x), torch
+  30.7 ms (4.2x).
+- same machine, with the rank-8 backward kernel (two runs): uniform 1.21-1.38x, Zipf
+  1.47-1.53x, hot 1.89-1.91x on 1 thread (the 2-thread cells were unusable there: a
+  pool thread waiting for a core put both lookups at ~8 ms); step 4.43-4.84 ms, numpy
+  45.5-57.4 ms (10.3-11.9x), torch 18.7-32.9 ms (4.2-6.8x). The step alone, two
+  adapters alternating in one process, thread CPU time: 4.55 ms median with the rank-8
+  kernel against 4.98 ms with the generic one, the same bits after 400 steps.
 """
 
 from __future__ import annotations
