@@ -315,7 +315,8 @@ def _backward_source(r: int, nbk: int = _U_BAGS) -> str:
     u += [f"    bt{q} = Bt[k, {q}]" for q in range(r)]
     u += [f"    u{i}_{q} += g{i} * bt{q}" for i in range(nbk) for q in range(r)]
     for i in range(nbk):
-        u += [f"f = bag_factor(offsets, b0 + {i}, mode, scale)"] + [f"U[b0 + {i}, {q}] = f * u{i}_{q}" for q in range(r)]
+        u += [f"f = bag_factor(offsets, b0 + {i}, mode, scale)"]
+        u += [f"U[b0 + {i}, {q}] = f * u{i}_{q}" for q in range(r)]
     u += [f"b0 += {nbk}"]
     body += ["        " + x for x in u]
     one = [" = ".join(f"u_{q}" for q in range(r)) + " = 0.0", "for k in range(d):", "    gk = np.float64(grad[b, k])"]
