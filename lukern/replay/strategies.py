@@ -355,7 +355,7 @@ class LukernStrategy(Strategy):
     def __init__(self, model: DLRM, *, rank=4, alpha=None, lr_a=0.1, lr_b=0.01, budget_pct=1.0,
                  rank_control=True, min_rows_for_adapter=64, demand=None, optimizer_a="rowwise_adagrad",
                  optimizer_b="adagrad", eviction="lru", prior_acc=True,
-                 train_batch=1024, rank_every=8, rank_energy=0.999, min_rank=2):
+                 train_batch=1024, rank_every=8, rank_energy=0.999, min_rank=2, init_b="served"):
         super().__init__(model)
         from .. import LoRAAdapter
 
@@ -424,18 +424,25 @@ class LukernStrategy(Strategy):
         self._steps = 0
         self._pending, self._n_pending = [], 0
         self._offsets = np.arange(self.train_batch + 1, dtype=np.int64)
-        # One validated call per mini-batch for every table (lukern.lora_batch), unless an
-        # eviction policy needs the adapter's own Python path.
+        self._grouping = None  # sum_by_id's outputs and scratch, sized on first use
+        # One validated kernel call per table and mini-batch (lukern.lora_batch), unless
+        # an eviction policy needs the adapter's own Python path. One trainer per table:
+        # each table's distinct ids differ in number (see flush).
         self._batched = None
         if eviction == "lru" and any(a is not None for a in self.adapters):
             from ..lora_batch import BatchedTrainer
 
-            priors = None
-            if self.prior_acc is not None:
-                ro = model.row_offsets
-                priors = [None if a is None else self.prior_acc[ro[t]:ro[t + 1]] for t, a in enumerate(self.adapters)]
-            self._batched = BatchedTrainer(self.adapters, [model.table(t) for t in range(model.n_tables)],
-                                           prior_acc=priors)
+            ro = model.row_offsets
+            self._batched = [None if a is None else BatchedTrainer(
+                [a], [model.table(t)],
+                prior_acc=None if self.prior_acc is None else [self.prior_acc[ro[t]:ro[t + 1]]])
+                for t, a in enumerate(self.adapters)]
+        if init_b not in ("served", "none"):
+            raise ValueError(f"`init_b` must be 'served' or 'none'; got {init_b!r}.")
+        # B from the gradients of the first trainer step (see flush); init_directions()
+        # called before it replaces that
+        self.init_on_first_step = init_b == "served"
+        self.init_captured = None
         self._warmup(LoRAAdapter)
 
     def init_directions(self, batches) -> list:
@@ -444,10 +451,14 @@ class LukernStrategy(Strategy):
         A LoRA update of row i is ``s * A_i @ B``: it can only move the row inside B's
         row space. A random B captures about r/d of a gradient's energy, and B only turns
         once A is non-zero, so early learning is slow. The gradients d loss / d pooled of
-        the served model on recent labelled traffic (computed once, from the training
-        side's last window: the node has served and logged it) have a few dominant
-        directions; their top-r eigenvectors make B point where updates are needed.
-        The corrections stay zero (A is zero), so served values do not change.
+        the served model on recent labelled traffic have a few dominant directions; their
+        top-r eigenvectors make B point where updates are needed. The corrections stay
+        zero (A is zero), so served values do not change.
+
+        By default (``init_b="served"``) the strategy does this itself on its first
+        trainer step, from that step's gradients (which the step computes anyway); this
+        method does it from ``batches`` instead (an extra forward and backward over them,
+        e.g. the last window of the training side's traffic) and cancels the default.
         Returns, per table, the share of gradient energy inside B's span (None: no adapter).
         """
         d = self.model.dim
@@ -455,10 +466,16 @@ class LukernStrategy(Strategy):
         for b in batches:
             _, g = self.model.backward_pooled(self.model.forward_cache(b), b.labels, table_major=True,
                                               want_loss=False)
-            for t, a in enumerate(self.adapters):
-                if a is not None:
-                    # one mini-batch's Gram in the gradients' dtype, summed over batches in float64
-                    grams[t] += g[t].T @ g[t]
+            self._add_grams(grams, g)
+        return self._set_directions(grams)
+
+    def _add_grams(self, grams, g):
+        for t, a in enumerate(self.adapters):
+            if a is not None:
+                # one mini-batch's Gram in the gradients' dtype, summed over batches in float64
+                grams[t] += g[t].T @ g[t]
+
+    def _set_directions(self, grams):
         captured = []
         for t, a in enumerate(self.adapters):
             if a is None:
@@ -470,6 +487,7 @@ class LukernStrategy(Strategy):
             captured.append(float(w[::-1][:a.rank].sum() / total) if total > 0 else 0.0)
             a.refactor(np.zeros((a.n_active, a.rank), a.dtype), np.ascontiguousarray(top, dtype=a.dtype))
         self.init_captured = captured
+        self.init_on_first_step = False
         return captured
 
     def _warmup(self, cls):
@@ -513,6 +531,15 @@ class LukernStrategy(Strategy):
             ids = np.stack([np.arange(k, dtype=np.int64) % max(1, n) for n in m.cat_sizes])
             for rows in (ids, np.ascontiguousarray(ids[:, ::-1])):
                 bt.train_step(rows, np.arange(k + 1, dtype=np.int64), np.ones((m.n_tables, k, m.dim), m.dtype))
+        # the per-id gradient sums of flush(), and the accumulator look-up the rank steps use
+        self._grouping, offsets = None, self._offsets
+        self._sum_by_id(np.zeros((2, m.n_tables), np.int64), np.zeros((m.n_tables, 2, m.dim), m.dtype))
+        self._offsets = offsets
+        for a in scratch:
+            if a is not None and a.n_active:
+                rows, acc, _ = a.optimizer_state()
+                a.set_row_accumulators(rows[:1], acc[:1])
+                break
         if any(c is not None for c in self.controllers):
             # the rank controller's spectrum and window kernels
             from .. import GatheredRows, GradientWindow, LowRankRows, randomized_svd
@@ -558,16 +585,24 @@ class LukernStrategy(Strategy):
         cat = np.concatenate([b.cat for b in batches]) if len(batches) > 1 else batches[0].cat
         _, g = self.model.backward_pooled(self.model.concat_caches(caches, backward_only=True), labels,
                                           table_major=True, want_loss=False)
-        n = cat.shape[0]
-        off = self._offsets[:n + 1] if n <= self.train_batch else np.arange(n + 1, dtype=np.int64)
-        idx_all = np.ascontiguousarray(cat.T, dtype=np.int64)
+        if self.init_on_first_step:
+            # B from this step's gradients: no extra pass (A is still zero, so nothing
+            # served has depended on B yet)
+            grams = [np.zeros((self.model.dim,) * 2) for _ in self.adapters]
+            self._add_grams(grams, g)
+            self._set_directions(grams)
+        ids, gsum, counts = self._sum_by_id(cat, g)
         if self._batched is not None:
-            self._batched.train_step(idx_all, off, g)
+            for t, bt in enumerate(self._batched):
+                if bt is not None:
+                    u = int(counts[t])
+                    bt.train_step(ids[t:t + 1, :u], self._offsets[:u + 1], gsum[t:t + 1, :u])
         else:
             for t, a in enumerate(self.adapters):
                 if a is None:
                     continue
-                if a.backward(idx_all[t], off, g[t], table=self.model.table(t)):
+                u = int(counts[t])
+                if a.backward(ids[t, :u], self._offsets[:u + 1], gsum[t, :u], table=self.model.table(t)):
                     if self.prior_acc is not None:
                         self._seed_fresh_slots(t, a)
                     a.step()
@@ -577,6 +612,29 @@ class LukernStrategy(Strategy):
         self._steps += 1
         self.stats.update_cpu_s += time.process_time() - c0
         self._note_memory()
+
+    def _sum_by_id(self, cat, g):
+        """Each table's distinct ids in this mini-batch (first-appearance order) with
+        their summed gradients: with one id per bag and sum pooling the adapter's
+        gradients are the same as over the bags, and its backward then runs over
+        distinct rows instead of bags (a 161-row table sees ~150 distinct ids in 1,024
+        rows). The training side sums repeated rows too (DLRM.gradients)."""
+        from .._kernels.dlrm import sum_by_id
+
+        n, n_t = cat.shape
+        d = self.model.dim
+        gr = self._grouping
+        if gr is None or gr[0].shape[1] < n:
+            m = 1 << max(4, int(2 * n - 1).bit_length())
+            gr = self._grouping = (np.empty((n_t, n), np.int64), np.empty((n_t, n, d), self.model.dtype),
+                                   np.empty(n_t, np.int64), np.empty((n, d)), np.empty(m, np.int64),
+                                   np.empty(m, np.int64))
+        ids, gsum, counts, acc, keys, pos = gr
+        if self._offsets.shape[0] < n + 1:
+            self._offsets = np.arange(n + 1, dtype=np.int64)
+        idx = np.ascontiguousarray(cat.T, dtype=np.int64)
+        sum_by_id(idx, g, ids, gsum, counts, acc, keys, pos)
+        return ids, gsum, counts
 
     def _rank_step(self):
         """Let every table's RankController decide (between trainer steps), keeping the
