@@ -37,16 +37,17 @@ def interaction_backward(gp, pi, pj, z, t0, out, row0):
 
 
 @njit(nogil=True, cache=True)
-def sum_by_id(ids, grad, out_ids, out_grad, counts, acc, keys, pos):
+def sum_by_id(ids, grad, out_ids, counts, keys, pos):
     """Per table ``t``: the distinct ids of ``ids[t]`` (n,) in order of first appearance
-    into ``out_ids[t, :u]`` and the sum of their rows of ``grad[t]`` (n, d) into
-    ``out_grad[t, :u]`` (summed in float64, rounded once), ``counts[t] = u``.
+    into ``out_ids[t, :u]``, and the sum of each one's rows of ``grad[t]`` (n, d) into
+    ``grad[t, :u]`` **in place** (row u is written only after every row <= u was read),
+    ``counts[t] = u``. Sums in grad's dtype, rows in order.
 
     With one id per bag and sum pooling, a LoRA backward on the summed rows gives the
     same gradients of A and B as on the bags (both are linear in the bag gradients),
     and the first-appearance order keeps the order rows are admitted to slots.
-    Scratch: ``acc`` (n, d) float64; ``keys`` (m,) int64 and ``pos`` (m,) int64 with
-    ``m`` a power of two >= 2n (an open-addressing table, cleared here per table)."""
+    Scratch: ``keys`` and ``pos`` (m,) int64, ``m`` a power of two >= 2n (an
+    open-addressing table, cleared here per table)."""
     n_tables, n = ids.shape
     d = grad.shape[2]
     m = keys.shape[0]
@@ -55,6 +56,7 @@ def sum_by_id(ids, grad, out_ids, out_grad, counts, acc, keys, pos):
         for i in range(m):
             keys[i] = -1
         u = 0
+        g = grad[t]
         for b in range(n):
             v = ids[t, b]
             h = (v * 0x9E3779B97F4A7C15) & mask  # Fibonacci hashing, wraps in int64
@@ -64,14 +66,12 @@ def sum_by_id(ids, grad, out_ids, out_grad, counts, acc, keys, pos):
                 keys[h] = v
                 pos[h] = u
                 out_ids[t, u] = v
-                for x in range(d):
-                    acc[u, x] = grad[t, b, x]
+                if u != b:
+                    for x in range(d):
+                        g[u, x] = g[b, x]
                 u += 1
             else:
                 p = pos[h]
                 for x in range(d):
-                    acc[p, x] += grad[t, b, x]
-        for p in range(u):
-            for x in range(d):
-                out_grad[t, p, x] = acc[p, x]
+                    g[p, x] += g[b, x]
         counts[t] = u

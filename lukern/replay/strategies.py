@@ -635,26 +635,25 @@ class LukernStrategy(Strategy):
 
     def _sum_by_id(self, cat, g):
         """Each table's distinct ids in this mini-batch (first-appearance order) with
-        their summed gradients: with one id per bag and sum pooling the adapter's
-        gradients are the same as over the bags, and its backward then runs over
-        distinct rows instead of bags (a 161-row table sees ~150 distinct ids in 1,024
-        rows). The training side sums repeated rows too (DLRM.gradients)."""
+        their summed gradients, written over ``g``: with one id per bag and sum pooling
+        the adapter's gradients are the same as over the bags, and its backward then
+        runs over distinct rows instead of bags (a 161-row table sees ~150 distinct ids
+        in 1,024 rows). The training side sums repeated rows too (DLRM.gradients).
+        Returns (ids (n_tables, n), g, counts): table t's rows are ``[:counts[t]]``."""
         from .._kernels.dlrm import sum_by_id
 
         n, n_t = cat.shape
-        d = self.model.dim
         gr = self._grouping
         if gr is None or gr[0].shape[1] < n:
             m = 1 << max(4, int(2 * n - 1).bit_length())
-            gr = self._grouping = (np.empty((n_t, n), np.int64), np.empty((n_t, n, d), self.model.dtype),
-                                   np.empty(n_t, np.int64), np.empty((n, d)), np.empty(m, np.int64),
+            gr = self._grouping = (np.empty((n_t, n), np.int64), np.empty(n_t, np.int64), np.empty(m, np.int64),
                                    np.empty(m, np.int64))
-        ids, gsum, counts, acc, keys, pos = gr
+        ids, counts, keys, pos = gr
         if self._offsets.shape[0] < n + 1:
             self._offsets = np.arange(n + 1, dtype=np.int64)
         idx = np.ascontiguousarray(cat.T, dtype=np.int64)
-        sum_by_id(idx, g, ids, gsum, counts, acc, keys, pos)
-        return ids, gsum, counts
+        sum_by_id(idx, g, ids, counts, keys, pos)
+        return ids, g, counts
 
     def _rank_step(self):
         """Let every table's RankController decide (between trainer steps), keeping the
