@@ -91,7 +91,7 @@ def test_b_starts_at_the_first_steps_gradient_directions(tiny):
     m0 = DLRM(tiny.cat_sizes, tiny.n_dense, dim=8, seed=0)
     m0.fit(tiny, 0, 3000, epochs=1, batch_size=200)
     s = LukernStrategy(m0.copy(), rank=2, budget_pct=5.0, demand=[50, 50, 5], rank_control=False,
-                       train_batch=400)
+                       train_batch=400, init_b="served")
     assert s.init_on_first_step and s.init_captured is None
     batches = [tiny.batch(a, a + 200) for a in (3000, 3200)]
     gram = [np.zeros((8, 8)) for _ in s.adapters]
@@ -117,7 +117,9 @@ def test_init_directions_cancels_the_first_step_init(tiny):
     from lukern.replay.strategies import LukernStrategy
 
     m0 = DLRM(tiny.cat_sizes, tiny.n_dense, dim=8, seed=0)
-    s = LukernStrategy(m0, rank=2, budget_pct=5.0, demand=[50, 50, 5], rank_control=False, train_batch=200)
+    s = LukernStrategy(m0, rank=2, budget_pct=5.0, demand=[50, 50, 5], rank_control=False, train_batch=200,
+                       init_b="served")
+    assert s.init_on_first_step
     s.init_directions([tiny.batch(0, 500)])
     B = [None if a is None else a.B.copy() for a in s.adapters]
     assert not s.init_on_first_step
@@ -130,6 +132,7 @@ def test_init_directions_cancels_the_first_step_init(tiny):
             assert np.abs(a.B - b0).max() < 0.05
     with pytest.raises(ValueError, match="init_b"):
         LukernStrategy(m0, init_b="random")
+    assert not LukernStrategy(m0).init_on_first_step  # direct users (replicas) keep B as built
 
 
 @needs_adapter

@@ -69,10 +69,12 @@ class ReplayConfig:
     optimizer_a: str = "rowwise_adagrad"
     optimizer_b: str = "adagrad"
     eviction: str = "lru"
-    # B's start: "served" (the top gradient directions of lukern's first trainer step),
-    # "gradients" (of the training side's last window: an extra pass, charged to lukern)
-    # or "none" (the adapters' own random B)
-    init_b: str = "served"
+    # B's start: "gradients" (the top directions of recent embedding gradients: here those
+    # of lukern's first trainer step, which it computes anyway; the replicas of
+    # lukern.distributed take the training side's last window), "window" (the training
+    # side's last window here too: an extra forward and backward, charged to lukern) or
+    # "none" (the adapters' own random B)
+    init_b: str = "gradients"
     prior_acc: bool = True
     lr_emb: float = 0.05
     lr_dense: float = 1e-3
@@ -90,8 +92,8 @@ class ReplayConfig:
         if self.batch_size < 1 or self.train_batch < 1 or self.epochs < 0 or self.every < 1:
             raise ValueError(f"`batch_size`, `train_batch` and `every` must be >= 1 and `epochs` >= 0; got "
                              f"{self.batch_size}, {self.train_batch}, {self.every}, {self.epochs}.")
-        if self.init_b not in ("served", "gradients", "none"):
-            raise ValueError(f"`init_b` must be 'served', 'gradients' or 'none'; got {self.init_b!r}.")
+        if self.init_b not in ("gradients", "window", "none"):
+            raise ValueError(f"`init_b` must be 'gradients', 'window' or 'none'; got {self.init_b!r}.")
         unknown = [s for s in self.strategies if s not in ALL_STRATEGIES]
         if unknown or not self.strategies:
             raise ValueError(f"`strategies` must be a non-empty subset of {ALL_STRATEGIES}; got {list(self.strategies)}.")
@@ -211,7 +213,7 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None,
                       optimizer_b=cfg.optimizer_b, eviction=cfg.eviction, train_batch=cfg.train_batch,
                       rank_energy=cfg.rank_energy, min_rank=cfg.min_rank,
                       min_rows_for_adapter=cfg.min_rows_for_adapter,
-                      init_b="none" if cfg.init_b == "none" else "served")
+                      init_b="served" if cfg.init_b == "gradients" else "none")
             if live:
                 from .live import LiveLukern
 
@@ -314,7 +316,7 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
             report["pending"] = pending
             lk = strategies.get("lukern")
             # the live trainer steps outside flush(): it starts B from the training window
-            if lk is not None and (cfg.init_b == "gradients" or (cfg.init_b == "served" and mode == "live")):
+            if lk is not None and (cfg.init_b == "window" or (cfg.init_b == "gradients" and mode == "live")):
                 c0 = time.process_time()
                 # in the trainer's mini-batches: the gradients summed are the same
                 init = strategies["lukern"].init_directions(stream.batches(cfg.train_batch, max(0, n_train - w_rows),

@@ -349,9 +349,10 @@ class LukernStrategy(Strategy):
         A table gets a rank controller only when a quarter of its budget share holds a
         gradient window of this many rows (default ``2 * dim``); smaller shares keep a
         fixed rank and spend their bytes on slots.
-    init_b : {"served", "none"}
+    init_b : {"none", "served"}
         ``"served"``: B starts at the top gradient directions of the first trainer step
-        (see :meth:`init_directions`); ``"none"``: the adapters' random B.
+        (see :meth:`init_directions`; the replay's default); ``"none"``: the adapters'
+        random B until :meth:`init_directions` is called (replicas that must share B).
     rank_energy, min_rank : float, int
         The controller keeps the smallest rank (at least ``min_rank``) holding
         ``rank_energy`` of the correction's energy.
@@ -362,7 +363,7 @@ class LukernStrategy(Strategy):
     def __init__(self, model: DLRM, *, rank=4, alpha=None, lr_a=0.1, lr_b=0.01, budget_pct=1.0,
                  rank_control=True, min_rows_for_adapter=64, demand=None, optimizer_a="rowwise_adagrad",
                  optimizer_b="adagrad", eviction="lru", prior_acc=True,
-                 train_batch=1024, rank_every=8, rank_energy=0.999, min_rank=2, init_b="served", rank_min_window=None):
+                 train_batch=1024, rank_every=8, rank_energy=0.999, min_rank=2, init_b="none", rank_min_window=None):
         super().__init__(model)
         from .. import LoRAAdapter
 
@@ -475,7 +476,7 @@ class LukernStrategy(Strategy):
         top-r eigenvectors make B point where updates are needed. The corrections stay
         zero (A is zero), so served values do not change.
 
-        By default (``init_b="served"``) the strategy does this itself on its first
+        With ``init_b="served"`` (the replay's default) the strategy does this itself on its first
         trainer step, from that step's gradients (which the step computes anyway); this
         method does it from ``batches`` instead (an extra forward and backward over them,
         e.g. the last window of the training side's traffic) and cancels the default.
