@@ -313,11 +313,12 @@ class LukernStrategy(Strategy):
 
     The trainer reuses the serving forward's activations (:meth:`DLRM.backward_pooled`):
     co-located, it needs no second forward pass, and with the MLPs frozen it back-propagates
-    only to the tables' pooled outputs. With the default LRU eviction every table's
-    backward and optimizer step run in one validated call per mini-batch
-    (:class:`lukern.lora_batch.BatchedTrainer`, the same bits as per-table
-    ``LoRAAdapter.backward`` + ``step``); other eviction policies use the adapters' own
-    per-table path.
+    only to the tables' pooled outputs. Each table's gradient rows are then summed per
+    distinct id (one id per bag, sum pooling: the adapter's gradients are unchanged and
+    its backward runs over distinct rows, not bags). With the default LRU eviction a
+    table's backward, eviction and optimizer step run in one validated kernel call
+    (:class:`lukern.lora_batch.BatchedTrainer`, the same bits as ``LoRAAdapter.backward``
+    + ``step``); other eviction policies use the adapters' own per-table path.
 
     Parameters
     ----------
