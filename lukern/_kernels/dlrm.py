@@ -34,3 +34,44 @@ def interaction_backward(gp, pi, pj, z, t0, out, row0):
                 if j != t:
                     for x in range(d):
                         o[x] += s * z[b, j, x]
+
+
+@njit(nogil=True, cache=True)
+def sum_by_id(ids, grad, out_ids, counts, keys, pos):
+    """Per table ``t``: the distinct ids of ``ids[t]`` (n,) in order of first appearance
+    into ``out_ids[t, :u]``, and the sum of each one's rows of ``grad[t]`` (n, d) into
+    ``grad[t, :u]`` **in place** (row u is written only after every row <= u was read),
+    ``counts[t] = u``. Sums in grad's dtype, rows in order.
+
+    With one id per bag and sum pooling, a LoRA backward on the summed rows gives the
+    same gradients of A and B as on the bags (both are linear in the bag gradients),
+    and the first-appearance order keeps the order rows are admitted to slots.
+    Scratch: ``keys`` and ``pos`` (m,) int64, ``m`` a power of two >= 2n (an
+    open-addressing table, cleared here per table)."""
+    n_tables, n = ids.shape
+    d = grad.shape[2]
+    m = keys.shape[0]
+    mask = m - 1
+    for t in range(n_tables):
+        for i in range(m):
+            keys[i] = -1
+        u = 0
+        g = grad[t]
+        for b in range(n):
+            v = ids[t, b]
+            h = (v * 0x9E3779B97F4A7C15) & mask  # Fibonacci hashing, wraps in int64
+            while keys[h] != -1 and keys[h] != v:
+                h = (h + 1) & mask
+            if keys[h] == -1:
+                keys[h] = v
+                pos[h] = u
+                out_ids[t, u] = v
+                if u != b:
+                    for x in range(d):
+                        g[u, x] = g[b, x]
+                u += 1
+            else:
+                p = pos[h]
+                for x in range(d):
+                    g[p, x] += g[b, x]
+        counts[t] = u

@@ -69,6 +69,11 @@ class ReplayConfig:
     optimizer_a: str = "rowwise_adagrad"
     optimizer_b: str = "adagrad"
     eviction: str = "lru"
+    # B's start: "gradients" (the top directions of recent embedding gradients: here those
+    # of lukern's first trainer step, which it computes anyway; the replicas of
+    # lukern.distributed take the training side's last window), "window" (the training
+    # side's last window here too: an extra forward and backward, charged to lukern) or
+    # "none" (the adapters' own random B)
     init_b: str = "gradients"
     prior_acc: bool = True
     lr_emb: float = 0.05
@@ -87,6 +92,8 @@ class ReplayConfig:
         if self.batch_size < 1 or self.train_batch < 1 or self.epochs < 0 or self.every < 1:
             raise ValueError(f"`batch_size`, `train_batch` and `every` must be >= 1 and `epochs` >= 0; got "
                              f"{self.batch_size}, {self.train_batch}, {self.every}, {self.epochs}.")
+        if self.init_b not in ("gradients", "window", "none"):
+            raise ValueError(f"`init_b` must be 'gradients', 'window' or 'none'; got {self.init_b!r}.")
         unknown = [s for s in self.strategies if s not in ALL_STRATEGIES]
         if unknown or not self.strategies:
             raise ValueError(f"`strategies` must be a non-empty subset of {ALL_STRATEGIES}; got {list(self.strategies)}.")
@@ -205,7 +212,8 @@ def _make_strategies(cfg: ReplayConfig, m0: DLRM, demand=None, window_rows=None,
                       rank_control=cfg.rank_control, demand=demand, optimizer_a=cfg.optimizer_a,
                       optimizer_b=cfg.optimizer_b, eviction=cfg.eviction, train_batch=cfg.train_batch,
                       rank_energy=cfg.rank_energy, min_rank=cfg.min_rank,
-                      min_rows_for_adapter=cfg.min_rows_for_adapter)
+                      min_rows_for_adapter=cfg.min_rows_for_adapter,
+                      init_b="served" if cfg.init_b == "gradients" else "none")
             if live:
                 from .live import LiveLukern
 
@@ -306,7 +314,9 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
             if "lukern" in strategies and strategies["lukern"].rank_control_note:
                 pending.append(f"rank control: {strategies['lukern'].rank_control_note}")
             report["pending"] = pending
-            if "lukern" in strategies and cfg.init_b == "gradients":
+            lk = strategies.get("lukern")
+            # the live trainer steps outside flush(): it starts B from the training window
+            if lk is not None and (cfg.init_b == "window" or (cfg.init_b == "gradients" and mode == "live")):
                 c0 = time.process_time()
                 # in the trainer's mini-batches: the gradients summed are the same
                 init = strategies["lukern"].init_directions(stream.batches(cfg.train_batch, max(0, n_train - w_rows),
@@ -359,6 +369,9 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
                     ser["rank_decisions"].append(st.rank_decisions)
                     ser["evictions"].append(st.evictions)
                     preds[name].append(wpred[name])
+                if lk is not None and "lukern_init" not in report and lk.init_captured is not None:
+                    report["lukern_init"] = {"b_from": "gradients of lukern's first trainer step",
+                                             "energy_captured": lk.init_captured}
                 report["windows"].append({"index": w, "rows": a1 - a0, "positives": int(y.sum()),
                                           "t_start": float(t_clock[a0]), "t_end": float(t_clock[a1 - 1])})
                 _summarise(report, stream, edges, series, preds, strategies, cfg)

@@ -313,11 +313,12 @@ class LukernStrategy(Strategy):
 
     The trainer reuses the serving forward's activations (:meth:`DLRM.backward_pooled`):
     co-located, it needs no second forward pass, and with the MLPs frozen it back-propagates
-    only to the tables' pooled outputs. With the default LRU eviction every table's
-    backward and optimizer step run in one validated call per mini-batch
-    (:class:`lukern.lora_batch.BatchedTrainer`, the same bits as per-table
-    ``LoRAAdapter.backward`` + ``step``); other eviction policies use the adapters' own
-    per-table path.
+    only to the tables' pooled outputs. Each table's gradient rows are then summed per
+    distinct id (one id per bag, sum pooling: the adapter's gradients are unchanged and
+    its backward runs over distinct rows, not bags). With the default LRU eviction a
+    table's backward, eviction and optimizer step run in one validated kernel call
+    (:class:`lukern.lora_batch.BatchedTrainer`, the same bits as ``LoRAAdapter.backward``
+    + ``step``); other eviction policies use the adapters' own per-table path.
 
     Parameters
     ----------
@@ -345,6 +346,14 @@ class LukernStrategy(Strategy):
     rank_every : int
         Trainer steps between two rounds of the rank controllers (the first step decides
         too); the runner sets it to ``rank_every_windows`` windows' worth of steps.
+    rank_min_window : int, optional
+        A table gets a rank controller only when a quarter of its budget share holds a
+        gradient window of this many rows (default ``2 * dim``); smaller shares keep a
+        fixed rank and spend their bytes on slots.
+    init_b : {"none", "served"}
+        ``"served"``: B starts at the top gradient directions of the first trainer step
+        (see :meth:`init_directions`; the replay's default); ``"none"``: the adapters'
+        random B until :meth:`init_directions` is called (replicas that must share B).
     rank_energy, min_rank : float, int
         The controller keeps the smallest rank (at least ``min_rank``) holding
         ``rank_energy`` of the correction's energy.
@@ -355,7 +364,7 @@ class LukernStrategy(Strategy):
     def __init__(self, model: DLRM, *, rank=4, alpha=None, lr_a=0.1, lr_b=0.01, budget_pct=1.0,
                  rank_control=True, min_rows_for_adapter=64, demand=None, optimizer_a="rowwise_adagrad",
                  optimizer_b="adagrad", eviction="lru", prior_acc=True,
-                 train_batch=1024, rank_every=8, rank_energy=0.999, min_rank=2):
+                 train_batch=1024, rank_every=8, rank_energy=0.999, min_rank=2, init_b="none", rank_min_window=None):
         super().__init__(model)
         from .. import LoRAAdapter
 
@@ -400,6 +409,7 @@ class LukernStrategy(Strategy):
         self.controllers = [None] * model.n_tables
         self.model_names = list(getattr(model, "table_names", None) or range(model.n_tables))
         self.rank_control_note = None
+        self.fixed_rank_tables = []  # adapters whose share is too small for a controller
         if rank_control:
             try:
                 from .. import RankController
@@ -407,8 +417,20 @@ class LukernStrategy(Strategy):
                 RankController = None
                 self.rank_control_note = "lukern.RankController is not available in this build"
             if RankController is not None:
+                # The controller's gradient window (a quarter of the table's share at
+                # most) and row bookkeeping come out of the same budget as the slots. A
+                # window of fewer than `rank_min_window` rows (default 2d, what it needs
+                # before it judges growth) says little about the spectrum and costs slots:
+                # at a 1% budget, controllers on such tables lost AUC on all three test
+                # streams (MovieLens 0.7094 -> 0.7062, synthetic 0.7621 -> 0.7595,
+                # TalkingData equal), so those tables keep their rank.
+                min_window = 2 * d if rank_min_window is None else int(rank_min_window)
+                row_bytes = d * np.dtype(np.float32).itemsize
                 for t, a in enumerate(self.adapters):
                     if a is None:
+                        continue
+                    if self.share_bytes[t] / 4 < min_window * row_bytes:
+                        self.fixed_rank_tables.append(self.model_names[t])
                         continue
                     # the controller keeps this table's share of the global budget
                     share = min(1.0, self.share_bytes[t] / model.table(t).nbytes)
@@ -424,18 +446,25 @@ class LukernStrategy(Strategy):
         self._steps = 0
         self._pending, self._n_pending = [], 0
         self._offsets = np.arange(self.train_batch + 1, dtype=np.int64)
-        # One validated call per mini-batch for every table (lukern.lora_batch), unless an
-        # eviction policy needs the adapter's own Python path.
+        self._grouping = None  # sum_by_id's outputs and scratch, sized on first use
+        # One validated kernel call per table and mini-batch (lukern.lora_batch), unless
+        # an eviction policy needs the adapter's own Python path. One trainer per table:
+        # each table's distinct ids differ in number (see flush).
         self._batched = None
         if eviction == "lru" and any(a is not None for a in self.adapters):
             from ..lora_batch import BatchedTrainer
 
-            priors = None
-            if self.prior_acc is not None:
-                ro = model.row_offsets
-                priors = [None if a is None else self.prior_acc[ro[t]:ro[t + 1]] for t, a in enumerate(self.adapters)]
-            self._batched = BatchedTrainer(self.adapters, [model.table(t) for t in range(model.n_tables)],
-                                           prior_acc=priors)
+            ro = model.row_offsets
+            self._batched = [None if a is None else BatchedTrainer(
+                [a], [model.table(t)],
+                prior_acc=None if self.prior_acc is None else [self.prior_acc[ro[t]:ro[t + 1]]])
+                for t, a in enumerate(self.adapters)]
+        if init_b not in ("served", "none"):
+            raise ValueError(f"`init_b` must be 'served' or 'none'; got {init_b!r}.")
+        # B from the gradients of the first trainer step (see flush); init_directions()
+        # called before it replaces that
+        self.init_on_first_step = init_b == "served"
+        self.init_captured = None
         self._warmup(LoRAAdapter)
 
     def init_directions(self, batches) -> list:
@@ -444,10 +473,14 @@ class LukernStrategy(Strategy):
         A LoRA update of row i is ``s * A_i @ B``: it can only move the row inside B's
         row space. A random B captures about r/d of a gradient's energy, and B only turns
         once A is non-zero, so early learning is slow. The gradients d loss / d pooled of
-        the served model on recent labelled traffic (computed once, from the training
-        side's last window: the node has served and logged it) have a few dominant
-        directions; their top-r eigenvectors make B point where updates are needed.
-        The corrections stay zero (A is zero), so served values do not change.
+        the served model on recent labelled traffic have a few dominant directions; their
+        top-r eigenvectors make B point where updates are needed. The corrections stay
+        zero (A is zero), so served values do not change.
+
+        With ``init_b="served"`` (the replay's default) the strategy does this itself on its first
+        trainer step, from that step's gradients (which the step computes anyway); this
+        method does it from ``batches`` instead (an extra forward and backward over them,
+        e.g. the last window of the training side's traffic) and cancels the default.
         Returns, per table, the share of gradient energy inside B's span (None: no adapter).
         """
         d = self.model.dim
@@ -455,10 +488,16 @@ class LukernStrategy(Strategy):
         for b in batches:
             _, g = self.model.backward_pooled(self.model.forward_cache(b), b.labels, table_major=True,
                                               want_loss=False)
-            for t, a in enumerate(self.adapters):
-                if a is not None:
-                    # one mini-batch's Gram in the gradients' dtype, summed over batches in float64
-                    grams[t] += g[t].T @ g[t]
+            self._add_grams(grams, g)
+        return self._set_directions(grams)
+
+    def _add_grams(self, grams, g):
+        for t, a in enumerate(self.adapters):
+            if a is not None:
+                # one mini-batch's Gram in the gradients' dtype, summed over batches in float64
+                grams[t] += g[t].T @ g[t]
+
+    def _set_directions(self, grams):
         captured = []
         for t, a in enumerate(self.adapters):
             if a is None:
@@ -470,6 +509,7 @@ class LukernStrategy(Strategy):
             captured.append(float(w[::-1][:a.rank].sum() / total) if total > 0 else 0.0)
             a.refactor(np.zeros((a.n_active, a.rank), a.dtype), np.ascontiguousarray(top, dtype=a.dtype))
         self.init_captured = captured
+        self.init_on_first_step = False
         return captured
 
     def _warmup(self, cls):
@@ -513,6 +553,15 @@ class LukernStrategy(Strategy):
             ids = np.stack([np.arange(k, dtype=np.int64) % max(1, n) for n in m.cat_sizes])
             for rows in (ids, np.ascontiguousarray(ids[:, ::-1])):
                 bt.train_step(rows, np.arange(k + 1, dtype=np.int64), np.ones((m.n_tables, k, m.dim), m.dtype))
+        # the per-id gradient sums of flush(), and the accumulator look-up the rank steps use
+        self._grouping, offsets = None, self._offsets
+        self._sum_by_id(np.zeros((2, m.n_tables), np.int64), np.zeros((m.n_tables, 2, m.dim), m.dtype))
+        self._offsets = offsets
+        for a in scratch:
+            if a is not None and a.n_active:
+                rows, acc, _ = a.optimizer_state()
+                a.set_row_accumulators(rows[:1], acc[:1])
+                break
         if any(c is not None for c in self.controllers):
             # the rank controller's spectrum and window kernels
             from .. import GatheredRows, GradientWindow, LowRankRows, randomized_svd
@@ -558,16 +607,24 @@ class LukernStrategy(Strategy):
         cat = np.concatenate([b.cat for b in batches]) if len(batches) > 1 else batches[0].cat
         _, g = self.model.backward_pooled(self.model.concat_caches(caches, backward_only=True), labels,
                                           table_major=True, want_loss=False)
-        n = cat.shape[0]
-        off = self._offsets[:n + 1] if n <= self.train_batch else np.arange(n + 1, dtype=np.int64)
-        idx_all = np.ascontiguousarray(cat.T, dtype=np.int64)
+        if self.init_on_first_step:
+            # B from this step's gradients: no extra pass (A is still zero, so nothing
+            # served has depended on B yet)
+            grams = [np.zeros((self.model.dim,) * 2) for _ in self.adapters]
+            self._add_grams(grams, g)
+            self._set_directions(grams)
+        ids, gsum, counts = self._sum_by_id(cat, g)
         if self._batched is not None:
-            self._batched.train_step(idx_all, off, g)
+            for t, bt in enumerate(self._batched):
+                if bt is not None:
+                    u = int(counts[t])
+                    bt.train_step(ids[t:t + 1, :u], self._offsets[:u + 1], gsum[t:t + 1, :u])
         else:
             for t, a in enumerate(self.adapters):
                 if a is None:
                     continue
-                if a.backward(idx_all[t], off, g[t], table=self.model.table(t)):
+                u = int(counts[t])
+                if a.backward(ids[t, :u], self._offsets[:u + 1], gsum[t, :u], table=self.model.table(t)):
                     if self.prior_acc is not None:
                         self._seed_fresh_slots(t, a)
                     a.step()
@@ -577,6 +634,28 @@ class LukernStrategy(Strategy):
         self._steps += 1
         self.stats.update_cpu_s += time.process_time() - c0
         self._note_memory()
+
+    def _sum_by_id(self, cat, g):
+        """Each table's distinct ids in this mini-batch (first-appearance order) with
+        their summed gradients, written over ``g``: with one id per bag and sum pooling
+        the adapter's gradients are the same as over the bags, and its backward then
+        runs over distinct rows instead of bags (a 161-row table sees ~150 distinct ids
+        in 1,024 rows). The training side sums repeated rows too (DLRM.gradients).
+        Returns (ids (n_tables, n), g, counts): table t's rows are ``[:counts[t]]``."""
+        from .._kernels.dlrm import sum_by_id
+
+        n, n_t = cat.shape
+        gr = self._grouping
+        if gr is None or gr[0].shape[1] < n:
+            m = 1 << max(4, int(2 * n - 1).bit_length())
+            gr = self._grouping = (np.empty((n_t, n), np.int64), np.empty(n_t, np.int64), np.empty(m, np.int64),
+                                   np.empty(m, np.int64))
+        ids, counts, keys, pos = gr
+        if self._offsets.shape[0] < n + 1:
+            self._offsets = np.arange(n + 1, dtype=np.int64)
+        idx = np.ascontiguousarray(cat.T, dtype=np.int64)
+        sum_by_id(idx, g, ids, counts, keys, pos)
+        return ids, g, counts
 
     def _rank_step(self):
         """Let every table's RankController decide (between trainer steps), keeping the
@@ -655,7 +734,9 @@ class LukernStrategy(Strategy):
         return {"rank": self.rank, "alpha": self.alpha, "lr_a": self.lr_a, "lr_b": self.lr_b,
                 "optimizer_a": self.optimizer_a, "optimizer_b": self.optimizer_b, "eviction": self.eviction,
                 "budget_pct": self.budget_pct, "capacity": self.capacity,
-                "rank_control": any(c is not None for c in self.controllers)}
+                "rank_control": any(c is not None for c in self.controllers),
+                "rank_control_tables": [n for n, c in zip(self.model_names, self.controllers) if c is not None],
+                "fixed_rank_tables": list(self.fixed_rank_tables)}
 
 
 def _record(stats: WindowStats, decision):
