@@ -270,11 +270,27 @@ class _Arm:
         if updater_kw is not None and updater_kw.get("hog"):
             self.hog = _Hog(updater_kw["cpus"], updater_kw["hog"], self.load.share())
             updater_kw = None
+        self.record_only = bool(updater_kw and updater_kw.get("record_only"))
+        if self.record_only:
+            updater_kw = {k: v for k, v in updater_kw.items() if k != "record_only"}
         self.up = _updater(model, args, self.load, self.adapters, **updater_kw) if updater_kw is not None else None
-        self.lat, self.svc, self.seg_p50, self.seg_p99, self.seg_svc50 = [], [], [], [], []
-        self.others, self.steal, self.rates = [], [], []
-        self.wall = 0.0
-        self.trained_live = 0
+        self.segs = []  # one dict per kept segment
+
+    # per-segment figures, over the kept segments
+    def _col(self, key):
+        return [sg[key] for sg in self.segs]
+
+    @property
+    def seg_p50(self):
+        return self._col("p50")
+
+    @property
+    def seg_p99(self):
+        return self._col("p99")
+
+    @property
+    def seg_svc50(self):
+        return self._col("svc50")
 
     def segment(self, reqs, seconds, seed, rate=None):
         # the trainer (thread or sidecar) stays alive between this arm's segments, held by
@@ -282,36 +298,41 @@ class _Arm:
         # freshly forked parent, which a long-running server pays once
         up = self.up
         self.model.adapters = self.adapters
+        sg = {}
         if up is not None:
-            if not up.running:
+            if not up.running and not self.record_only:
                 up.start()
             up.resume()
-            s0 = up.stats()["samples"]
+            st = up.stats()
+            s0, f0 = st["samples"], st["recorded"]
         if self.hog is not None:
             self.hog.start()
         pids = [os.getpid()] + [p for p in (getattr(up, "_pid", None), self.hog and self.hog.pid) if p]
         c0 = _cpu_ticks(pids)
         t0 = time.perf_counter()
         rate = self.rate if rate is None else rate
-        self.rates.append(rate)
         lat, svc = _serve_open_loop(self.model, reqs, self.args.batch, rate, seconds, self.args.workers,
                                     self.load, up, seed=seed, reuse_pooled=not self.args.no_reuse)
         dt = time.perf_counter() - t0
-        self.wall += dt
         c1 = _cpu_ticks(pids)
         if c0 and c1:  # cores the other tenants of the machine used meanwhile, and stolen by the host
-            self.others.append((c1[0] - c0[0] - (c1[1] - c0[1])) / _HZ / dt)
-            self.steal.append((c1[2] - c0[2]) / _HZ / dt)
+            sg["others"] = (c1[0] - c0[0] - (c1[1] - c0[1])) / _HZ / dt
+            sg["steal"] = (c1[2] - c0[2]) / _HZ / dt
         if self.hog is not None:
             self.hog.stop()
         if up is not None:
-            up.pause()
-            self.trained_live += up.stats()["samples"] - s0
-        self.lat.append(lat)
-        self.svc.append(svc)
-        self.seg_p50.append(np.percentile(lat, 50))
-        self.seg_svc50.append(np.percentile(svc, 50))
-        self.seg_p99.append(np.percentile(lat, 99))
+            if not self.record_only:
+                up.pause()  # the step under way finishes and is counted in this segment
+            st = up.stats()
+            sg["trained"], sg["fed"] = st["samples"] - s0, st["recorded"] - f0
+        sg.update(rate=rate, wall=dt, lat=lat, svc=svc, p50=np.percentile(lat, 50), p99=np.percentile(lat, 99),
+                  svc50=np.percentile(svc, 50))
+        self.segs.append(sg)
+        return sg
+
+    def drop_last(self):
+        """Forget the last segment (its round is repeated: the machine was not quiet)."""
+        self.segs.pop()
 
     def close(self):
         if self.hog is not None:
@@ -320,20 +341,20 @@ class _Arm:
             self.up.stop()
 
     def result(self):
-        lat, svc = np.concatenate(self.lat), np.concatenate(self.svc)
-        res = {"arm": self.name, "rate_rps": float(np.median(self.rates)) if self.rates else self.rate,
-               "requests": int(lat.size),
+        lat, svc = np.concatenate(self._col("lat")), np.concatenate(self._col("svc"))
+        res = {"arm": self.name, "rate_rps": float(np.median(self._col("rate"))), "requests": int(lat.size),
                "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3),
                "seg_median_p99_ms": float(np.median(self.seg_p99) * 1e3), "mean_ms": float(lat.mean() * 1e3),
                "svc_p50_ms": float(np.percentile(svc, 50) * 1e3), "svc_p99_ms": float(np.percentile(svc, 99) * 1e3)}
-        if self.others:
-            res["others_cores"] = float(np.mean(self.others))
-            res["steal_cores"] = float(np.mean(self.steal))
+        if all("others" in sg for sg in self.segs):
+            res["others_cores"] = float(np.mean(self._col("others")))
+            res["steal_cores"] = float(np.mean(self._col("steal")))
         if self.up is not None:
             st = self.up.stats()
-            res.update({"fed": st["recorded"], "trained": st["samples"],
-                        "trained_share": st["samples"] / max(1, st["recorded"]),
-                        "samples_per_s": self.trained_live / max(self.wall, 1e-9), "dropped": st["dropped"],
+            # over the kept segments: samples trained while serving / samples recorded
+            trained, fed, wall = sum(self._col("trained")), sum(self._col("fed")), sum(self._col("wall"))
+            res.update({"fed": fed, "trained": trained, "trained_share": trained / max(1, fed),
+                        "samples_per_s": trained / max(wall, 1e-9), "dropped_total": st["dropped"],
                         "paused_s": st["paused_s"], "steps": st["steps"], "qos": st["qos"], "loss": st["last_loss"],
                         "loss_errors": st["loss_errors"], "mode": st["mode"]})
         return res
@@ -400,6 +421,10 @@ def main(argv=None):
     p.add_argument("--fixed-rate", action="store_true",
                    help="offer --load x the capacity probed once at start to every round (default: re-probe the "
                         "capacity left by the machine's other tenants before every round)")
+    p.add_argument("--max-others", type=float, default=None,
+                   help="repeat a round (every arm of it) when the machine's other tenants used more than this many "
+                        "cores during any of its segments (default: keep every round)")
+    p.add_argument("--max-redo", type=int, default=30, help="at most this many repeated rounds per run (default 30)")
     p.add_argument("--json", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
     # BLAS pools busy-wait and oversubscribe the cores when several serving threads call
@@ -409,7 +434,7 @@ def main(argv=None):
         return _main(args)
 
 
-_ARMS = ("off", "offb", "on", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "idle", "on90")
+_ARMS = ("off", "offb", "on", "onold", "record", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "idle", "on90")
 _PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
@@ -491,6 +516,10 @@ def _main(args):
     # the sidecar at SCHED_IDLE that never pauses: it runs beside every request on the
     # other CPU, so its svc50 ratio is the cache / memory-bandwidth cost of overlap
     configs["nopause"] = {**good, "pause": False}
+    # the serving side's own cost of the trainer: record() into the ring, no trainer runs
+    configs["record"] = {**good, "record_only": True}
+    # the sidecar stepping each table with backward + step (before BatchedTrainer)
+    configs["onold"] = {**good, "batched": False}
     if args.serve_cpu is not None:  # placement experiments: the sidecar on / off the serving CPU
         configs["onsame"] = {**good, "cpus": _trainer_cpus("same", args.serve_cpu)}
         configs["onother"] = {**good, "cpus": _trainer_cpus("other", args.serve_cpu)}
@@ -518,10 +547,25 @@ def _main(args):
             return load * cap
         return load * min(_capacity(model, reqs, args.batch, args.workers, seconds=0.3), args.workers / svc)
 
+    redone = [0]
+
+    def run_round(arms_, r, seed, load):
+        """Every arm of the round once; the round is repeated (all its arms, so the pairing
+        stays) while the machine's other tenants used more than --max-others cores during
+        it, at most --max-redo times in the whole run."""
+        while True:
+            rr = round_rate(load)
+            segs = [arms_[(k + r) % len(arms_)].segment(reqs, args.segment, seed=seed, rate=rr)
+                    for k in range(len(arms_))]
+            busy = max(sg.get("others", 0.0) for sg in segs)
+            if args.max_others is None or busy <= args.max_others or redone[0] >= args.max_redo:
+                return
+            redone[0] += 1
+            for a in arms_:
+                a.drop_last()
+
     for r in range(n_rounds):
-        rr = round_rate(args.load)
-        for k in range(len(inter)):
-            inter[(k + r) % len(inter)].segment(reqs, args.segment, seed=1000 + r, rate=rr)
+        run_round(inter, r, 1000 + r, args.load)
     for arm in inter:
         arm.close()
         results.append(arm.result())
@@ -532,12 +576,14 @@ def _main(args):
     if "on90" in arms:
         a90 = _Arm("on90", model, args, 0.9 * cap, good)
         for r in range(n_rounds):
-            a90.segment(reqs, args.segment, seed=2000 + r, rate=round_rate(0.9))
+            run_round([a90], r, 2000 + r, 0.9)
         a90.close()
         results.append(a90.result())
         show(results[-1])
     by = {r["arm"]: r for r in results}
     verdict = {}
+    if args.max_others is not None:
+        verdict["rounds_repeated"] = redone[0]  # rounds whose other tenants used > --max-others cores
     seg = {a.name: a for a in inter}
     if "off" in seg:
         # paired by round (same arrivals, neighbours' load alike): the median of the

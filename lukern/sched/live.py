@@ -177,6 +177,11 @@ class LiveUpdater:
         1). Measured on the reference machine with the sidecar: pausing only when every
         CPU could be busy (2) left inference P99 x1.5-4 (the trainer on the other core
         still takes cache and memory bandwidth); pausing on any request, P99 within noise.
+    batched : bool
+        Step each table with :class:`lukern.lora_batch.BatchedTrainer` (one kernel call
+        per table for backward, eviction and optimizer step) where its results equal
+        ``backward`` + ``step`` (see :meth:`_batched_trainers`); False: always the
+        adapters' own ``backward`` + ``step`` (for comparison).
     mode : {"process", "thread"}, optional
         Default "process" where ``os.fork`` exists (else "thread"): on the reference
         machine a trainer *thread* could not keep inference latency in its bar (the GIL
@@ -201,7 +206,8 @@ class LiveUpdater:
                  max_rate: float | None = None, switch_interval: float | None = None, period: float = 0.25,
                  mode: str | None = None, publish_every: float = 0.2, pooling: int = 1, extra_width: int = 0,
                  record_pooled: bool = False, pause_in_flight: int = 1, cpus=None, batch_wait: float = 0.05,
-                 pause_wait: str = "sleep", breathe_every: float = 1e-3, clock=time.perf_counter):
+                 pause_wait: str = "sleep", breathe_every: float = 1e-3, batched: bool = True,
+                 clock=time.perf_counter):
         if isinstance(tables, TableBatch):
             self.tables = tables
         else:
@@ -298,6 +304,8 @@ class LiveUpdater:
             if record_pooled:
                 self._ring["pooled"] = _shared_array((self.buffer_size, self.col_offsets[-1]), self.dtype)
         self._in_child = False
+        # per-table BatchedTrainers, built by the trainer on its first step (False: not used)
+        self._batched = None if batched else False
         self._held_evt = threading.Event()
         self._pid = None
         self._receiver = None
@@ -916,6 +924,14 @@ class LiveUpdater:
             return
         grad = grad.astype(self.dtype, copy=False)
         off = np.arange(0, n * L + 1, L, dtype=np.int64)
+        batched = self._batched_trainers()
+        if batched is not None:
+            if not self._step_batched(batched, ids, off, grad):
+                return
+            self.steps += 1
+            self.samples += n
+            self.last_loss = float(loss)
+            return
         touched = []
         try:
             for t in self._trained:
@@ -939,3 +955,42 @@ class LiveUpdater:
         self.steps += 1
         self.samples += n
         self.last_loss = float(loss)
+
+    # -- the table-batched step (lukern.lora_batch.BatchedTrainer) --------------------------
+
+    def _batched_trainers(self):
+        """Per trained table a one-adapter :class:`~lukern.lora_batch.BatchedTrainer`
+        (backward, eviction and optimizer step in one kernel call instead of about 15
+        Python-level calls), or None where its results would differ from
+        ``backward`` + ``step``: an adapter with ``acc_a_init`` (the batched kernel does not
+        seed from it) or, where rows are folded into the served tables (thread mode), an
+        eviction policy other than ``StableLRU``. One trainer per table keeps a guard
+        check between tables (a request waits at most one table's step). Built in the
+        trainer (thread or sidecar), on its first step."""
+        if self._batched is None:
+            from ..lora_batch import BatchedTrainer, StableLRU
+            ok = all(self.adapters[t].acc_a_init is None and (self._in_child or type(self.adapters[t].eviction)
+                                                              is StableLRU) for t in self._trained)
+            # the sidecar cannot write the served tables: no eviction there (rows without a
+            # free slot are dropped and counted, as backward(table=None) does)
+            self._batched = [(t, BatchedTrainer([self.adapters[t]],
+                                                [None if self._in_child else self.tables.tables[t]]))
+                             for t in self._trained] if ok else False
+        return self._batched or None
+
+    def _step_batched(self, batched, ids, off, grad):
+        """One step on every trained table, table by table with a guard check between.
+        Returns False (counted, logged) when a table's call failed: the tables before it
+        have stepped (the checks at record() leave nothing expected to fail here)."""
+        try:
+            for t, tr in batched:
+                c0, c1 = self.col_offsets[t], self.col_offsets[t + 1]
+                idx = np.ascontiguousarray(ids[:, t, :]).reshape(1, -1)
+                tr.train_step(idx, off, np.ascontiguousarray(grad[:, c0:c1])[None])
+                self.guard.check()
+        except Exception as exc:
+            self.loss_errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("lukern trainer: adapter step failed; the rest of the batch skipped")
+            return False
+        return True
