@@ -67,3 +67,23 @@ def spin_while_busy(flight, k, max_iters):
             return True
     return False
 
+
+
+@njit(nogil=True, cache=True)
+def gather_pooled(ring, h, ref, stage):
+    """The pooled rows of ``n = ref.shape[0]`` ring samples starting at slot ``h``: a
+    sample with ``ref[i] = (k, gen, row)``, ``k >= 0``, lies in staging buffer
+    ``stage[k, row]`` (``LiveUpdater.out_buffer``); one with ``k < 0`` in
+    ``ring[(h + i) % cap]``. Returns a new (n, D) array."""
+    n = ref.shape[0]
+    cap, D = ring.shape
+    out = np.empty((n, D), ring.dtype)
+    for i in range(n):
+        k = ref[i, 0]
+        if k >= 0:
+            src = stage[k, ref[i, 2]]
+        else:
+            src = ring[(h + i) % cap]
+        for j in range(D):
+            out[i, j] = src[j]
+    return out

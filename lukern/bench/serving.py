@@ -173,7 +173,9 @@ def _serve_open_loop(model, reqs, batch, rate, duration, workers, load, updater=
             ids, idx, off, y = reqs[k % len(reqs)]
             t0 = time.perf_counter()
             with load.request():
-                _, pooled = model.serve(idx, off, out)
+                # with the sidecar's out buffers the forward writes where the trainer reads
+                buf = updater.out_buffer(len(y)) if updater is not None and reuse_pooled else None
+                _, pooled = model.serve(idx, off, out if buf is None else buf)
             t1 = time.perf_counter()
             lat[k] = t1 - due
             svc[k] = t1 - t0
@@ -421,6 +423,8 @@ def main(argv=None):
     p.add_argument("--fixed-rate", action="store_true",
                    help="offer --load x the capacity probed once at start to every round (default: re-probe the "
                         "capacity left by the machine's other tenants before every round)")
+    p.add_argument("--out-buffers", type=int, default=16,
+                   help="sidecar out buffers (LiveUpdater out_buffers; 0: record() copies the pooled rows; default 16)")
     p.add_argument("--max-others", type=float, default=None,
                    help="repeat a round (every arm of it) when the machine's other tenants used more than this many "
                         "cores during any of its segments (default: keep every round)")
@@ -434,7 +438,7 @@ def main(argv=None):
         return _main(args)
 
 
-_ARMS = ("off", "offb", "on", "onold", "record", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "idle", "on90")
+_ARMS = ("off", "offb", "on", "onold", "oncopy", "record", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "idle", "on90")
 _PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
@@ -497,6 +501,8 @@ def _main(args):
     good = {"mode": args.mode, "target_p99": args.target_p99, "pause_in_flight": args.pause_in_flight}
     if args.mode == "process":
         good.update(publish_every=args.publish_every, pause_wait=args.pause_wait, breathe_every=args.breathe_every)
+        if args.out_buffers and not args.no_reuse:
+            good.update(out_buffers=args.out_buffers, out_rows=args.batch)
     if tcpus is not None:
         good["cpus"] = tcpus
     good = {k: v for k, v in good.items() if v is not None}
@@ -520,6 +526,8 @@ def _main(args):
     configs["record"] = {**good, "record_only": True}
     # the sidecar stepping each table with backward + step (before BatchedTrainer)
     configs["onold"] = {**good, "batched": False}
+    # the sidecar with the served pooled rows copied into its ring by record() (no out buffers)
+    configs["oncopy"] = {k: v for k, v in good.items() if k not in ("out_buffers", "out_rows")}
     if args.serve_cpu is not None:  # placement experiments: the sidecar on / off the serving CPU
         configs["onsame"] = {**good, "cpus": _trainer_cpus("same", args.serve_cpu)}
         configs["onother"] = {**good, "cpus": _trainer_cpus("other", args.serve_cpu)}
