@@ -9,7 +9,11 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
 - ``off``:       50 % load, no trainer (the baseline)
 - ``offb``:      the same again: off vs offb is the noise floor (an A/A comparison)
 - ``on``:        50 % load, LiveUpdater in ``--mode`` (default the sidecar process), QoS
-                 ladder's best level + pausing guard
+                 ladder's best level + pausing guard; the serving forward writes into the
+                 sidecar's out buffers (``--out-buffers``), record() copies no rows
+- ``oncopy``:    the same with record() copying the pooled rows into the ring
+- ``onold``:     the same with the adapters' own backward + step per table (no BatchedTrainer)
+- ``record``:    record() on every request, no trainer: the serving side's own cost
 - ``thread``:    the same with the trainer as a thread of the serving process
 - ``misbehave``: 50 % load, trainer at normal priority, guard disabled
 - ``idle``:      no serving; trainer samples/s with a full queue (0 % load)
@@ -23,6 +27,8 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
 
     python -m lukern.bench serving                 # 20 s per arm
     python -m lukern.bench serving --duration 5    # a quick look
+    python -m lukern.bench serving --arms off,offb,on --segment 1.5 --max-others 0.1 --max-redo 400
+        # on a shared machine: rounds the other tenants disturbed are repeated
 
 Bars (issue 6): P99 on/off <= 1.10, P50 on/off <= 1.05, trainer trains >= 50 % of the
 samples fed at 50 % load.

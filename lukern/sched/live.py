@@ -8,9 +8,12 @@ to the NUMA node that holds the tables and run at the QoS level probed at start
 (SCHED_IDLE here), takes mini-batches from the ring and for each:
 
 1. pools the batch's embeddings *with* the adapters (TableBatch lookup), in chunks of
-   about 1 ms of work;
+   about 1 ms of work, unless the serving forward's pooled rows were recorded (then
+   read from the ring, or in place from an :meth:`~LiveUpdater.out_buffer`);
 2. calls the model's ``loss_grad(pooled, labels[, extra]) -> (loss, d loss/d pooled)``;
-3. runs each adapter's backward (one table per chunk), then every adapter's ``step()``.
+3. steps each table's adapter (one table per chunk): backward, eviction and optimizer
+   step in one :class:`lukern.lora_batch.BatchedTrainer` kernel call where that gives
+   the adapter's own results, else the adapter's ``backward`` and then ``step()``.
 
 Between chunks the fast guard pauses while inference has requests in flight; every
 ``period`` the slow controller moves chunk size, step rate and threads against the
@@ -18,9 +21,11 @@ user's P99 target. The heavy work is in nogil Numba kernels; the Python glue per
 a few calls per table, so a trainer that holds the GIL does so in short stretches
 (``switch_interval`` shortens the longest wait inference can see, process-wide).
 
-A step is committed adapter by adapter only after every backward succeeded; a loss
-callback that raises, or returns a non-finite or misshaped gradient, is logged,
-counted and leaves every adapter untouched.
+A loss callback that raises, or returns a non-finite or misshaped gradient, is logged,
+counted and leaves every adapter untouched (the gradient is checked before any table
+steps). On the per-adapter path a step is committed only after every backward
+succeeded; on the batched path each table commits with its own call (the ids were
+checked at record(), so nothing is expected to fail in between).
 
 Examples
 --------
