@@ -15,12 +15,12 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the sidecar and
 def test_serving_bench_runs_every_kind_of_arm(capsys):
     code = serving.main(["--duration", "0.4", "--segment", "0.2", "--rows", "2000", "--batch", "32",
                          "--train-batch", "64", "--buffer", "4096", "--probe", "0.3", "--arms",
-                         "off,offb,on,onold,oncopy,record,hog,sleepyhog,idle", "--max-others", "-1", "--max-redo", "2",
+                         "off,offb,on,onold,onstaged,record,hog,sleepyhog,idle", "--max-others", "-1", "--max-redo", "2", "--quiet-wait", "0.6",
                          "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     by = {a["arm"]: a for a in out["arms"]}
-    assert set(by) == {"off", "offb", "on", "onold", "oncopy", "record", "hog", "sleepyhog", "idle"}
+    assert set(by) == {"off", "offb", "on", "onold", "onstaged", "record", "hog", "sleepyhog", "idle"}
     # every round was over the (impossible) quiet threshold: repeated until the budget ran out,
     # and each arm kept one segment per round
     assert out["verdict"]["rounds_repeated"] == 2

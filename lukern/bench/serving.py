@@ -9,9 +9,9 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
 - ``off``:       50 % load, no trainer (the baseline)
 - ``offb``:      the same again: off vs offb is the noise floor (an A/A comparison)
 - ``on``:        50 % load, LiveUpdater in ``--mode`` (default the sidecar process), QoS
-                 ladder's best level + pausing guard; the serving forward writes into the
-                 sidecar's out buffers (``--out-buffers``), record() copies no rows
-- ``oncopy``:    the same with record() copying the pooled rows into the ring
+                 ladder's best level + pausing guard; record() copies the served pooled rows
+                 into the ring (or, with ``--out-buffers``, the forward writes into the sidecar's)
+- ``onstaged``:  the same with the forward writing into 16 out buffers (record() copies nothing)
 - ``onold``:     the same with the adapters' own backward + step per table (no BatchedTrainer)
 - ``record``:    record() on every request, no trainer: the serving side's own cost
 - ``thread``:    the same with the trainer as a thread of the serving process
@@ -215,6 +215,20 @@ def _cpu_ticks(pids):
         return busy, ours, v[7]
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _wait_quiet(max_others, budget):
+    """Sleep (using no CPU) until the machine's other tenants used at most ``max_others``
+    cores over a 0.5 s window, at most ``budget`` seconds."""
+    end = time.perf_counter() + budget
+    while time.perf_counter() < end:
+        c0, t0 = _cpu_ticks([os.getpid()]), time.perf_counter()
+        time.sleep(0.5)
+        c1 = _cpu_ticks([os.getpid()])
+        if c0 is None or c1 is None:
+            return
+        if (c1[0] - c0[0] - (c1[1] - c0[1])) / _HZ / (time.perf_counter() - t0) <= max_others:
+            return
 
 
 class _Hog:
@@ -429,11 +443,14 @@ def main(argv=None):
     p.add_argument("--fixed-rate", action="store_true",
                    help="offer --load x the capacity probed once at start to every round (default: re-probe the "
                         "capacity left by the machine's other tenants before every round)")
-    p.add_argument("--out-buffers", type=int, default=16,
-                   help="sidecar out buffers (LiveUpdater out_buffers; 0: record() copies the pooled rows; default 16)")
+    p.add_argument("--out-buffers", type=int, default=0,
+                   help="sidecar out buffers (LiveUpdater out_buffers; default 0: record() copies the pooled rows)")
     p.add_argument("--max-others", type=float, default=None,
                    help="repeat a round (every arm of it) when the machine's other tenants used more than this many "
                         "cores during any of its segments (default: keep every round)")
+    p.add_argument("--quiet-wait", type=float, default=30.0,
+                   help="with --max-others: before each round, wait up to this many seconds for a 0.5 s window in "
+                        "which the other tenants stayed under --max-others (default 30)")
     p.add_argument("--max-redo", type=int, default=30, help="at most this many repeated rounds per run (default 30)")
     p.add_argument("--json", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
@@ -444,7 +461,7 @@ def main(argv=None):
         return _main(args)
 
 
-_ARMS = ("off", "offb", "on", "onold", "oncopy", "record", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "idle", "on90")
+_ARMS = ("off", "offb", "on", "onold", "onstaged", "record", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "idle", "on90")
 _PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
@@ -532,8 +549,9 @@ def _main(args):
     configs["record"] = {**good, "record_only": True}
     # the sidecar stepping each table with backward + step (before BatchedTrainer)
     configs["onold"] = {**good, "batched": False}
-    # the sidecar with the served pooled rows copied into its ring by record() (no out buffers)
-    configs["oncopy"] = {k: v for k, v in good.items() if k not in ("out_buffers", "out_rows")}
+    # the sidecar with the serving forward writing into 16 of its out buffers (no copy in record())
+    if args.mode == "process" and not args.no_reuse:
+        configs["onstaged"] = {**good, "out_buffers": 16, "out_rows": args.batch}
     if args.serve_cpu is not None:  # placement experiments: the sidecar on / off the serving CPU
         configs["onsame"] = {**good, "cpus": _trainer_cpus("same", args.serve_cpu)}
         configs["onother"] = {**good, "cpus": _trainer_cpus("other", args.serve_cpu)}
@@ -568,6 +586,8 @@ def _main(args):
         stays) while the machine's other tenants used more than --max-others cores during
         it, at most --max-redo times in the whole run."""
         while True:
+            if args.max_others is not None:
+                _wait_quiet(args.max_others, args.quiet_wait)
             rr = round_rate(load)
             segs = [arms_[(k + r) % len(arms_)].segment(reqs, args.segment, seed=seed, rate=rr)
                     for k in range(len(arms_))]
