@@ -40,14 +40,15 @@ strays from 1 by more than the bar, the run cannot resolve the bar. ``hog`` and
 ``sleepyhog`` separate what merely occupying the spare CPU does to inference from the
 trainer's own cost (``on_vs_sleepyhog``).
 
-Measured on the reference VM (2 vCPUs; the other tenants used 1.5-1.8 cores during every
-run; three runs of the default arms, paired medians): on/off P50 0.57-0.99, P99
-0.82-1.04, while the A/A offb/off spread 0.70-1.31 (P50), 0.80-1.07 (P99) with
-per-round IQRs of about 0.5-1.9: the bars are below this machine's resolution. Trained
-share 0.24-0.37 (the SCHED_IDLE sidecar gets only the CPU the tenants leave: idle arm
-28-43 k samples/s, against ~230 k/s for the bare step on a quiet core). The busy
-SCHED_IDLE ``hog`` cost P50 x1.3-4.2, the ``sleepyhog`` 0.64-1.20, ``nopause`` svc50
-0.99: what hurts inference here is a CPU kept busy, not cache or memory traffic.
+Measured on the 2-core AMD EPYC VM (no SMT, 2 MiB L2 per core, 32 MiB shared L3), four
+runs of ``--arms off,offb,on,... --segment 1.5 --max-others 0.1`` (no round had other
+tenants above 0.1 core; one had 0.03-0.09 cores of host steal): ``on`` (sidecar,
+BatchedTrainer, pooled rows copied by record()) paired P50 1.00-1.27, P99 1.25-1.81,
+while the A/A offb/off gave P50 0.95-0.99, P99 0.81-1.22; trained share 0.64-0.72
+(0.42 with host steal), i.e. 66-70 k samples/s at 50 % load, 128-134 k/s idle, 20-24 k/s
+at 90 %. ``record`` alone (no trainer): P50 0.97-1.16; ``onids`` (ids only, the sidecar
+recomputes the forward): P50 0.96-1.15, P99 1.06-1.38, share 0.24-0.43; ``nopause``:
+share 1.0, P50 1.16, svc50 1.09; ``misbehave``: P50 x150-210, svc50 x2.4.
 """
 
 from __future__ import annotations
