@@ -50,7 +50,7 @@ at 90 %. ``record`` alone (no trainer): P50 0.97-1.16; ``onids`` (ids only, the 
 recomputes the forward): P50 0.96-1.15, P99 1.06-1.38, share 0.24-0.43; ``nopause``:
 share 1.0, P50 1.16, svc50 1.09; ``misbehave``: P50 x150-210, svc50 x2.4. Publishing
 every 5 s instead of 1 s (``onpub5``, three runs): P50 1.04-1.16, P99 1.07-1.22 against
-``on``'s 1.11-1.23 / 0.97-1.48 in the same runs, inside the run-to-run spread.
+every 1 s's 1.05-1.23 / 0.97-1.48 in the same runs, inside the run-to-run spread.
 """
 
 from __future__ import annotations
