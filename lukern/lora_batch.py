@@ -69,8 +69,12 @@ class BatchedTrainer:
     adapters : sequence of LoRAAdapter or None
         One per table (None: the table has no adapter and its ids are ignored). Each must
         use :class:`StableLRU` eviction and have no pending gradients when stepped.
-    tables : sequence of ndarray
-        The tables (n_rows x dim) evicted rows are folded into, one per adapter.
+    tables : sequence of ndarray or None
+        The tables (n_rows x dim) evicted rows are folded into, one per adapter. None
+        for a table: its adapter never evicts; rows that find no free slot are dropped
+        and counted in ``dropped_admissions``, as ``LoRAAdapter.backward`` does with
+        ``table=None`` (the same bits; any eviction policy then, since none runs). For
+        a trainer that may not write the served tables, e.g. in another process.
     prior_acc : sequence of 1-D arrays or None, optional
         Per table, a starting row-wise Adagrad accumulator for every row (length
         n_rows): a slot whose accumulator is 0 after the backward (a newly admitted row)
@@ -95,12 +99,13 @@ class BatchedTrainer:
                 continue
             if not isinstance(a, LoRAAdapter):
                 raise TypeError(f"`adapters[{t}]` must be a lukern.LoRAAdapter or None; got {type(a).__name__}.")
-            if type(a.eviction) is not StableLRU:
+            if table is not None and type(a.eviction) is not StableLRU:
                 raise TypeError(f"`adapters[{t}]` evicts with {type(a.eviction).__name__}; BatchedTrainer evicts "
                                 "inside its kernel and supports lukern.lora_batch.StableLRU only. Build the "
                                 "adapter with eviction=StableLRU(), or train it with LoRAAdapter.train_step.")
-            V.check_table(table, f"tables[{t}]")
-            a._check_compatible(table, f"tables[{t}]")
+            if table is not None:
+                V.check_table(table, f"tables[{t}]")
+                a._check_compatible(table, f"tables[{t}]")
             if prior is not None:
                 V.check_array(f"prior_acc[{t}]", prior, 1)
                 if prior.shape != (a.n_rows,) or prior.dtype != a.dtype:
@@ -183,6 +188,9 @@ class BatchedTrainer:
             a._G = np.zeros((min(max(need, 2 * a._G.shape[0]), a.capacity), a.rank), a.dtype)
         prior = self.prior_acc[t]
         table = self.tables[t]
+        evict = table is not None
+        if not evict:  # never read by the kernel then; a placeholder of the table's type
+            table = np.empty((0, a.dim), a.dtype)
         dB = np.zeros((a.rank, a.dim), np.float64)
         B_new = np.empty((a.rank, a.dim), a.dtype)
         acc_b_new = np.empty((a.rank, a.dim), a.dtype)
@@ -193,7 +201,8 @@ class BatchedTrainer:
                 st.acc_a, st.B, st.acc_b, float(st.scale), table.dtype.type(st.scale), a._free, a._n_free, a._local,
                 a._uniq, a._G, a.step_count, int(a.capacity * a.evict_fraction), table,
                 _EMPTY_PRIOR[a.dtype] if prior is None else prior, prior is not None, _OPT_A[a.optimizer_a],
-                _OPT_B[a.optimizer_b], a.lr_a, a.lr_b, a.weight_decay, a.eps, _BACKWARD_CHUNK, dB, B_new, acc_b_new)
+                _OPT_B[a.optimizer_b], a.lr_a, a.lr_b, a.weight_decay, a.eps, _BACKWARD_CHUNK, dB, B_new, acc_b_new,
+                evict)
             a._n_free = int(n_free)
             if status == K.OK:
                 a._state = st.replace(B=B_new, acc_b=acc_b_new if a.optimizer_b == "adagrad" else st.acc_b)

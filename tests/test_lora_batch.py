@@ -108,6 +108,31 @@ def test_none_adapter_and_rejected_table():
         _assert_same(ar[t], ab[t], tr[t], tb[t])
 
 
+@pytest.mark.parametrize("dtype,mode,per_bag", [(np.float32, "sum", 1), (np.float64, "mean", 3)])
+def test_no_table_drops_like_backward_without_a_table(dtype, mode, per_bag):
+    # tables[t] None: no eviction, rows without a free slot dropped and counted, the same
+    # bits as backward(table=None) + step; any eviction policy is accepted (none runs)
+    sizes, dim = (300, 40, 2000), 8
+    rng = np.random.default_rng(6)
+    ar = [lukern.LoRAAdapter(n, dim, rank=3, capacity=c, dtype=dtype, seed=t)
+          for t, (n, c) in enumerate(zip(sizes, (6, 5, 40)))]
+    ab = [lukern.LoRAAdapter(n, dim, rank=3, capacity=c, dtype=dtype, seed=t)
+          for t, (n, c) in enumerate(zip(sizes, (6, 5, 40)))]
+    trainer = BatchedTrainer(ab, [None, None, None])
+    for _ in range(8):
+        idx, off = _batch(rng, sizes, 50, per_bag)
+        grad = (0.3 * rng.standard_normal((len(sizes), 50, dim))).astype(dtype)
+        want = [a.backward(idx[t], off, grad[t], table=None, mode=mode) and a.step() for t, a in enumerate(ar)]
+        assert trainer.train_step(idx, off, grad, mode=mode) == want == [True] * 3
+        for a, b in zip(ar, ab):
+            for name in STATE:
+                np.testing.assert_array_equal(getattr(a._state, name), getattr(b._state, name), err_msg=name)
+            for name in ("step_count", "version", "evicted_rows", "dropped_admissions", "n_active"):
+                assert getattr(a, name) == getattr(b, name), name
+    assert all(b.evicted_rows == 0 for b in ab) and ab[0].dropped_admissions > 0
+    assert ab[2].n_active > 0 and np.abs(ab[2].A).sum() > 0
+
+
 def test_stable_lru_choose_matches_kernel():
     from lukern._kernels.lora_batch import stable_lru
 

@@ -14,16 +14,22 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the sidecar and
 
 def test_serving_bench_runs_every_kind_of_arm(capsys):
     code = serving.main(["--duration", "0.4", "--segment", "0.2", "--rows", "2000", "--batch", "32",
-                         "--train-batch", "64", "--buffer", "4096", "--probe", "0.3", "--arms", "off,offb,on,hog,sleepyhog,idle",
+                         "--train-batch", "64", "--buffer", "4096", "--probe", "0.3", "--arms",
+                         "off,offb,on,onold,onstaged,record,hog,sleepyhog,idle", "--max-others", "-1", "--max-redo", "2", "--quiet-wait", "0.6",
                          "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     by = {a["arm"]: a for a in out["arms"]}
-    assert set(by) == {"off", "offb", "on", "hog", "sleepyhog", "idle"}
+    assert set(by) == {"off", "offb", "on", "onold", "onstaged", "record", "hog", "sleepyhog", "idle"}
+    # every round was over the (impossible) quiet threshold: repeated until the budget ran out,
+    # and each arm kept one segment per round
+    assert out["verdict"]["rounds_repeated"] == 2
+    assert by["off"]["requests"] == by["on"]["requests"] == by["hog"]["requests"]
+    assert by["record"]["trained"] == 0 and by["record"]["fed"] > 0  # record() only, no trainer
     assert by["on"]["mode"] == "process" and by["on"]["fed"] > 0
     assert 0 <= by["on"]["trained"] <= by["on"]["fed"]
     assert by["idle"]["samples_per_s"] > 0  # at 0 % load the trainer uses the spare CPU
-    for arm in ("offb", "on", "hog", "sleepyhog"):
+    for arm in ("offb", "on", "onold", "record", "hog", "sleepyhog"):
         for q in ("p50", "p99", "svc50"):
             assert np.isfinite(out["verdict"][f"{arm}_paired_{q}_ratio"]) and out["verdict"][f"{arm}_paired_{q}_ratio"] > 0
     assert {"p50_ratio", "p99_ratio", "trained_share", "paired_bars_met", "on_vs_sleepyhog_paired_p50_ratio"} <= set(out["verdict"])

@@ -418,3 +418,35 @@ def test_placement_on_a_fake_two_node_topology():
     with up:  # pinning to CPUs this host lacks falls back to the allowed ones, training goes on
         up.record(ids_batch(np.random.default_rng(0), 16), np.ones(16))
         assert up.flush(timeout=30)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint32])
+def test_first_bad_sample_matches_a_numpy_reference(dtype):
+    # the branch-free pass must find exactly what a plain search finds: the first
+    # non-finite label, else the first sample/table with an id outside [0, n_rows[t])
+    from lukern._kernels.sched import first_bad_sample
+
+    rng = np.random.default_rng(11)
+    n_rows = np.array([5, 300, 70], np.int64)
+
+    def reference(ids, y):
+        for i in range(len(y)):
+            if not np.isfinite(y[i]):
+                return 2, i, 0
+        for i in range(ids.shape[0]):
+            for t in range(ids.shape[1]):
+                if ((ids[i, t] < 0) | (ids[i, t] >= n_rows[t])).any():
+                    return 1, i, t
+        return 0, -1, -1
+
+    for trial in range(200):
+        n, L = int(rng.integers(1, 40)), int(rng.integers(1, 4))
+        ids = np.stack([rng.integers(0, r, (n, L)) for r in n_rows], axis=1)
+        y = rng.standard_normal(n)
+        for _ in range(int(rng.integers(0, 3))):
+            i, t, k = rng.integers(0, n), rng.integers(0, 3), rng.integers(0, L)
+            ids[i, t, k] = n_rows[t] + rng.integers(0, 3) if (rng.random() < 0.5 or dtype == np.uint32) else -1
+        if rng.random() < 0.2:
+            y[rng.integers(0, n)] = rng.choice([np.nan, np.inf, -np.inf])
+        got = first_bad_sample(ids.astype(dtype), n_rows, y)
+        assert tuple(int(v) for v in got) == reference(ids, y), trial

@@ -267,3 +267,80 @@ def test_sidecar_pinned_to_given_cpus_trains_and_reports_them():
         lukern.LiveUpdater(tb, loss_grad, cpus=[])
     with pytest.raises(ValueError, match="cpus"):
         lukern.LiveUpdater(tb, loss_grad, cpus=[10_000])
+
+
+def _staging_updater(**kw):
+    from lukern.sched import LiveUpdater
+    rng = np.random.default_rng(3)
+    tables = lukern.TableBatch([rng.standard_normal((n, 4)).astype(np.float32) for n in (40, 30, 20)])
+    w = np.linspace(-1, 1, 12).astype(np.float32)
+
+    def loss_grad(pooled, labels):
+        err = pooled @ w - labels
+        return float((err ** 2).mean()), (2 * err[:, None] * w[None, :] / len(err)).astype(np.float32)
+
+    return LiveUpdater(tables, loss_grad, mode="process", pin=False, qos="cooperative", batch_size=16,
+                       record_pooled=True, batch_wait=0.0,
+                       adapter_kwargs={"rank": 2, "capacity": 64, "optimizer_a": "sgd", "optimizer_b": "sgd",
+                                       "lr_a": 0.1, "lr_b": 0.01}, **kw)
+
+
+def _requests(up, n_req=6, n=16):
+    rng = np.random.default_rng(4)
+    out = []
+    for _ in range(n_req):
+        ids = np.stack([rng.integers(0, r, n) for r in (40, 30, 20)], axis=1)
+        idx = np.ascontiguousarray(ids.T).reshape(-1)
+        out.append((ids, idx, np.arange(idx.size + 1), rng.standard_normal(n)))
+    return out
+
+
+def test_out_buffers_train_the_same_as_copied_pooled():
+    # the trainer reads staged rows in place: the same steps as with the rows copied
+    results = []
+    for staged in (False, True):
+        up = _staging_updater(**({"out_buffers": 4, "out_rows": 16} if staged else {}))
+        with up:
+            for ids, idx, off, y in _requests(up):
+                buf = up.out_buffer(len(y))
+                assert (buf is not None) == staged
+                pooled = up.tables.lookup(idx, off, adapters=up.adapters, out=buf)
+                up.record(ids, y, pooled=pooled)
+                assert up.flush(timeout=60)
+        st = up.stats()
+        assert st["samples"] == 96 and st["dropped"] == 0 and st["steps"] == 6
+        results.append([a.dense_delta() for a in up.adapters])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_out_buffer_handed_out_again_before_read_drops_its_samples():
+    up = _staging_updater(out_buffers=2, out_rows=16)
+    reqs = _requests(up, n_req=3)
+    for ids, idx, off, y in reqs:  # trainer not running: buffer 0 is handed out again by the third
+        buf = up.out_buffer(16)
+        up.record(ids, y, pooled=up.tables.lookup(idx, off, out=buf))
+    with up:
+        assert up.flush(timeout=60)
+    st = up.stats()
+    assert st["recorded"] == 48 and st["samples"] == 32 and st["dropped"] == 16
+    assert up.out_buffer(17) is None  # larger than out_rows: the caller uses its own array
+
+
+def test_out_buffer_misuse_is_rejected_and_queues_nothing():
+    import threading
+    up = _staging_updater(out_buffers=2, out_rows=16)
+    (ids, idx, off, y), = _requests(up, n_req=1)
+    buf = up.out_buffer(16)
+    up.record(ids, y, pooled=buf)
+    with pytest.raises(ValueError, match="out_buffer"):
+        up.record(ids, y, pooled=buf)  # recorded twice
+    other = []
+    t = threading.Thread(target=lambda: other.append(up.out_buffer(16)))
+    t.start()
+    t.join()
+    with pytest.raises(ValueError, match="out_buffer"):
+        up.record(ids, y, pooled=other[0])  # handed to another thread
+    assert up.stats()["recorded"] == 16
+    with pytest.raises(ValueError, match="out_buffers"):
+        _staging_updater(out_buffers=2)  # no out_rows

@@ -254,13 +254,16 @@ def step_b(dB, B, acc_b, adagrad, lr, wd, eps, B_new, acc_new):
 @njit(nogil=True, cache=True)
 def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row, last_step, A, acc_a, B, acc_b,
                 scale, fold_scale, free, n_free, local, uniq, G, step, evict_min, table, prior, use_prior, opt_a, opt_b,
-                lr_a, lr_b, wd, eps, chunk, dB, B_new, acc_b_new):
+                lr_a, lr_b, wd, eps, chunk, dB, B_new, acc_b_new, evict=True):
     """Backward + optimizer step of one adapter for one batch (see the module docstring).
 
     ``opt_a``: 0 row-wise Adagrad, 1 SGD; ``opt_b``: 0 Adagrad, 1 SGD. B and its
     accumulator are written to ``B_new`` and ``acc_b_new`` (the caller swaps them in). ``evict_min``: slots freed at least when the
     free slots run out (``int(capacity * evict_fraction)``). ``prior``: per-row starting
     Adagrad accumulator for slots whose accumulator is 0 (``use_prior``).
+
+    ``evict=False``: rows that find no free slot are dropped (``LoRAAdapter.backward``
+    with ``table=None``); ``table`` is then never touched (may be empty).
 
     Returns ``(status, n_free, evicted, dropped, n_evicted)``: ``evicted`` is True when
     the slots ran out and the policy ran (the adapter's version moves then, even if it
@@ -275,7 +278,7 @@ def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row
     n_free, n_u, missed = assign_slots(indices, keys, vals, mask, bitmap, slot_row, last_step, free, n_free, step,
                                        slots, local, uniq, n_u, G, known, False, pend)
     n_evicted = 0
-    evicted = missed > 0
+    evicted = evict and missed > 0
     if evicted:
         ev = stable_lru(slot_row, last_step, step, max(missed, evict_min))
         fold_rows_ahead(table, A, B, fold_scale, slot_row, ev)

@@ -15,18 +15,34 @@ def first_bad_sample(ids, n_rows, labels):
 
     ``ids`` (n, T, L) integers, ``n_rows`` (T,) int64, ``labels`` (n,) float64.
     Returns (kind, i, t): kind 0 all good, 1 ``ids[i, t, :]`` holds an id outside
-    [0, n_rows[t]), 2 ``labels[i]`` is not finite.
+    [0, n_rows[t]), 2 ``labels[i]`` is not finite (labels are reported first).
+
+    The common all-good batch takes one branch-free pass (one unsigned compare per id:
+    a negative id wraps to a huge value); only a failing batch is searched again for the
+    first bad sample.
     """
     n, T, L = ids.shape
+    bad = False
     for i in range(n):
-        if not np.isfinite(labels[i]):
-            return 2, i, 0
+        bad |= not (np.abs(labels[i]) < np.inf)  # NaN and +-Inf
+    if bad:
+        for i in range(n):
+            if not np.isfinite(labels[i]):
+                return 2, i, 0
+    bad = False
+    for i in range(n):
         for t in range(T):
-            hi = n_rows[t]
+            hi = np.uint64(n_rows[t])
             for k in range(L):
-                v = ids[i, t, k]
-                if v < 0 or v >= hi:
-                    return 1, i, t
+                bad |= np.uint64(ids[i, t, k]) >= hi
+    if bad:
+        for i in range(n):
+            for t in range(T):
+                hi = n_rows[t]
+                for k in range(L):
+                    v = ids[i, t, k]
+                    if v < 0 or v >= hi:
+                        return 1, i, t
     return 0, -1, -1
 
 
@@ -50,3 +66,24 @@ def spin_while_busy(flight, k, max_iters):
         if flight[0] < k:
             return True
     return False
+
+
+
+@njit(nogil=True, cache=True)
+def gather_pooled(ring, h, ref, stage):
+    """The pooled rows of ``n = ref.shape[0]`` ring samples starting at slot ``h``: a
+    sample with ``ref[i] = (k, gen, row)``, ``k >= 0``, lies in staging buffer
+    ``stage[k, row]`` (``LiveUpdater.out_buffer``); one with ``k < 0`` in
+    ``ring[(h + i) % cap]``. Returns a new (n, D) array."""
+    n = ref.shape[0]
+    cap, D = ring.shape
+    out = np.empty((n, D), ring.dtype)
+    for i in range(n):
+        k = ref[i, 0]
+        if k >= 0:
+            src = stage[k, ref[i, 2]]
+        else:
+            src = ring[(h + i) % cap]
+        for j in range(D):
+            out[i, j] = src[j]
+    return out

@@ -8,9 +8,12 @@ to the NUMA node that holds the tables and run at the QoS level probed at start
 (SCHED_IDLE here), takes mini-batches from the ring and for each:
 
 1. pools the batch's embeddings *with* the adapters (TableBatch lookup), in chunks of
-   about 1 ms of work;
+   about 1 ms of work, unless the serving forward's pooled rows were recorded (then
+   read from the ring, or in place from an :meth:`~LiveUpdater.out_buffer`);
 2. calls the model's ``loss_grad(pooled, labels[, extra]) -> (loss, d loss/d pooled)``;
-3. runs each adapter's backward (one table per chunk), then every adapter's ``step()``.
+3. steps each table's adapter (one table per chunk): backward, eviction and optimizer
+   step in one :class:`lukern.lora_batch.BatchedTrainer` kernel call where that gives
+   the adapter's own results, else the adapter's ``backward`` and then ``step()``.
 
 Between chunks the fast guard pauses while inference has requests in flight; every
 ``period`` the slow controller moves chunk size, step rate and threads against the
@@ -18,9 +21,11 @@ user's P99 target. The heavy work is in nogil Numba kernels; the Python glue per
 a few calls per table, so a trainer that holds the GIL does so in short stretches
 (``switch_interval`` shortens the longest wait inference can see, process-wide).
 
-A step is committed adapter by adapter only after every backward succeeded; a loss
-callback that raises, or returns a non-finite or misshaped gradient, is logged,
-counted and leaves every adapter untouched.
+A loss callback that raises, or returns a non-finite or misshaped gradient, is logged,
+counted and leaves every adapter untouched (the gradient is checked before any table
+steps). On the per-adapter path a step is committed only after every backward
+succeeded; on the batched path each table commits with its own call (the ids were
+checked at record(), so nothing is expected to fail in between).
 
 Examples
 --------
@@ -50,7 +55,7 @@ import time
 
 import numpy as np
 
-from .._kernels.sched import fence, first_bad_sample, spin_while_busy
+from .._kernels.sched import fence, first_bad_sample, gather_pooled, spin_while_busy
 from ..embedding import TableBatch
 from ..lora import LoRAAdapter
 from . import qos as _qos
@@ -177,6 +182,21 @@ class LiveUpdater:
         1). Measured on the reference machine with the sidecar: pausing only when every
         CPU could be busy (2) left inference P99 x1.5-4 (the trainer on the other core
         still takes cache and memory bandwidth); pausing on any request, P99 within noise.
+    batched : bool
+        Step each table with :class:`lukern.lora_batch.BatchedTrainer` (one kernel call
+        per table for backward, eviction and optimizer step) where its results equal
+        ``backward`` + ``step`` (see :meth:`_batched_trainers`); False: always the
+        adapters' own ``backward`` + ``step`` (for comparison).
+    out_buffers, out_rows : int
+        Process mode with ``record_pooled``: ``out_buffers`` shared-memory buffers of
+        ``out_rows`` samples each, handed out by :meth:`out_buffer` for the serving
+        forward to write its pooled embeddings into; ``record(..., pooled=that buffer)``
+        then queues a reference instead of copying them (the copy cost ~15-25 us of the
+        serving thread per 256-sample request of 26 x 16 floats). A buffer is reused
+        ``out_buffers`` requests later: samples the trainer has not read by then are
+        dropped (counted), so size it like the ring (``out_buffers * out_rows`` samples).
+        Measured on a 2-core EPYC VM: no cheaper for the serving thread than the copy (a
+        forward writing into shared memory is slower by about as much); kept opt-in.
     mode : {"process", "thread"}, optional
         Default "process" where ``os.fork`` exists (else "thread"): on the reference
         machine a trainer *thread* could not keep inference latency in its bar (the GIL
@@ -201,7 +221,9 @@ class LiveUpdater:
                  max_rate: float | None = None, switch_interval: float | None = None, period: float = 0.25,
                  mode: str | None = None, publish_every: float = 0.2, pooling: int = 1, extra_width: int = 0,
                  record_pooled: bool = False, pause_in_flight: int = 1, cpus=None, batch_wait: float = 0.05,
-                 pause_wait: str = "sleep", breathe_every: float = 1e-3, clock=time.perf_counter):
+                 pause_wait: str = "sleep", breathe_every: float = 1e-3, batched: bool = True,
+                 out_buffers: int = 0, out_rows: int = 0,
+                 clock=time.perf_counter):
         if isinstance(tables, TableBatch):
             self.tables = tables
         else:
@@ -297,7 +319,27 @@ class LiveUpdater:
                 self._ring["extra"] = _shared_array((self.buffer_size, int(extra_width)), np.float64)
             if record_pooled:
                 self._ring["pooled"] = _shared_array((self.buffer_size, self.col_offsets[-1]), self.dtype)
+        for name, v in (("out_buffers", out_buffers), ("out_rows", out_rows)):
+            if not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0; got {v!r}.")
+        self._stage = None
+        if out_buffers:
+            if mode != "process" or not record_pooled or out_rows < 1:
+                raise ValueError("`out_buffers` needs mode='process', record_pooled=True and `out_rows` >= 1 (the "
+                                 f"samples per buffer); got mode={mode!r}, record_pooled={record_pooled!r}, "
+                                 f"out_rows={out_rows!r}.")
+            # per buffer: the pooled rows, and a generation bumped whenever it is handed out
+            self._stage = _shared_array((int(out_buffers), int(out_rows), self.col_offsets[-1]), self.dtype)
+            self._stage_gen = _shared_array(int(out_buffers), np.int64)
+            self._stage_next = 0
+            self._stage_tls = threading.local()
+            base = self._stage.__array_interface__["data"][0]
+            self._stage_span = (base, base + self._stage.nbytes, self._stage[0].nbytes, self._stage[0, 0].nbytes)
+            # per ring slot: (buffer, generation, row) of a staged sample, buffer -1: pooled in the ring
+            self._ring["_stage"] = _shared_array((self.buffer_size, 3), np.int64)
         self._in_child = False
+        # per-table BatchedTrainers, built by the trainer on its first step (False: not used)
+        self._batched = None if batched else False
         self._held_evt = threading.Event()
         self._pid = None
         self._receiver = None
@@ -335,6 +377,41 @@ class LiveUpdater:
     def serving(self):
         """``with updater.serving():`` around one inference request (load signal)."""
         return self.load.request()
+
+    def out_buffer(self, n: int):
+        """A writable (n, sum(d_t)) buffer for the serving forward's pooled output
+        (``lookup(..., out=buf)``), or None (no ``out_buffers``, or ``n > out_rows``).
+        Record that request with ``record(ids, labels, pooled=buf)`` from the same
+        thread, before asking for the next buffer there: the trainer reads the rows in
+        place, the serving thread copies nothing. The buffer is the caller's until it
+        records; it is handed out again ``out_buffers`` calls later."""
+        if self._stage is None or n > self._stage.shape[1]:
+            return None
+        with self._lock:
+            k = self._stage_next % self._stage.shape[0]
+            self._stage_next += 1
+            g = int(self._stage_gen[k]) + 1
+            self._stage_gen[k] = g  # claimed: a reader of its old rows now sees them invalid
+            fence()  # ... before the forward writes them
+        self._stage_tls.issued = (k, g)
+        return self._stage[k, :n]
+
+    def _staged(self, pooled, n):
+        """(buffer, generation, first row) when ``pooled`` lies in a staging buffer, else
+        None; raises when it is one this thread was not handed (or was handed again)."""
+        lo, hi, buf_bytes, row_bytes = self._stage_span
+        addr = pooled.__array_interface__["data"][0]
+        if not lo <= addr < hi:
+            return None
+        k, rest = divmod(addr - lo, buf_bytes)
+        row = rest // row_bytes
+        issued = getattr(self._stage_tls, "issued", None)
+        if (not pooled.flags.c_contiguous or rest % row_bytes or issued is None or issued[0] != k
+                or int(self._stage_gen[k]) != issued[1] or row + n > self._stage.shape[1]):
+            raise ValueError("`pooled` lies in an out_buffer() buffer that is not the one this thread was handed "
+                             "last (or was handed out again since): record each buffer once, from the thread that "
+                             "asked for it, before asking for the next.")
+        return k, issued[1], row
 
     def record(self, batch, labels, *, extra=None, pooled=None) -> None:
         """Queue labelled samples for training.
@@ -387,14 +464,22 @@ class LiveUpdater:
             pooled = np.asarray(pooled)
             if pooled.shape != (n, self.col_offsets[-1]):
                 raise ValueError(f"`pooled` must have shape ({n}, {self.col_offsets[-1]}); got {pooled.shape}.")
+        staged = self._staged(pooled, n) if self._stage is not None and pooled is not None and n else None
         if n == 0:
             return
         pool = ids3.shape[2]
         cols = {"ids": ids3, "labels": y}
         if extra is not None:
             cols["extra"] = extra
-        if pooled is not None:
+        if staged is not None:  # a reference to the rows, not the rows
+            ref = np.empty((n, 3), np.int64)
+            ref[:, 0], ref[:, 1], ref[:, 2] = staged[0], staged[1], np.arange(staged[2], staged[2] + n)
+            cols["_stage"] = ref
+            self._stage_tls.issued = None  # recorded: a second record of it is a caller bug
+        elif pooled is not None:
             cols["pooled"] = pooled
+            if self._stage is not None:
+                cols["_stage"] = np.full((n, 3), -1, np.int64)
         with self._lock:
             if self._ring is None:  # thread mode: the first record fixes the layout
                 cap = self.buffer_size
@@ -406,7 +491,8 @@ class LiveUpdater:
                 if pooled is not None:
                     self._ring["pooled"] = np.zeros((cap, self.col_offsets[-1]), self.dtype)
             ring = self._ring
-            if set(cols) != set(ring) or any(v.shape[1:] != ring[k].shape[1:] for k, v in cols.items()):
+            want_cols = set(ring) - ({"pooled"} if "_stage" in cols and "pooled" not in cols else set())
+            if set(cols) != want_cols or any(v.shape[1:] != ring[k].shape[1:] for k, v in cols.items()):
                 want = {k: v.shape[1:] for k, v in ring.items()}
                 got = {k: v.shape[1:] for k, v in cols.items()}
                 raise ValueError(f"every record must carry the same fields as the first (per-sample shapes {want}); "
@@ -450,13 +536,29 @@ class LiveUpdater:
             self._ctr[1] += start - r  # overwritten before they were read
         n = min(n, w - start)
         h = start % cap
+        staged = "_stage" in self._ring
         if h + n <= cap:
-            out = {k: v[h:h + n].copy() for k, v in self._ring.items()}
+            out = {k: v[h:h + n].copy() for k, v in self._ring.items() if not (staged and k == "pooled")}
         else:
             sel = (h + np.arange(n)) % cap
-            out = {k: v[sel] for k, v in self._ring.items()}
-        fence()  # the claim counter is read after the copy it validates
+            out = {k: v[sel] for k, v in self._ring.items() if not (staged and k == "pooled")}
+        if staged:
+            # staged samples' rows from their buffers, the others' from the ring
+            out["pooled"] = gather_pooled(self._ring["pooled"], h, out["_stage"], self._stage)
+        fence()  # the claim counter (and the buffers' generations) are read after the copy
         lost = min(n, int(self._ctr[7]) - cap - start)
+        if staged:
+            ref = out.pop("_stage")
+            stale = (ref[:, 0] >= 0) & (self._stage_gen[np.maximum(ref[:, 0], 0)] != ref[:, 1])
+            if stale.any():  # a buffer handed out again before its rows were read: drop them
+                keep = ~stale
+                keep[:max(lost, 0)] = False  # (those are counted as lost below)
+                self._ctr[1] += int(stale[max(lost, 0):].sum())
+                out = {k: v[keep] for k, v in out.items()}
+                self._ctr[0] = start + n
+                if lost > 0:
+                    self._ctr[1] += lost
+                return out if len(out["labels"]) else None
         self._ctr[0] = start + n
         if lost > 0:
             self._ctr[1] += lost
@@ -916,6 +1018,14 @@ class LiveUpdater:
             return
         grad = grad.astype(self.dtype, copy=False)
         off = np.arange(0, n * L + 1, L, dtype=np.int64)
+        batched = self._batched_trainers()
+        if batched is not None:
+            if not self._step_batched(batched, ids, off, grad):
+                return
+            self.steps += 1
+            self.samples += n
+            self.last_loss = float(loss)
+            return
         touched = []
         try:
             for t in self._trained:
@@ -939,3 +1049,42 @@ class LiveUpdater:
         self.steps += 1
         self.samples += n
         self.last_loss = float(loss)
+
+    # -- the table-batched step (lukern.lora_batch.BatchedTrainer) --------------------------
+
+    def _batched_trainers(self):
+        """Per trained table a one-adapter :class:`~lukern.lora_batch.BatchedTrainer`
+        (backward, eviction and optimizer step in one kernel call instead of about 15
+        Python-level calls), or None where its results would differ from
+        ``backward`` + ``step``: an adapter with ``acc_a_init`` (the batched kernel does not
+        seed from it) or, where rows are folded into the served tables (thread mode), an
+        eviction policy other than ``StableLRU``. One trainer per table keeps a guard
+        check between tables (a request waits at most one table's step). Built in the
+        trainer (thread or sidecar), on its first step."""
+        if self._batched is None:
+            from ..lora_batch import BatchedTrainer, StableLRU
+            ok = all(self.adapters[t].acc_a_init is None and (self._in_child or type(self.adapters[t].eviction)
+                                                              is StableLRU) for t in self._trained)
+            # the sidecar cannot write the served tables: no eviction there (rows without a
+            # free slot are dropped and counted, as backward(table=None) does)
+            self._batched = [(t, BatchedTrainer([self.adapters[t]],
+                                                [None if self._in_child else self.tables.tables[t]]))
+                             for t in self._trained] if ok else False
+        return self._batched or None
+
+    def _step_batched(self, batched, ids, off, grad):
+        """One step on every trained table, table by table with a guard check between.
+        Returns False (counted, logged) when a table's call failed: the tables before it
+        have stepped (the checks at record() leave nothing expected to fail here)."""
+        try:
+            for t, tr in batched:
+                c0, c1 = self.col_offsets[t], self.col_offsets[t + 1]
+                idx = np.ascontiguousarray(ids[:, t, :]).reshape(1, -1)
+                tr.train_step(idx, off, np.ascontiguousarray(grad[:, c0:c1])[None])
+                self.guard.check()
+        except Exception as exc:
+            self.loss_errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("lukern trainer: adapter step failed; the rest of the batch skipped")
+            return False
+        return True
