@@ -954,6 +954,10 @@ class LiveUpdater:
                 last_step = self.clock()
                 try:
                     self._step(batch)
+                except Exception as exc:  # a bug, not bad data (that is counted in _step): say why the trainer stopped
+                    self.last_error = f"trainer stopped: {type(exc).__name__}: {exc}"
+                    log.exception("lukern trainer stopped")
+                    raise
                 finally:
                     self.consumed += len(batch["labels"])
         finally:
@@ -1056,15 +1060,18 @@ class LiveUpdater:
         """Per trained table a one-adapter :class:`~lukern.lora_batch.BatchedTrainer`
         (backward, eviction and optimizer step in one kernel call instead of about 15
         Python-level calls), or None where its results would differ from
-        ``backward`` + ``step``: an adapter with ``acc_a_init`` (the batched kernel does not
+        ``backward`` + ``step``: an object that is not a plain ``LoRAAdapter``, an adapter with ``acc_a_init`` (the batched kernel does not
         seed from it) or, where rows are folded into the served tables (thread mode), an
         eviction policy other than ``StableLRU``. One trainer per table keeps a guard
         check between tables (a request waits at most one table's step). Built in the
         trainer (thread or sidecar), on its first step."""
         if self._batched is None:
             from ..lora_batch import BatchedTrainer, StableLRU
-            ok = all(self.adapters[t].acc_a_init is None and (self._in_child or type(self.adapters[t].eviction)
-                                                              is StableLRU) for t in self._trained)
+            from ..lora import LoRAAdapter
+            # a wrapper with its own backward (e.g. the replay's slot seeding) keeps the
+            # per-call path: the batched kernel would bypass it
+            ok = all(isinstance(self.adapters[t], LoRAAdapter) and self.adapters[t].acc_a_init is None
+                     and (self._in_child or type(self.adapters[t].eviction) is StableLRU) for t in self._trained)
             # the sidecar cannot write the served tables: no eviction there (rows without a
             # free slot are dropped and counted, as backward(table=None) does)
             self._batched = [(t, BatchedTrainer([self.adapters[t]],
