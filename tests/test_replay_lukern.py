@@ -155,3 +155,16 @@ def test_rank_controllers_only_where_the_window_fits(tiny):
     # rank_min_window=1: every adapter gets its controller again
     s = LukernStrategy(m0, budget_pct=2.0, rank_min_window=1, **kw)
     assert all((c is None) == (a is None) for a, c in zip(s.adapters, s.controllers))
+
+
+def test_bars_separate_the_point_difference_from_the_interval():
+    from lukern.replay.runner import _bars
+
+    out = {"lukern": {"adapter_mem_pct_max": 0.5}}
+    comps = {"lukern_vs_delta": {"auc_diff": 0.001, "ci95": [-0.002, 0.004], "bytes_ratio": float("inf"),
+                                 "cpu_ratio": 2.5},
+             "lukern_vs_stale": {"auc_diff": 0.01, "ci95": [0.001, 0.02], "bytes_ratio": None, "cpu_ratio": None}}
+    bars = _bars(out, comps)
+    assert bars["auc_beats_delta"] and not bars["auc_beats_delta_ci"]
+    assert bars["auc_beats_stale"] and bars["auc_beats_stale_ci"]
+    assert bars["cpu_2x_below_delta"] and bars["adapter_mem_below_1pct_goal"]

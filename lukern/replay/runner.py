@@ -465,6 +465,9 @@ def _bars(out, comps):
         c = comps.get(f"lukern_vs_{other}")
         if c is not None:
             bars[f"auc_beats_{other}"] = bool(c["auc_diff"] > 0)
+            # the overall difference alone can be noise: also whether the per-window
+            # bootstrap interval stays above zero
+            bars[f"auc_beats_{other}_ci"] = bool(np.isfinite(c["ci95"][0]) and c["ci95"][0] > 0)
     d = comps.get("lukern_vs_delta")
     if d is not None:
         bars["bytes_2x_below_delta"] = bool(d["bytes_ratio"] is not None and d["bytes_ratio"] >= 2)
