@@ -569,7 +569,7 @@ class LoRAAdapter:
         rows = rows.astype(np.int64, copy=False)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
             raise IndexError(f"`row_ids` must be in [0, {self.n_rows}); got [{rows.min()}, {rows.max()}].")
-        if np.unique(rows).size != rows.size:
+        if LK.has_duplicate(rows):
             raise ValueError("`row_ids` must be unique (which value would win for a repeated id?).")
         vals = np.asarray(acc_a)
         if vals.ndim == 0:
@@ -1095,11 +1095,11 @@ class LoRAAdapter:
             raise ValueError(f"`factors` do not fit a dim-{self.dim} adapter: row_ids {rows.shape}, A {A.shape}, B {B.shape}.")
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
             raise IndexError(f"`factors.row_ids` must be in [0, {self.n_rows}); got [{rows.min()}, {rows.max()}].")
-        if np.unique(rows).size != rows.size:
+        rows = np.ascontiguousarray(rows, np.int64)
+        if LK.has_duplicate(rows):
             raise ValueError("`factors.row_ids` must be unique.")
         if not (np.isfinite(A).all() and np.isfinite(B).all() and np.isfinite(factors.scale)):
             raise ValueError("`factors` hold NaN or Inf; nothing was applied.")
-        rows = np.asarray(rows, np.int64)
         if table is not None:
             V.check_table(table)
             self._check_compatible(table)

@@ -702,3 +702,16 @@ def test_rank_specialised_backward_bags_equals_generic_bit_for_bit(mode, have_p,
     assert LK.backward_bags_kernel(r + 1) is LK.backward_bags
     assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
     assert np.isfinite(outs[1][0]).all() and np.isfinite(outs[1][1]).all()
+
+
+def test_has_duplicate_matches_numpy_unique():
+    from lukern._kernels.lora import has_duplicate
+
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 2, 3, 17, 1000):
+        for _ in range(20):
+            x = rng.integers(0, max(2 * n, 1), n).astype(np.int64)
+            assert has_duplicate(x) == (np.unique(x).size != x.size)
+    spaced = np.arange(0, 1 << 40, 1 << 28, dtype=np.int64)  # equal low bits: one chain with a weak hash
+    assert not has_duplicate(spaced)
+    assert has_duplicate(np.r_[spaced, spaced[7]])

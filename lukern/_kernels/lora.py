@@ -90,6 +90,28 @@ def remove(keys, vals, mask, bitmap, row):
 
 
 @njit(nogil=True, cache=True)
+def has_duplicate(rows):
+    """Whether the non-negative ids ``rows`` repeat one: an open-addressing set of a
+    power-of-two size >= 2n, O(n) (``np.unique`` sorts or hashes with more overhead,
+    ~0.4 ms for 4096 ids, and a publication checks 26 tables)."""
+    n = rows.shape[0]
+    k = 1
+    while (1 << k) < 2 * n:
+        k += 1
+    mask = (1 << k) - 1
+    seen = np.full(mask + 1, -1, np.int64)
+    for i in range(n):
+        v = rows[i]
+        h = ((v * -0x61C8864680B583EB) >> (64 - k)) & mask  # Fibonacci hashing: the product's high bits
+        while seen[h] != -1:
+            if seen[h] == v:
+                return True
+            h = (h + 1) & mask
+        seen[h] = v
+    return False
+
+
+@njit(nogil=True, cache=True)
 def rebuild_hash(slot_row, keys, vals, mask, bitmap):
     """Fill an empty hash and bitmap from ``slot_row`` (used when the hash is resized)."""
     for s in range(slot_row.shape[0]):
