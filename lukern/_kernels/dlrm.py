@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .lora import _home
+
 
 @njit(nogil=True, cache=True)
 def interaction_backward(gp, pi, pj, z, t0, out, row0):
@@ -36,9 +38,6 @@ def interaction_backward(gp, pi, pj, z, t0, out, row0):
                         o[x] += s * z[b, j, x]
 
 
-_FIB = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 (2^64 / golden ratio) as an int64
-
-
 @njit(nogil=True, cache=True)
 def sum_by_id(ids, grad, out_ids, counts, keys, pos):
     """Per table ``t``: the distinct ids of ``ids[t]`` (n,) in order of first appearance
@@ -55,10 +54,6 @@ def sum_by_id(ids, grad, out_ids, counts, keys, pos):
     d = grad.shape[2]
     m = keys.shape[0]
     mask = m - 1
-    k = 1
-    while (1 << k) < m:
-        k += 1
-    shift = 64 - k
     for t in range(n_tables):
         for i in range(m):
             keys[i] = -1
@@ -66,9 +61,7 @@ def sum_by_id(ids, grad, out_ids, counts, keys, pos):
         g = grad[t]
         for b in range(n):
             v = ids[t, b]
-            # Fibonacci hashing takes the product's high bits (the low bits of v * odd
-            # depend only on v's low bits, so ids m apart would share a chain)
-            h = ((v * _FIB) >> shift) & mask
+            h = _home(v, mask)  # the adapters' hash (Fibonacci hashing, the product's high bits)
             while keys[h] != -1 and keys[h] != v:
                 h = (h + 1) & mask
             if keys[h] == -1:
