@@ -89,6 +89,21 @@ def remove(keys, vals, mask, bitmap, row):
     keys[hole] = -1
 
 
+@njit(nogil=True, inline="always", cache=True)
+def _pending_row(local, uniq, G, sl, n_u):
+    """The pending-gradient row of slot ``sl``, given one (zeroed) on its first touch in
+    this batch. Returns (row, new pending count)."""
+    li = local[sl]
+    if li < 0:
+        li = n_u
+        local[sl] = li
+        uniq[li] = sl
+        for q in range(G.shape[1]):
+            G[li, q] = 0
+        n_u += 1
+    return li, n_u
+
+
 @njit(nogil=True, cache=True)
 def has_duplicate(rows):
     """Whether the non-negative ids ``rows`` repeat one: an open-addressing set of a
@@ -217,7 +232,6 @@ def assign_slots(indices, keys, vals, mask, bitmap, slot_row, last_step, free, n
     slot of id j without probing (a forward pass found it). ``rows_out[j]`` receives the
     pending row of id j (-1 without a slot), so the scatter reads it in order. Returns
     (free count, pending count, ids that found no free slot)."""
-    r = G.shape[1]
     missed = 0
     for j in range(indices.shape[0]):
         row = indices[j]
@@ -237,14 +251,7 @@ def assign_slots(indices, keys, vals, mask, bitmap, slot_row, last_step, free, n
         li = -1
         if sl >= 0:
             last_step[sl] = step
-            li = local[sl]
-            if li < 0:
-                li = n_u
-                local[sl] = li
-                uniq[li] = sl
-                for q in range(r):
-                    G[li, q] = 0
-                n_u += 1
+            li, n_u = _pending_row(local, uniq, G, sl, n_u)
         slots[j] = sl
         rows_out[j] = li
     return n_free, n_u, missed
@@ -463,14 +470,7 @@ def assign_scatter(indices, offsets, weights, use_w, keys, vals, mask, bitmap, s
                     slot_row[sl] = row
                     insert(keys, vals, mask, bitmap, row, sl)
             last_step[sl] = step
-            li = local[sl]
-            if li < 0:
-                li = n_u
-                local[sl] = li
-                uniq[li] = sl
-                for q in range(r):
-                    G[li, q] = 0
-                n_u += 1
+            li, n_u = _pending_row(local, uniq, G, sl, n_u)
             w = weights[j] if use_w else 1.0
             for q in range(r):
                 G[li, q] += w * U[b, q]
@@ -535,11 +535,24 @@ def reset_local(local, uniq, n_u):
         local[uniq[i]] = -1
 
 
+#: evicted rows ahead whose table lines :func:`fold_rows` prefetches
+FOLD_AHEAD = 8
+
+
 @njit(nogil=True, cache=True)
 def fold_rows(table, A, B, scale, slot_row, slots):
-    """``table[row] += scale * A[slot] @ B`` for the given slots."""
+    """``table[row] += scale * A[slot] @ B`` for the given slots, with the table rows of
+    the slots ``FOLD_AHEAD`` ahead prefetched: evicted rows are scattered over a large
+    table, so each fold would wait on a cache miss."""
     r, d = B.shape
-    for i in range(slots.shape[0]):
+    n = slots.shape[0]
+    for i in range(n):
+        if i + FOLD_AHEAD < n:
+            ahead = slot_row[slots[i + FOLD_AHEAD]]
+            if ahead >= 0:
+                for k in range(0, d, 16):  # 16 float32 (or 8 float64: every other line) per line
+                    prefetch(table, ahead, k)
+                prefetch(table, ahead, d - 1)
         sl = slots[i]
         row = slot_row[sl]
         if row < 0:

@@ -19,10 +19,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._intrinsics import prefetch
 from .checks import first_non_finite
-from .lora import (assign_slots, drop_pending, evict_slots, reset_local, rowwise_adagrad_a, scatter_grad_a, sgd_a,
-                   sum_parts)
+from .lora import (assign_slots, drop_pending, evict_slots, fold_rows, reset_local, rowwise_adagrad_a, scatter_grad_a,
+                   sgd_a, sum_parts)
 
 #: status codes of :func:`train_table`
 OK = 0
@@ -77,36 +76,6 @@ def stable_lru(slot_row, last_step, step, n):
                 k += 1
                 at_v -= 1
     return out
-
-
-#: evicted rows ahead whose table lines :func:`fold_rows_ahead` prefetches
-FOLD_AHEAD = 8
-
-
-@njit(nogil=True, cache=True)
-def fold_rows_ahead(table, A, B, scale, slot_row, slots):
-    """:func:`lukern._kernels.lora.fold_rows` (``table[row] += scale * A[slot] @ B``, the
-    same operations in the same order) with the table rows of the slots ``FOLD_AHEAD``
-    ahead prefetched: the evicted rows are scattered over a large table, so each fold
-    waited on a cache miss."""
-    r, d = B.shape
-    n = slots.shape[0]
-    for i in range(n):
-        if i + FOLD_AHEAD < n:
-            ahead = slot_row[slots[i + FOLD_AHEAD]]
-            if ahead >= 0:
-                for k in range(0, d, 16):  # 16 float32 (or 8 float64: every other line) per line
-                    prefetch(table, ahead, k)
-                prefetch(table, ahead, d - 1)
-        sl = slots[i]
-        row = slot_row[sl]
-        if row < 0:
-            continue
-        for q in range(r):
-            a = scale * A[sl, q]
-            if a != 0:
-                for k in range(d):
-                    table[row, k] += a * B[q, k]
 
 
 @njit(nogil=True, cache=True)
@@ -281,7 +250,7 @@ def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row
     evicted = evict and missed > 0
     if evicted:
         ev = stable_lru(slot_row, last_step, step, max(missed, evict_min))
-        fold_rows_ahead(table, A, B, fold_scale, slot_row, ev)
+        fold_rows(table, A, B, fold_scale, slot_row, ev)
         n_u = drop_pending(ev, local, uniq, G, n_u)
         before = n_free
         n_free = evict_slots(keys, vals, mask, bitmap, slot_row, A, acc_a, last_step, ev, free, n_free)
