@@ -13,7 +13,8 @@ import pytest
 from lukern.cli import main
 from lukern.replay.dlrm import DLRM
 from lukern.replay.report import format_report, to_json
-from lukern.replay.runner import MEASURED_FIELDS, ReplayConfig, auc, bootstrap_ci, logloss, run_replay
+from lukern.replay.runner import (MEASURED_FIELDS, ReplayConfig, auc, bootstrap_ci, logloss, run_replay,
+                                  window_bootstrap_auc_diff)
 from lukern.replay.strategies import Bandwidth, ClusterTrainer, DeltaSync, PriorityDelta, adapter_available
 from lukern.replay.synthetic import synthetic_stream
 
@@ -56,6 +57,28 @@ def test_bootstrap_ci_brackets_the_mean():
     m, lo, hi = bootstrap_ci([0.01, 0.02, 0.015, 0.03, float("nan")], n_boot=500, seed=1)
     assert lo <= m <= hi and m == pytest.approx(0.01875)
     assert np.isnan(bootstrap_ci([0.1])[1])
+
+
+def test_window_bootstrap_of_the_overall_auc_difference():
+    rng = np.random.default_rng(2)
+    ys = [(rng.random(n) < 0.2).astype(float) for n in (50, 80, 40, 120, 60)]
+    a = [np.round(y + rng.normal(0, 1, y.size), 1) for y in ys]  # ties across windows too
+    b = [np.round(0.3 * y + rng.normal(0, 1, y.size), 1) for y in ys]
+    d, lo, hi = window_bootstrap_auc_diff(ys, a, b, n_boot=400, seed=0)
+    # the point estimate is the difference of the overall AUCs of the concatenated windows
+    want = auc(np.concatenate(ys), np.concatenate(a)) - auc(np.concatenate(ys), np.concatenate(b))
+    assert d == pytest.approx(want, abs=1e-12)
+    assert lo <= d <= hi and lo > 0  # a is the better score by a wide margin
+    # a draw's AUC is the pooled AUC of the drawn windows, a window drawn twice counted twice
+    d2, _, _ = window_bootstrap_auc_diff(ys[:2] + ys[:1], a[:2] + a[:1], b[:2] + b[:1], n_boot=10)
+    y3, a3, b3 = (np.concatenate(v[:2] + v[:1]) for v in (ys, a, b))
+    assert d2 == pytest.approx(auc(y3, a3) - auc(y3, b3), abs=1e-12)
+    # identical scores: zero difference, a degenerate interval
+    assert window_bootstrap_auc_diff(ys, a, a, n_boot=50) == (0.0, 0.0, 0.0)
+    # fewer than two windows with both classes: no interval
+    assert np.isnan(window_bootstrap_auc_diff([ys[0], np.zeros(5)], [a[0], np.zeros(5)], [b[0], np.zeros(5)])[1])
+    with pytest.raises(ValueError, match="same windows"):
+        window_bootstrap_auc_diff(ys, a, b[:2])
 
 
 def test_bandwidth_matches_the_production_example():

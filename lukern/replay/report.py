@@ -107,8 +107,8 @@ def format_report(report: dict) -> str:
     comps = report.get("comparisons") or {}
     if comps:
         lines.append("")
-        lines.append("lukern vs others: overall AUC difference; mean per-window AUC difference with a 95% bootstrap "
-                     "CI over windows; update cost ratio (other / lukern)")
+        lines.append("lukern vs others: overall AUC difference [95% CI, bootstrap over windows]; mean per-window "
+                     "AUC difference [its 95% CI]; update cost ratio (other / lukern)")
         for key, c in comps.items():
             other = key.split("_vs_")[1]
             br = c.get("bytes_ratio")
@@ -116,8 +116,10 @@ def format_report(report: dict) -> str:
             cr = c.get("cpu_ratio")
             if not strategies[other]["update_cpu_s"]:
                 cr = None  # the other strategy does not update: no ratio
-            lines.append(f"  vs {other:<9} {c['auc_diff']:+.4f}   per window {_f(c['window_auc_diff_mean'], '+.4f')} "
-                         f"[{_f(c['ci95'][0], '+.4f')}, {_f(c['ci95'][1], '+.4f')}]   bytes {br_s}   "
+            wci = c.get("window_ci95") or [float("nan")] * 2
+            lines.append(f"  vs {other:<9} {c['auc_diff']:+.4f} [{_f(c['ci95'][0], '+.4f')}, {_f(c['ci95'][1], '+.4f')}]"
+                         f"   per window {_f(c['window_auc_diff_mean'], '+.4f')} "
+                         f"[{_f(wci[0], '+.4f')}, {_f(wci[1], '+.4f')}]   bytes {br_s}   "
                          f"CPU {(_f(cr, '.1f') + 'x') if cr is not None else '-'}")
     bars = report.get("bars") or {}
     if bars:
