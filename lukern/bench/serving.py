@@ -466,7 +466,7 @@ def main(argv=None):
         return _main(args)
 
 
-_ARMS = ("off", "offb", "on", "onold", "onstaged", "onpub5", "on4k", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "idle", "on90")
+_ARMS = ("off", "offb", "on", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "idle", "on90")
 _PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
@@ -558,6 +558,9 @@ def _main(args):
     # per table with full adapters) a fifth as often
     if args.mode == "process":
         configs["onpub5"] = {**good, "publish_every": 5.0}
+        # the sidecar trains but publishes nothing while the arms run: what training
+        # alone (and record()) costs, without the adoption of factors
+        configs["onnopub"] = {**good, "publish_every": 1e9}
     # record() with a ring of 4096 samples (7 MB of pooled rows instead of 27 MB streaming through L3)
     configs["on4k"] = {**good, "buffer_size": 4096}
     configs["record4k"] = {**good, "record_only": True, "buffer_size": 4096}
