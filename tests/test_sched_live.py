@@ -450,3 +450,38 @@ def test_first_bad_sample_matches_a_numpy_reference(dtype):
             y[rng.integers(0, n)] = rng.choice([np.nan, np.inf, -np.inf])
         got = first_bad_sample(ids.astype(dtype), n_rows, y)
         assert tuple(int(v) for v in got) == reference(ids, y), trial
+
+
+def test_record_fast_path_matches_the_general_path():
+    # record() of a batch in the ring's exact layout runs one kernel (checks, claim,
+    # copies, publish); the ring and counters must be what the general path leaves
+    rng = np.random.default_rng(5)
+    fast, slow = updater(buffer_size=13), updater(buffer_size=13)
+    width = len(N_ROWS) * D
+    for k in range(6):  # 6 x 5 samples through a 13-slot ring: wraps, overwrites unread ones
+        ids, y = ids_batch(rng, 5).astype(np.int64), rng.integers(0, 2, 5).astype(np.float64)
+        pooled = rng.standard_normal((5, width)).astype(np.float32)
+        used = fast._record_fast(ids, y, None, pooled)
+        assert used == (k > 0)  # the first record lays the ring out (general path)
+        if not used:
+            fast.record(ids, y, pooled=pooled)
+        slow.record(ids.astype(np.int32), list(y), pooled=pooled.astype(np.float64))  # general path
+    for name in ("ids", "labels", "pooled"):
+        np.testing.assert_array_equal(fast._ring[name], slow._ring[name], err_msg=name)
+    np.testing.assert_array_equal(fast._ctr, slow._ctr)
+    assert fast.stats()["dropped"] == slow.stats()["dropped"] == 30 - 13
+    # a bad batch in the fast layout: the general path raises its error, nothing queued
+    before = fast._ctr.copy()
+    ids = ids_batch(rng, 5).astype(np.int64)
+    ids[3, 2] = -1
+    assert not fast._record_fast(ids, np.zeros(5), None, np.zeros((5, width), np.float32))
+    with pytest.raises(IndexError, match=r"batch\[:, 2\]"):
+        fast.record(ids, np.zeros(5), pooled=np.zeros((5, width), np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        fast.record(ids_batch(rng, 5).astype(np.int64), np.array([0, 1, np.nan, 0, 1.0]),
+                    pooled=np.zeros((5, width), np.float32))
+    np.testing.assert_array_equal(fast._ctr, before)
+    # other layouts are left to the general path
+    assert not fast._record_fast(ids_batch(rng, 5).astype(np.int64), np.zeros(5), None, None)  # no pooled
+    assert not fast._record_fast(ids_batch(rng, 5).astype(np.int64), np.zeros(5), np.zeros((5, 2)),
+                                 np.zeros((5, width), np.float32))  # extra
