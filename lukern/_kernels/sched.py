@@ -92,32 +92,3 @@ def gather_pooled(ring, h, ref, stage):
         for j in range(D):
             out[i, j] = src[j]
     return out
-
-
-@njit(nogil=True, cache=True)
-def record_into_ring(ids, labels, pooled, has_pooled, n_rows, r_ids, r_labels, r_pooled, ctr):
-    """``LiveUpdater.record``'s common case in one call: check the batch
-    (:func:`first_bad_sample`), then, only if it is good, claim ring slots, copy the ids,
-    labels and (``has_pooled``) pooled rows, and publish them, as the Python path does
-    (``ctr``: the shared counters, 5 written, 7 claimed, 2 recorded; the caller holds the
-    producers' lock and has checked shapes and dtypes, ``n <= capacity``). Returns
-    :func:`first_bad_sample`'s (kind, i, t); nothing is written unless kind is 0."""
-    kind, i, t = first_bad_sample(ids, n_rows, labels)
-    if kind != 0:
-        return kind, i, t
-    n = ids.shape[0]
-    cap = r_labels.shape[0]
-    w = ctr[5]
-    ctr[7] = w + n  # claimed: slots being overwritten are visible to the reader
-    memory_fence()  # ... before any slot changes
-    for s in range(n):
-        h = (w + s) % cap
-        r_labels[h] = labels[s]
-        r_ids[h] = ids[s]
-        if has_pooled:
-            r_pooled[h] = pooled[s]
-    memory_fence()  # the slots are written before the count that publishes them
-    ctr[5] = w + n
-    ctr[2] += n
-    return 0, -1, -1
-
