@@ -54,3 +54,19 @@ def test_serving_bench_rejects_unknown_arms_and_bad_placement(capsys):
     assert serving._trainer_cpus("same", cpu) == (cpu,)
     assert cpu not in serving._trainer_cpus("other", cpu) or len(os.sched_getaffinity(0)) == 1
     assert serving._trainer_cpus("auto", cpu) is None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="placement needs two CPUs")
+def test_serving_bench_places_the_trainer_on_or_off_the_serving_cpu(capsys, monkeypatch):
+    # --serve-cpu pins the serving threads only: the trainer can then go to the other CPUs
+    monkeypatch.setattr(serving, "_SERVE_CPU", None)  # restored after the test
+    cpus = sorted(os.sched_getaffinity(0))
+    code = serving.main(["--duration", "0.2", "--segment", "0.2", "--rows", "2000", "--batch", "32",
+                         "--train-batch", "64", "--buffer", "4096", "--probe", "0.3", "--serve-cpu", str(cpus[0]),
+                         "--arms", "off,onsame,onother", "--json"])
+    assert code == 0
+    by = {a["arm"]: a for a in json.loads(capsys.readouterr().out)["arms"]}
+    assert by["onsame"]["cpus"] == [cpus[0]]
+    assert by["onother"]["cpus"] and cpus[0] not in by["onother"]["cpus"]
+    assert sorted(os.sched_getaffinity(0)) == cpus  # the caller's thread was not pinned
+    assert serving._SERVE_CPU == cpus[0]

@@ -118,6 +118,31 @@ class Model:
         return loss, g[:, None] * self.w_read[None, :]
 
 
+#: the CPU the serving threads run on (``--serve-cpu``), or None: not pinned. Only the
+#: serving threads are pinned, not the process, so that a trainer may be placed on the
+#: other CPUs (a sidecar forked from the main thread keeps the main thread's CPUs).
+_SERVE_CPU = None
+
+
+def _pin_serving():
+    if _SERVE_CPU is not None:
+        os.sched_setaffinity(0, {_SERVE_CPU})
+
+
+def _on_serving_cpu(fn, *args, **kw):
+    """``fn(*args, **kw)`` on a thread pinned like the serving threads."""
+    res = []
+
+    def run():
+        _pin_serving()
+        res.append(fn(*args, **kw))
+
+    th = threading.Thread(target=run)
+    th.start()
+    th.join()
+    return res[0]
+
+
 def _service_time(model, reqs, outs, seconds=1.0):
     """Median single-request service time (warm)."""
     ts = []
@@ -138,6 +163,7 @@ def _capacity(model, reqs, batch, workers, seconds=2.0):
     stop = time.perf_counter() + seconds
 
     def run(w):
+        _pin_serving()
         out = np.empty((batch, model.n_tables * model.dim), np.float32)
         i = w
         while time.perf_counter() < stop:
@@ -168,6 +194,7 @@ def _serve_open_loop(model, reqs, batch, rate, duration, workers, load, updater=
     t_start = time.perf_counter() + 0.05
 
     def run():
+        _pin_serving()
         out = np.empty((batch, model.n_tables * model.dim), np.float32)
         while True:
             with lock:
@@ -383,7 +410,8 @@ class _Arm:
             res.update({"fed": fed, "trained": trained, "trained_share": trained / max(1, fed),
                         "samples_per_s": trained / max(wall, 1e-9), "dropped_total": st["dropped"],
                         "paused_s": st["paused_s"], "steps": st["steps"], "qos": st["qos"], "loss": st["last_loss"],
-                        "loss_errors": st["loss_errors"], "mode": st["mode"]})
+                        "loss_errors": st["loss_errors"], "mode": st["mode"],
+                        "cpus": list(st["cpus"]) if st.get("cpus") else None})
         return res
 
 
@@ -482,10 +510,13 @@ def _trainer_cpus(spec, serve_cpu):
 
 
 def _main(args):
+    global _SERVE_CPU
     if args.serve_cpu is not None:
-        # threads inherit the affinity of the thread that creates them: every serving
-        # thread (and the capacity probes) run on this CPU
-        os.sched_setaffinity(0, {args.serve_cpu})
+        if args.serve_cpu not in os.sched_getaffinity(0):
+            raise SystemExit(f"--serve-cpu {args.serve_cpu} is not one of this process's CPUs "
+                             f"{sorted(os.sched_getaffinity(0))}")
+        # every serving thread (and the capacity probes) pins itself to this CPU
+        _SERVE_CPU = args.serve_cpu
     tcpus = _trainer_cpus(args.trainer_cpus, args.serve_cpu)
     known = _ARMS + (_PLACEMENT_ARMS if args.serve_cpu is not None else ())
     unknown = [a.strip() for a in args.arms.split(",") if a.strip() and a.strip() not in known]
@@ -508,7 +539,7 @@ def _main(args):
     with warm:
         warm.flush(timeout=300)
     model.trained = [a.export() for a in model.adapters]
-    svc = _service_time(model, reqs, outs, seconds=args.probe / 3)
+    svc = _on_serving_cpu(_service_time, model, reqs, outs, seconds=args.probe / 3)
     # capacity = closed-loop throughput now, with whatever else runs on the machine (on a
     # shared VM it can be half of 1 / service time); --rate overrides the offered load
     cap_closed = _capacity(model, reqs, args.batch, args.workers, seconds=args.probe)
