@@ -485,3 +485,61 @@ def test_record_fast_path_matches_the_general_path():
     assert not fast._record_fast(ids_batch(rng, 5).astype(np.int64), np.zeros(5), None, None)  # no pooled
     assert not fast._record_fast(ids_batch(rng, 5).astype(np.int64), np.zeros(5), np.zeros((5, 2)),
                                  np.zeros((5, width), np.float32))  # extra
+
+
+def _serve_once_on(up, cpus):
+    """One request reported from a new thread pinned to ``cpus`` (a serving thread)."""
+    def run():
+        os.sched_setaffinity(0, cpus)
+        with up.serving():
+            pass
+    th = threading.Thread(target=run)
+    th.start()
+    th.join()
+
+
+def _sched_idle_works():
+    try:
+        th_ok = []
+
+        def probe():
+            try:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                th_ok.append(True)
+            except (OSError, AttributeError):
+                th_ok.append(False)
+        th = threading.Thread(target=probe)
+        th.start()
+        th.join()
+        return th_ok[0]
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not _sched_idle_works(),
+                    reason="needs two CPUs and SCHED_IDLE")
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_trainer_follows_pinned_serving_threads(mode):
+    cpus = sorted(os.sched_getaffinity(0))
+    up = updater(mode=mode, qos="sched_idle", pin=False, publish_every=0.05)
+
+    def trainer_cpus():
+        if mode == "process":  # the sidecar's own affinity, as the kernel has it
+            return tuple(sorted(os.sched_getaffinity(up._pid)))
+        return tuple(up.stats()["cpus"] or ())
+
+    with up:
+        assert wait_for(lambda: up.stats()["running"])
+        time.sleep(0.2)
+        assert trainer_cpus() == tuple(cpus)
+        _serve_once_on(up, {cpus[0]})  # serving pinned to one CPU: the trainer joins it there
+        assert wait_for(lambda: trainer_cpus() == (cpus[0],))
+        _serve_once_on(up, {cpus[1]})  # serving spread over every CPU: the trainer's own again
+        assert wait_for(lambda: trainer_cpus() == tuple(cpus))
+    # explicit CPUs, or a trainer the kernel would not preempt, are never moved
+    for kw in ({"cpus": cpus[1:2]}, {"qos": "cooperative"}):
+        up = updater(mode="thread", pin=False, **{"qos": "sched_idle", **kw})
+        with up:
+            _serve_once_on(up, {cpus[0]})
+            time.sleep(0.2)
+            assert up.stats()["cpus"] == (tuple(cpus[1:2]) if "cpus" in kw else tuple(cpus))

@@ -34,6 +34,9 @@ import numpy as np
 
 __all__ = ["ServingLoad", "read_psi_cpu", "read_runqueue_wait"]
 
+#: 64-bit words of the serving CPU mask (CPUs 0..1023)
+_MASK_WORDS = 16
+
 
 def read_psi_cpu(proc_root="/proc") -> dict | None:
     """``{"some": total_us, "full": total_us}`` from ``<proc_root>/pressure/cpu``, or None
@@ -111,7 +114,11 @@ class ServingLoad:
             raise ValueError(f"`window` must be >= 1; got {window!r}.")
         self._lat = np.zeros(int(window), np.float64)
         self._n = 0  # latencies ever reported
-        self._flight = np.zeros(1, np.int64)  # in-flight count; share() moves it to shared memory
+        # [0] in-flight count, [1] generation of the serving CPU mask, [2:] the mask (bit c
+        # of word c // 64: CPU c); share() moves it all to shared memory
+        self._shm = np.zeros(2 + _MASK_WORDS, np.int64)
+        self._flight = self._shm[:1]
+        self._seen = threading.local()  # per serving thread: its CPUs are in the mask
         self._lock = threading.Lock()
         self.stale_after = float(stale_after)
         self.wait_fraction = float(wait_fraction)
@@ -132,6 +139,8 @@ class ServingLoad:
         """Context manager around one inference request: counts it in flight and records
         its latency when it ends (also when it raises)."""
         t0 = self.clock()
+        if not getattr(self._seen, "done", False):
+            self._note_serving_cpus()
         with self._lock:
             self._flight[0] += 1
             self._last_report = t0
@@ -156,16 +165,44 @@ class ServingLoad:
         self._n += 1
         self._last_report = now
 
+    def _note_serving_cpus(self):
+        """Add the calling (serving) thread's CPUs to the serving CPU mask, once per thread."""
+        self._seen.done = True
+        cpus = [c for c in os.sched_getaffinity(0) if c < 64 * _MASK_WORDS] if hasattr(os, "sched_getaffinity") else []
+        with self._lock:
+            mask = self._shm[2:]
+            changed = False
+            for c in cpus:
+                bit = np.int64(1) << np.int64(c % 64)
+                if not mask[c // 64] & bit:
+                    mask[c // 64] |= bit
+                    changed = True
+            if changed:
+                self._shm[1] += 1
+
     def share(self) -> np.ndarray:
-        """Move the in-flight counter into memory shared with forked children (the
-        sidecar trainer reads it there) and return that one-element int64 array."""
+        """Move the in-flight counter (and the serving CPU mask) into memory shared with
+        forked children (the sidecar trainer reads them there) and return the in-flight
+        counter, a one-element int64 array."""
         import mmap
         with self._lock:
-            if not isinstance(self._flight.base, mmap.mmap):
-                buf = np.frombuffer(mmap.mmap(-1, 8), np.int64)
-                buf[0] = self._flight[0]
-                self._flight = buf
+            if not isinstance(self._shm.base, mmap.mmap):
+                buf = np.frombuffer(mmap.mmap(-1, self._shm.nbytes), np.int64)
+                buf[:] = self._shm
+                self._shm = buf
+                self._flight = buf[:1]
         return self._flight
+
+    @property
+    def serving_cpus_generation(self) -> int:
+        """Moves whenever a serving thread adds CPUs to :meth:`serving_cpus`."""
+        return int(self._shm[1])
+
+    def serving_cpus(self) -> set[int]:
+        """The CPUs the threads that called :meth:`request` may run on (empty: no request
+        yet). The trainer follows them when they are pinned (see ``LiveUpdater``)."""
+        mask = self._shm[2:]
+        return {64 * w + b for w in range(mask.shape[0]) if mask[w] for b in range(64) if (int(mask[w]) >> b) & 1}
 
     # -- the trainer side ------------------------------------------------------------------
 
