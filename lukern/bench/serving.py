@@ -13,6 +13,7 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
                  into the ring (or, with ``--out-buffers``, the forward writes into the sidecar's)
 - ``onstaged``:  the same with the forward writing into 16 out buffers (record() copies nothing)
 - ``onold``:     the same with the adapters' own backward + step per table (no BatchedTrainer)
+- ``onnopub``:   the same, publishing no factors while the arms run (training's cost alone)
 - ``record``:    record() on every request, no trainer: the serving side's own cost
 - ``thread``:    the same with the trainer as a thread of the serving process
 - ``misbehave``: 50 % load, trainer at normal priority, guard disabled
@@ -23,7 +24,9 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
 - ``onspin``:    the sidecar spinning while paused, never breathing (``--pause-wait spin``)
 - ``nopause``:   the sidecar at SCHED_IDLE that never pauses (overlap: cache / memory cost)
 - with ``--serve-cpu``: ``onsame`` / ``onother`` / ``hogsame`` / ``hogother`` /
-  ``sleepyhogother`` (placement: the trainer on or off the serving thread's CPU)
+  ``sleepyhogother`` (placement: the trainer on or off the serving thread's CPU).
+  ``--serve-cpu`` pins the serving threads (not the process); ``on`` then follows them
+  onto that CPU (``LiveUpdater(follow_serving=True)``), like ``onsame``
 
     python -m lukern.bench serving                 # 20 s per arm
     python -m lukern.bench serving --duration 5    # a quick look
