@@ -54,6 +54,19 @@ recomputes the forward): P50 0.96-1.15, P99 1.06-1.38, share 0.24-0.43; ``nopaus
 share 1.0, P50 1.16, svc50 1.09; ``misbehave``: P50 x150-210, svc50 x2.4. Publishing
 every 5 s instead of 1 s (``onpub5``, three runs): P50 1.04-1.16, P99 1.07-1.22 against
 every 1 s's 1.05-1.23 / 0.97-1.48 in the same runs, inside the run-to-run spread.
+(Until the placement fix below, ``--serve-cpu`` pinned the whole process, so the
+"other CPU" arms of these runs ran on the serving CPU itself.)
+
+Same machine, later: with a faster sidecar (rank-8 bag kernel, 2.9 ms per 1024-sample
+step) and record() at ~20 us, placement decides. One run, ``--serve-cpu 0 --arms
+off,offb,onsame,onother``: trainer on the serving CPU P50 1.007, P99 1.017, svc50
+0.997; on the other CPU 1.145 / 1.250 / 1.076; A/A 0.993 / 0.982. Unpinned (no
+``--serve-cpu``): ``on`` 1.16 / 1.12 / 1.09, ``record`` 1.008 / 1.085. Ten runs of
+``--arms off,offb,on,misbehave,idle,on90 --serve-cpu 0`` with the trainer on the
+serving CPU: P50 0.99-1.19 (median 1.047), P99 0.88-1.35 (median 1.10), A/A P50
+0.96-1.06, P99 0.89-1.23; share 0.50-0.74; 150-238 k samples/s idle, 16-34 k at 90 %;
+misbehave P50 x116-356. The same placement as ``on`` and ``onsame`` in one run: P50
+0.986 and 1.089: two equal arms differ by more than the 5 % bar on this VM.
 """
 
 from __future__ import annotations

@@ -822,8 +822,9 @@ class LiveUpdater:
         serving threads' CPUs it cannot take the GIL while a request runs on another
         core, and it waits for the in-flight count to drop before adopting. It keeps its
         normal priority: at SCHED_IDLE it would compete with the sidecar for the idle
-        CPU while holding the GIL a request waits for (measured: P50 1.03-1.11x against
-        0.99-1.01x at normal priority)."""
+        CPU while holding the GIL a request waits for (three runs each way could not
+        tell the two apart on the 2-core reference VM: P50 1.03-1.11x at SCHED_IDLE,
+        1.07-1.19x at normal priority, A/A 0.96-1.04x)."""
         try:
             os.sched_setaffinity(threading.get_native_id(), self._followed_cpus(start_cpus))
         except (OSError, AttributeError):  # not permitted (or not Linux): stay where it is
