@@ -528,27 +528,34 @@ class LiveUpdater:
                 self._ctr[3] += n - cap
                 cols = {k: v[n - cap:] for k, v in cols.items()}
                 n = cap
-            # single-producer side of a lock-free ring: claim, write, publish. The trainer
-            # (consumer) never takes this lock, so a preempted low-priority trainer can
-            # never block inference here (no priority inversion).
-            w = int(self._ctr[5])
-            self._ctr[7] = w + n  # claimed: slots being overwritten are visible to the reader
-            fence()  # ... before any slot changes (Arm reorders stores; x86 does not)
-            start = w % cap
-            k = min(n, cap - start)
-            for name, v in cols.items():
-                ring[name][start:start + k] = v[:k]
-                if k < n:
-                    ring[name][:n - k] = v[k:]
-            fence()  # the slots are written before the count that publishes them
-            self._ctr[5] = w + n  # published
-            self._ctr[2] += n_in
+            self._write_ring([(ring[name], v) for name, v in cols.items()], n, n_in)
+
+    def _write_ring(self, pairs, n, n_in):
+        """Copy ``n`` samples into the ring (``pairs``: (ring column, source rows)) and
+        count ``n_in`` recorded; the caller holds the producers' lock.
+
+        The single-producer side of a lock-free ring: claim, write, publish. The trainer
+        (consumer) never takes this lock, so a preempted low-priority trainer can never
+        block inference here (no priority inversion)."""
+        cap = self.buffer_size
+        w = int(self._ctr[5])
+        self._ctr[7] = w + n  # claimed: slots being overwritten are visible to the reader
+        fence()  # ... before any slot changes (Arm reorders stores; x86 does not)
+        start = w % cap
+        k = min(n, cap - start)
+        for dst, src in pairs:
+            dst[start:start + k] = src[:k]
+            if k < n:
+                dst[:n - k] = src[k:]
+        fence()  # the slots are written before the count that publishes them
+        self._ctr[5] = w + n  # published
+        self._ctr[2] += n_in
 
     def _record_fast(self, batch, labels, extra, pooled) -> bool:
         """record() without the general path's Python when the batch has exactly the
         ring's layout: int64 ids, float64 labels, pooled rows of the ring's dtype, all
         C-contiguous, no ``extra``, no staging buffers, at most a ring of samples: one
-        check kernel, then claim, copy, publish as the general path does. Returns False
+        check kernel, then :meth:`_write_ring` as the general path. Returns False
         (nothing done) for anything else, and for a bad batch, so that the general path
         raises its error. Saves the serving thread ~10 us per request."""
         ring = self._ring
@@ -572,20 +579,8 @@ class LiveUpdater:
             cols.append((rp, pooled))
         if first_bad_sample(batch, self.n_rows, labels)[0]:
             return False
-        cap = self.buffer_size
-        with self._lock:  # the general path's claim, write, publish (see record())
-            w = int(self._ctr[5])
-            self._ctr[7] = w + n
-            fence()
-            start = w % cap
-            k = min(n, cap - start)
-            for dst, src in cols:
-                dst[start:start + k] = src[:k]
-                if k < n:
-                    dst[:n - k] = src[k:]
-            fence()
-            self._ctr[5] = w + n
-            self._ctr[2] += n
+        with self._lock:
+            self._write_ring(cols, n, n)
         return True
 
     def _pop(self, n):
