@@ -774,14 +774,14 @@ class LiveUpdater:
             # adopting builds the served adapter's new arrays on this thread: first
             # touched on the tables' node, like the adapters built at construction
             pin_thread(self.cpus)
-        start_cpus = tuple(sorted(os.sched_getaffinity(0)))
+        start_cpus = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else ()
         gen = -1
         while True:
             try:
                 kind, facts, st = conn.recv()
             except (EOFError, OSError):
                 break
-            if self._follow and st.get("qos") and self.load.serving_cpus_generation != gen:
+            if self._follow and start_cpus and st.get("qos") and self.load.serving_cpus_generation != gen:
                 gen = self.load.serving_cpus_generation
                 self.qos_level = st["qos"]  # the sidecar's level decides whether to follow
                 self._follow_receiver(start_cpus)
