@@ -250,9 +250,7 @@ def bag_grads_r8(slots, offsets, mode, grad, A, Bt, scale, U, dB_parts, chunk):
                     p6 = p6 + A[sl, 6]
                     p7 = p7 + A[sl, 7]
             g = grad[b]
-            for q in range(8):
-                pv = p0 if q == 0 else (p1 if q == 1 else (p2 if q == 2 else (p3 if q == 3 else (
-                    p4 if q == 4 else (p5 if q == 5 else (p6 if q == 6 else p7))))))
+            for q, pv in enumerate((p0, p1, p2, p3, p4, p5, p6, p7)):
                 a = f * pv
                 if a != 0.0:
                     for k in range(d):
