@@ -65,7 +65,7 @@ def _batch(rng, sizes, n_bags, per_bag=1):
     (np.float64, "mean", 3, 51, {"weight_decay": 0.01}),
     (np.float32, "sum", 2, 50, {"optimizer_a": "sgd", "optimizer_b": "sgd", "lr_a": 0.02}),
     (np.float32, "mean", 2, 301, {"rank": 6}),  # two chunks of B's gradient, odd bags, r > 4
-    # rank 8 has its own bag kernel (bag_grads_r8): the same bits
+    # rank 8 takes the adapters' rank-8 bag kernel (backward_bags_kernel(8)): the same bits
     (np.float32, "sum", 1, 50, {"rank": 8}),
     (np.float32, "mean", 2, 301, {"rank": 8}),
     (np.float64, "sum", 3, 51, {"rank": 8, "weight_decay": 0.01}),

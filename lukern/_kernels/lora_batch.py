@@ -20,8 +20,12 @@ import numpy as np
 from numba import njit
 
 from .checks import first_non_finite
-from .lora import (assign_slots, drop_pending, evict_slots, fold_rows, reset_local, rowwise_adagrad_a, scatter_grad_a,
-                   sgd_a, sum_parts)
+from .lora import (FIXED_RANK, assign_slots, backward_bags_kernel, drop_pending, evict_slots, fold_rows, reset_local,
+                   rowwise_adagrad_a, scatter_grad_a, sgd_a, sum_parts)
+
+#: the adapters' own rank-8 bag kernel (generated, pooled rows in registers): the same
+#: bits as :func:`bag_grads`, 38 against 53 us for 1024 one-id bags (d = 16)
+_BAGS_FIXED = backward_bags_kernel(FIXED_RANK)
 
 #: status codes of :func:`train_table`
 OK = 0
@@ -194,70 +198,6 @@ def bag_grads(slots, offsets, mode, grad, A, Bt, scale, U, dB_parts, chunk):
 
 
 @njit(nogil=True, cache=True)
-def bag_grads_r8(slots, offsets, mode, grad, A, Bt, scale, U, dB_parts, chunk):
-    """:func:`bag_grads` for rank 8, bag by bag, with ``u`` and the pooled A row in
-    scalars (registers) that the SLP vectorizer packs: the same operations per element
-    in the same order (so the same bits). The generic kernel's small arrays went
-    through memory on every id; this one took 1024 one-id bags (d = 16) in ~12 us
-    against ~50 us.
-
-    Per bag: ``u_q = sum_k g_k Bt[k, q]`` from 0.0 in float64, ``U[b] = f u``; the
-    pooled row summed in A's dtype (``p + A[sl]`` in float32 is the float64 sum rounded,
-    as the generic ``p[q] += 1.0 * A[sl, q]`` gives); then ``dBc[q] += (f p_q) g`` for
-    the nonzero ``f p_q`` (a zero product adds nothing: see :func:`_pool_dB2`)."""
-    d = Bt.shape[0]
-    n_bags = offsets.shape[0] - 1
-    zero = np.zeros(1, A.dtype)[0]  # the pooled row's sums are in A's dtype
-    for c in range(dB_parts.shape[0]):
-        dBc = dB_parts[c]
-        for q in range(8):
-            for k in range(d):
-                dBc[q, k] = 0.0
-        end = min(n_bags, (c + 1) * chunk)
-        for b in range(c * chunk, end):
-            f = scale
-            if mode == 1 and offsets[b + 1] > offsets[b]:
-                f = scale / (offsets[b + 1] - offsets[b])
-            u0 = u1 = u2 = u3 = u4 = u5 = u6 = u7 = 0.0
-            for k in range(d):
-                gk = np.float64(grad[b, k])
-                u0 += gk * Bt[k, 0]
-                u1 += gk * Bt[k, 1]
-                u2 += gk * Bt[k, 2]
-                u3 += gk * Bt[k, 3]
-                u4 += gk * Bt[k, 4]
-                u5 += gk * Bt[k, 5]
-                u6 += gk * Bt[k, 6]
-                u7 += gk * Bt[k, 7]
-            U[b, 0] = f * u0
-            U[b, 1] = f * u1
-            U[b, 2] = f * u2
-            U[b, 3] = f * u3
-            U[b, 4] = f * u4
-            U[b, 5] = f * u5
-            U[b, 6] = f * u6
-            U[b, 7] = f * u7
-            p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = zero
-            for j in range(offsets[b], offsets[b + 1]):
-                sl = slots[j]
-                if sl >= 0:
-                    p0 = p0 + A[sl, 0]
-                    p1 = p1 + A[sl, 1]
-                    p2 = p2 + A[sl, 2]
-                    p3 = p3 + A[sl, 3]
-                    p4 = p4 + A[sl, 4]
-                    p5 = p5 + A[sl, 5]
-                    p6 = p6 + A[sl, 6]
-                    p7 = p7 + A[sl, 7]
-            g = grad[b]
-            for q, pv in enumerate((p0, p1, p2, p3, p4, p5, p6, p7)):
-                a = f * pv
-                if a != 0.0:
-                    for k in range(d):
-                        dBc[q, k] += a * g[k]
-
-
-@njit(nogil=True, cache=True)
 def step_b(dB, B, acc_b, adagrad, lr, wd, eps, B_new, acc_new):
     """B's optimizer into new arrays, as :meth:`LoRAAdapter.step` computes it with numpy,
     operation for operation in the same precisions (so the same bits): ``g = dB + wd B``
@@ -327,8 +267,9 @@ def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row
     parts = np.empty((n_chunks, r, d), np.float64)
     Bt = np.ascontiguousarray(B.T).astype(np.float64)
     no_w = np.empty(0, A.dtype)
-    if r == 8:
-        bag_grads_r8(slots, offsets, mode, grad, A, Bt, scale, U, parts, chunk)
+    if r == FIXED_RANK:
+        _BAGS_FIXED(slots, offsets, no_w, False, mode, grad, A, B, Bt, scale, U, parts, chunk, 0, n_chunks,
+                    np.empty((0, r), A.dtype), False)
     else:
         bag_grads(slots, offsets, mode, grad, A, Bt, scale, U, parts, chunk)
     sum_parts(parts, dB)
