@@ -73,7 +73,6 @@ def spin_while_busy(flight, k, max_iters):
     return False
 
 
-
 @njit(nogil=True, cache=True)
 def gather_pooled(ring, h, ref, stage):
     """The pooled rows of ``n = ref.shape[0]`` ring samples starting at slot ``h``: a
