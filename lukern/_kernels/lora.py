@@ -667,6 +667,17 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 # chunks on 2 threads: no better than 256. A 2-bag fused call costs ~3 us more than the
 # plain one (kernel ~1 us), with the kernel arguments cached per state
 # (``_State.lookup_args``): ~1% of a batch, not the gap.
+#
+# On the EPYC VM (2 MiB L2 per core), kernels called directly, same-run medians of 80,
+# Zipf / uniform ids, fused/plain 1.46-1.51x / 1.24-1.29x: (f) two passes, the plain
+# kernel then a correction kernel (branch-free scan of the bits into a hit list per
+# 4096-id block, the hits probed with their hash lines 16 hits ahead, A pooled in
+# registers for r = 8): 1.55-1.69x / 1.38-1.46x, worse. Alone, after a lookup, its
+# scan took 73 / 88 us (61k ids: ~4 cycles an id, the bitmap lines evicted from L2 by
+# the W rows), the probes +34 / 63 us, the pooling and P @ B +71 / 77 us; fused, the
+# scan's loads overlap the W loop's. (g) the W rows prefetched non-temporal (locality 0,
+# to keep the bitmap and hash lines in L2): 1.47-1.49x / 1.24-1.25x, within 2%; locality
+# 1 and 2 were worse.
 
 #: the rank whose fused kernels keep the pooled A row in registers (others use an array)
 FIXED_RANK = 8
