@@ -395,6 +395,9 @@ class _Arm:
                 up.pause()  # the step under way finishes and is counted in this segment
             st = up.stats()
             sg["trained"], sg["fed"] = st["samples"] - s0, st["recorded"] - f0
+            # where the trainer ran (while it runs: after stop() stats() gives the CPUs it
+            # was configured with, not the ones follow_serving moved it to)
+            sg["cpus"] = tuple(st["cpus"]) if st.get("cpus") else None
         sg.update(rate=rate, wall=dt, lat=lat, svc=svc, p50=np.percentile(lat, 50), p99=np.percentile(lat, 99),
                   svc50=np.percentile(svc, 50))
         self.segs.append(sg)
@@ -427,7 +430,7 @@ class _Arm:
                         "samples_per_s": trained / max(wall, 1e-9), "dropped_total": st["dropped"],
                         "paused_s": st["paused_s"], "steps": st["steps"], "qos": st["qos"], "loss": st["last_loss"],
                         "loss_errors": st["loss_errors"], "mode": st["mode"],
-                        "cpus": list(st["cpus"]) if st.get("cpus") else None})
+                        "cpus": sorted({c for cs in self._col("cpus") if cs for c in cs}) or None})
         return res
 
 
