@@ -682,6 +682,18 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 # bit test itself is cheap and its lines are not the cost; the 5% of ids that hit cost the
 # rest, ~35 ns (~120 cycles) each on Zipf ids: the mispredicted bit branch, the queue
 # loops' data-dependent exits (about one mispredict per bag each) and the probe.
+# (i) Stage 3's first 1-3 queue entries pooled branch-free (masked, then the loop):
+# within 1-3%, so those exits are not it. (j) Bounds on the probe's cost (same run,
+# output wrong on purpose): a "slot" computed from the id instead of probed, hash lines
+# still prefetched, 1.33-1.34x Zipf / 1.18-1.22x uniform; without the hash prefetches
+# 1.26-1.29x / 1.12-1.16x; the slot known at stage 1 (A row prefetched there, no stage
+# 2): 1.24-1.25x / 1.13-1.17x, and hot Zipf ids 1.93x against 2.66x. So the hash (its
+# lines, the probe, the stage that waits for them) is ~0.2 of the Zipf ratio, and only an
+# index whose presence word also gives the A row's position (e.g. a 32-bit presence mask
+# and a 32-bit base per 32 rows, A in group order: position = base + popcount of the lower
+# bits) reaches the bar; a rank index that still maps the position to a slot through a
+# second array keeps one load of the probe's two. That means A, its optimizer state and
+# the pending gradients moving with their group on admission and eviction: not done yet.
 
 #: the rank whose fused kernels keep the pooled A row in registers (others use an array)
 FIXED_RANK = 8
