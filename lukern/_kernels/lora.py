@@ -695,9 +695,15 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 # through a second array (the words replacing the bitmap, the position's line prefetched
 # at stage 1, one load instead of the probe at stage 2): Zipf 1.47-1.49x, hot 2.67-3.04x,
 # no better; uniform 1.19x against 1.26x. The dependent load of stage 2, not the hash's
-# arithmetic, is the cost. So A (or a serving copy of it) has to be stored in group order,
-# moved with its group on admission and eviction and kept in step with every A update:
-# not done yet.
+# arithmetic, is the cost. (l) Built for real: a serving copy of A in row-group order
+# (32-bit presence mask and 32-bit base per 32 rows, position = base + popcount of the
+# lower bits, the copy kept in step at the end of every mutation; ~130 lines): Zipf
+# 1.55-1.68x against 1.51-1.52x, hot 3.0-3.1x against 2.5-2.7x, uniform 1.21-1.26x
+# against 1.25-1.27x, same run. The bound in (j) was optimistic: its fake positions
+# (id & 65535) kept the A rows it read in a 2 MB range that stays in L2, while the real
+# rows of 5% random active ids are spread over 8 MB and miss; and row order scatters the
+# hot rows whose slots the admission order had kept together. Dropped. What the hits
+# cost is mostly their A rows' (and hash lines') cache misses, which any index pays.
 
 #: the rank whose fused kernels keep the pooled A row in registers (others use an array)
 FIXED_RANK = 8
