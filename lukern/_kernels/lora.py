@@ -699,11 +699,11 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 # (32-bit presence mask and 32-bit base per 32 rows, position = base + popcount of the
 # lower bits, the copy kept in step at the end of every mutation; ~130 lines): Zipf
 # 1.55-1.68x against 1.51-1.52x, hot 3.0-3.1x against 2.5-2.7x, uniform 1.21-1.26x
-# against 1.25-1.27x, same run. The bound in (j) was optimistic: its fake positions
-# (id & 65535) kept the A rows it read in a 2 MB range that stays in L2, while the real
-# rows of 5% random active ids are spread over 8 MB and miss; and row order scatters the
-# hot rows whose slots the admission order had kept together. Dropped. What the hits
-# cost is mostly their A rows' (and hash lines') cache misses, which any index pays.
+# against 1.25-1.27x, same run. The bounds in (j) were not reached: the stage-1 variant
+# faked its positions as id & 65535, which keeps the A rows it reads in 2 MB that stay in
+# L2 (the real rows of 5% random ids spread over 8 MB), and the real stage 1 adds the
+# position arithmetic and two prefetches to the W loop's body; row order also scatters
+# the hot rows, whose slots the admission order had kept together. Dropped.
 
 #: the rank whose fused kernels keep the pooled A row in registers (others use an array)
 FIXED_RANK = 8
