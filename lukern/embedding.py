@@ -16,6 +16,7 @@ from . import _validate as V
 from ._kernels import embedding as K
 from ._kernels import lora as LK
 from ._kernels.checks import first_out_of_range_batched
+from ._kernels.lora_tbe import tbe_correct_kernel
 from ._pool import run_ranges, split_by_work
 from ._threading import prange_guard
 from .memory import empty_table
@@ -218,6 +219,7 @@ class TableBatch:
         self.dims = np.array([tab.shape[1] for tab in tables], dtype=np.int64)
         self.col_offsets = np.concatenate(([0], np.cumsum(self.dims))).astype(np.int64)
         self.total_dim = int(self.col_offsets[-1])
+        self._tbe_cache = None  # the adapters' kernel arguments of the last lookup (see _correction_args)
         self.groups = []  # (d, buffer, table ids, row offsets within buffer)
         views = [None] * len(tables)
         for d in sorted(set(self.dims.tolist())):
@@ -309,6 +311,12 @@ class TableBatch:
             return self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
         def run(states):
             self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
+            packed = self._correction_args(active, states)
+            if packed is not None:  # the adapted tables of each width in one kernel call
+                for d, tids, ptrs, meta, scales in packed:
+                    tbe_correct_kernel(d, self.dtype.name)(indices, offsets, n_bags, tids, self.col_offsets, ptrs,
+                                                           meta, scales, w, use_w, K.MODES[mode], out, 0, n_bags)
+                return
             for (t, a), st in zip(active, states):
                 s, e = int(offsets[t * n_bags]), int(offsets[(t + 1) * n_bags])
                 c0, c1 = int(self.col_offsets[t]), int(self.col_offsets[t + 1])
@@ -317,6 +325,27 @@ class TableBatch:
 
         read_consistent([a for _, a in active], run)
         return out
+
+    def _correction_args(self, active, states):
+        """Per width of the adapted tables, ``(d, tids, ptrs, meta, scales)`` for
+        :mod:`lukern._kernels.lora_tbe` from the adapters' states, or None (a state with
+        non-contiguous arrays). Kept for the next call while the states are the same
+        objects: the cache holds them, so the arrays whose addresses it stores stay alive."""
+        tids = [t for t, _ in active]
+        cached = self._tbe_cache
+        if (cached is not None and cached[1] == tids and len(cached[0]) == len(states)
+                and all(x is y for x, y in zip(cached[0], states))):
+            return cached[2]
+        rows = [st.tbe_args() for st in states]
+        if any(r is None for r in rows):
+            return None
+        packed = []
+        for d in sorted({int(self.dims[t]) for t in tids}):
+            ks = [k for k, t in enumerate(tids) if self.dims[t] == d]
+            packed.append((d, np.array([tids[k] for k in ks], np.int64), np.stack([rows[k][0] for k in ks]),
+                           np.stack([rows[k][1] for k in ks]), np.array([rows[k][2] for k in ks], self.dtype)))
+        self._tbe_cache = (tuple(states), tids, packed)
+        return packed
 
     def _plain(self, indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver):
         n_t = self.n_tables

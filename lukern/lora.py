@@ -54,11 +54,12 @@ class _State:
     """Everything a lookup reads, swapped as one reference on structural changes."""
 
     __slots__ = ("keys", "vals", "mask", "bitmap", "A", "B", "scale", "slot_row", "acc_a", "acc_b", "last_step",
-                 "_lookup")
-    _FIELDS = __slots__[:-1]
+                 "_lookup", "_tbe")
+    _FIELDS = __slots__[:-2]
 
     def __init__(self, **kw):
         self._lookup = None
+        self._tbe = None
         for k, v in kw.items():
             setattr(self, k, v)
 
@@ -76,6 +77,24 @@ class _State:
         if args is None:
             args = self._lookup = (self.keys, self.vals, self.mask, self.bitmap, self.A, self.B,
                                    self.A.dtype.type(self.scale))
+        return args
+
+    def tbe_args(self):
+        """This state's row of the table-batched correction kernel's arguments
+        (:mod:`lukern._kernels.lora_tbe`): the addresses of ``keys, vals, bitmap, A, B``,
+        their shapes, and the scale in A's dtype; None when an array is not contiguous.
+        Cached like :meth:`lookup_args`; the caller keeps the state alive while the
+        kernel runs."""
+        args = self._tbe
+        if args is None:
+            arrays = (self.keys, self.vals, self.bitmap, self.A, self.B)
+            if not (all(x.flags.c_contiguous for x in arrays) and self.keys.dtype == np.int64
+                    and self.vals.dtype == np.int32 and self.bitmap.dtype == np.uint64):
+                return None
+            ptrs = np.array([x.ctypes.data for x in arrays], np.int64)
+            meta = np.array([self.keys.shape[0], self.mask, self.bitmap.shape[0], self.A.shape[0], self.A.shape[1]],
+                            np.int64)
+            args = self._tbe = (ptrs, meta, self.A.dtype.type(self.scale))
         return args
 
 

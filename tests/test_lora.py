@@ -62,6 +62,48 @@ def test_table_batch_with_adapters(mode, weighted):
         batch.lookup(idx, off, adapters=[a1])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_table_batch_correction_kernel(dtype, mode, weighted):
+    # one kernel call per width for every adapted table (lukern._kernels.lora_tbe): rank 8
+    # (pooled in registers) and other ranks, two widths, tables without an adapter, empty
+    # and long bags; it must agree with the per-table fused lookup and see every new state
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    specs = [(500, 16, 8), (300, 8, 3), (200, 16, None), (400, 16, 2), (350, 8, 8)]
+    made = [_trained(n_rows=n, dim=d, rank=r, capacity=150, dtype=dtype, seed=i) if r else
+            (np.random.default_rng(9).standard_normal((n, d)).astype(dtype), None) for i, (n, d, r) in enumerate(specs)]
+    adapters = [a for _, a in made]
+    batch = lukern.TableBatch([w for w, _ in made])
+    tables = batch.tables  # views into the batch: evictions fold into what it serves
+    rng = np.random.default_rng(4)
+    ol = [np.array([0, 0, 1, 9, 9, 47, 60])] * len(specs)  # empty bags and a long one
+    il = [np.concatenate([rng.integers(0, n, 30), adapters[t].active_rows()[0][:30] if adapters[t] else
+                          rng.integers(0, n, 30)]) for t, (n, _, _) in enumerate(specs)]
+    idx, off = batch.pack(il, ol)
+    w = rng.random(idx.size).astype(dtype) if weighted else None
+
+    def expected():
+        dense = [tab + (a.dense_delta() if a is not None else 0) for tab, a in zip(tables, adapters)]
+        return reference_table_batch(dense, idx, off, w, mode)
+
+    got = batch.lookup(idx, off, weights=w, mode=mode, adapters=adapters)
+    np.testing.assert_allclose(got, expected(), **tol)
+    s = 0
+    for t, a in enumerate(adapters):  # the single-table fused lookup of the same bags
+        c0, c1 = batch.col_offsets[t], batch.col_offsets[t + 1]
+        o_t = off[t * 6:(t + 1) * 6 + 1] - off[t * 6]
+        e = s + int(o_t[-1])
+        one = lukern.embedding_bag(tables[t], idx[s:e], o_t, weights=None if w is None else w[s:e], mode=mode,
+                                   adapter=a)
+        np.testing.assert_allclose(got[:, c0:c1], one, **tol)
+        s = e
+    # a step swaps adapter 0's state and changes A: the next lookup must see it, not the
+    # arguments kept from the last call
+    p = make_lookup_problem(n_rows=500, dim=16, n_bags=8, pooling=(1, 4), dtype=dtype, table=tables[0], seed=5)
+    assert adapters[0].train_step(tables[0], p.indices, p.offsets, np.ones((8, 16), dtype))
+    np.testing.assert_allclose(batch.lookup(idx, off, weights=w, mode=mode, adapters=adapters), expected(), **tol)
+
+
 def _dense_grads(a, W, p, G, mode):
     """dL/dA (dense, n_rows x r) and dL/dB of L = sum_b <G_b, y_b>, y the lookup of the
     dense table W + s A_dense B: the obviously correct formulation."""

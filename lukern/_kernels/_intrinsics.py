@@ -8,7 +8,7 @@ from numba.core import cgutils
 from numba import njit
 from numba.extending import intrinsic
 
-__all__ = ["memory_fence", "prefetch", "prefetch_elem", "prefetch_row"]
+__all__ = ["address_as_voidptr", "memory_fence", "prefetch", "prefetch_elem", "prefetch_row"]
 
 
 def _emit_prefetch(builder, ptr):
@@ -91,5 +91,21 @@ def memory_fence(typingctx):
     def codegen(context, builder, signature, args):
         builder.fence("seq_cst")
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def address_as_voidptr(typingctx, address):
+    """The integer ``address`` (``ndarray.ctypes.data``) as a ``void*`` for
+    ``numba.carray``: lets one kernel call read a variable number of arrays of other
+    objects (the caller keeps them alive and passes their shapes)."""
+    if not isinstance(address, types.Integer):
+        return None
+    sig = types.voidptr(address)
+
+    def codegen(context, builder, signature, args):
+        v = context.cast(builder, args[0], signature.args[0], types.int64)
+        return builder.inttoptr(v, ir.IntType(8).as_pointer())
 
     return sig, codegen
