@@ -1194,10 +1194,21 @@ class LiveUpdater:
         Returns False (counted, logged) when a table's call failed: the tables before it
         have stepped (the checks at record() leave nothing expected to fail here)."""
         try:
+            # every table's ids (and, for one width, gradient columns) made contiguous in
+            # one transposing copy each, not one strided copy per table
+            n, n_t, L = ids.shape
+            ids_t = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(n_t, 1, n * L)
+            d = self.col_offsets[1] - self.col_offsets[0]
+            same_width = self.col_offsets[-1] == n_t * d
+            if same_width:
+                grad_t = np.ascontiguousarray(grad.reshape(n, n_t, d).transpose(1, 0, 2))
             for t, tr in batched:
-                c0, c1 = self.col_offsets[t], self.col_offsets[t + 1]
-                idx = np.ascontiguousarray(ids[:, t, :]).reshape(1, -1)
-                tr.train_step(idx, off, np.ascontiguousarray(grad[:, c0:c1])[None])
+                if same_width:
+                    g = grad_t[t][None]
+                else:
+                    c0, c1 = self.col_offsets[t], self.col_offsets[t + 1]
+                    g = np.ascontiguousarray(grad[:, c0:c1])[None]
+                tr.train_step(ids_t[t], off, g)
                 self.guard.check()
         except Exception as exc:
             self.loss_errors += 1
