@@ -67,6 +67,13 @@ serving CPU: P50 0.99-1.19 (median 1.047), P99 0.88-1.35 (median 1.10), A/A P50
 0.96-1.06, P99 0.89-1.23; share 0.50-0.74; 150-238 k samples/s idle, 16-34 k at 90 %;
 misbehave P50 x116-356. The same placement as ``on`` and ``onsame`` in one run: P50
 0.986 and 1.089: two equal arms differ by more than the 5 % bar on this VM.
+
+After the table-batched correction became one kernel call per width (service time 0.74
+-> 0.46 ms, so 50 % load is ~1060 requests/s and 275 k samples/s fed), three runs with
+``--serve-cpu 0``: ``on`` P50 1.07 / 1.12 / 1.10, P99 1.08 / 1.09 / 1.12, trained share
+0.32-0.35 (82-90 k samples/s, unchanged), A/A P50 1.00-1.02, P99 1.00-1.09; ``record``
+alone 1.02 / 1.01; ``nopause`` (on the serving CPU) share 0.38, P99 1.54; 245 k samples/s
+idle, 14 k at 90 %; misbehave P50 x115.
 """
 
 from __future__ import annotations
