@@ -311,34 +311,25 @@ class TableBatch:
             return self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
         def run(states):
             self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
-            packed = self._correction_args(active, states)
-            if packed is not None:  # the adapted tables of each width in one kernel call
-                for d, tids, ptrs, meta, scales in packed:
-                    tbe_correct_kernel(d, self.dtype.name)(indices, offsets, n_bags, tids, self.col_offsets, ptrs,
-                                                           meta, scales, w, use_w, K.MODES[mode], out, 0, n_bags)
-                return
-            for (t, a), st in zip(active, states):
-                s, e = int(offsets[t * n_bags]), int(offsets[(t + 1) * n_bags])
-                c0, c1 = int(self.col_offsets[t]), int(self.col_offsets[t + 1])
-                a._add_correction_state(st, indices[s:e], offsets[t * n_bags:(t + 1) * n_bags + 1] - s,
-                                        out[:, c0:c1], None if weights is None else weights[s:e], mode)
+            # the adapted tables of each width in one kernel call
+            for d, tids, ptrs, meta, scales in self._correction_args(active, states):
+                tbe_correct_kernel(d, self.dtype.name)(indices, offsets, n_bags, tids, self.col_offsets, ptrs, meta,
+                                                       scales, w, use_w, K.MODES[mode], out, 0, n_bags)
 
         read_consistent([a for _, a in active], run)
         return out
 
     def _correction_args(self, active, states):
         """Per width of the adapted tables, ``(d, tids, ptrs, meta, scales)`` for
-        :mod:`lukern._kernels.lora_tbe` from the adapters' states, or None (a state with
-        non-contiguous arrays). Kept for the next call while the states are the same
-        objects: the cache holds them, so the arrays whose addresses it stores stay alive."""
+        :mod:`lukern._kernels.lora_tbe` from the adapters' states. Kept for the next call
+        while the states are the same objects: the cache holds them, so the arrays whose
+        addresses it stores stay alive."""
         tids = [t for t, _ in active]
         cached = self._tbe_cache
         if (cached is not None and cached[1] == tids and len(cached[0]) == len(states)
                 and all(x is y for x, y in zip(cached[0], states))):
             return cached[2]
         rows = [st.tbe_args() for st in states]
-        if any(r is None for r in rows):
-            return None
         packed = []
         for d in sorted({int(self.dims[t]) for t in tids}):
             ks = [k for k, t in enumerate(tids) if self.dims[t] == d]

@@ -82,15 +82,17 @@ class _State:
     def tbe_args(self):
         """This state's row of the table-batched correction kernel's arguments
         (:mod:`lukern._kernels.lora_tbe`): the addresses of ``keys, vals, bitmap, A, B``,
-        their shapes, and the scale in A's dtype; None when an array is not contiguous.
-        Cached like :meth:`lookup_args`; the caller keeps the state alive while the
-        kernel runs."""
+        their shapes, and the scale in A's dtype. Cached like :meth:`lookup_args`; the
+        caller keeps the state alive while the kernel runs."""
         args = self._tbe
         if args is None:
             arrays = (self.keys, self.vals, self.bitmap, self.A, self.B)
+            # the kernel reads them by address: every state builds them so (a copy here
+            # would hide the trainer's in-place row updates)
             if not (all(x.flags.c_contiguous for x in arrays) and self.keys.dtype == np.int64
                     and self.vals.dtype == np.int32 and self.bitmap.dtype == np.uint64):
-                return None
+                raise RuntimeError("lukern bug: an adapter state array is not C-contiguous or has an unexpected "
+                                   "dtype; please report it.")
             ptrs = np.array([x.ctypes.data for x in arrays], np.int64)
             meta = np.array([self.keys.shape[0], self.mask, self.bitmap.shape[0], self.A.shape[0], self.A.shape[1]],
                             np.int64)

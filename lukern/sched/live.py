@@ -1199,7 +1199,7 @@ class LiveUpdater:
             n, n_t, L = ids.shape
             ids_t = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(n_t, 1, n * L)
             d = self.col_offsets[1] - self.col_offsets[0]
-            same_width = self.col_offsets[-1] == n_t * d
+            same_width = all(b - a == d for a, b in zip(self.col_offsets, self.col_offsets[1:]))
             if same_width:
                 grad_t = np.ascontiguousarray(grad.reshape(n, n_t, d).transpose(1, 0, 2))
             for t, tr in batched:
