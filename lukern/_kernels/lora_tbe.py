@@ -21,11 +21,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-
-#: columns of ``adapter_ptrs`` and ``adapter_meta``
-PTR_FIELDS = ("keys", "vals", "bitmap", "A", "B")
-META_FIELDS = ("hcap", "mask", "n_words", "capacity", "rank")
 #: the rank pooled in registers
 FIXED_RANK = 8
 #: ids ahead whose hash lines are prefetched (the adapters of many tables do not stay in
