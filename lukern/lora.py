@@ -1159,7 +1159,7 @@ class LoRAAdapter:
         "seconds": float}``."""
         import time
 
-        from .embedding import embedding_bag
+        from .embedding import TableBatch, embedding_bag
 
         t0 = time.perf_counter()
         scratch = LoRAAdapter(64, self.dim, rank=self.rank, capacity=8, dtype=self.dtype,
@@ -1181,6 +1181,13 @@ class LoRAAdapter:
                     embedding_bag(table, idx, off, mode=mode, adapter=scratch, driver=drv,
                                   n_threads=1 if drv == "serial" else 2, chunk_size=1)
                     done.append(f"lookup {it} {mode} {drv}")
+        # the table-batched lookup's correction kernel (generated per width)
+        batch = TableBatch([table])
+        for it in index_dtypes:
+            idx, off = np.array([1, 2, 3, 5], dtype=it), np.array([0, 2, 4], dtype=it)
+            for mode in ("sum", "mean"):
+                batch.lookup(idx, off, mode=mode, adapters=[scratch])
+            done.append(f"table-batched lookup {it}")
         # structural changes (resize, refactor: the rank controller's) rebuild the hash
         scratch.resize(scratch.capacity + 1)
         rows, slots = scratch.active_rows()

@@ -528,6 +528,9 @@ def test_warmup_compiles_without_touching_the_adapter():
     before = (a.A.copy(), a.B.copy(), a.version, a.n_active)
     report = a.warmup(index_dtypes=("int64",), drivers=("serial",))
     assert "lookup int64 sum serial" in report["compiled"] and report["seconds"] >= 0
+    # the table-batched correction (generated per width) is compiled too, not on a request
+    from lukern._kernels.lora_tbe import tbe_correct_kernel
+    assert "table-batched lookup int64" in report["compiled"] and tbe_correct_kernel(16, "float32").signatures
     assert np.array_equal(a.A, before[0]) and np.array_equal(a.B, before[1])
     assert (a.version, a.n_active) == before[2:]
 
