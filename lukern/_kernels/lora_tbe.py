@@ -25,16 +25,41 @@ import functools
 FIXED_RANK = 8
 #: ids ahead whose hash lines are prefetched (the adapters of many tables do not stay in
 #: L2 between requests, so a probe's lines come from L3), and ids ahead whose slots are
-#: probed to prefetch their A rows. In situ (26 tables of 256 one-id bags, each call after
-#: a plain lookup, kernel alone): no prefetch 164 / 362 us with 28% / 84% of ids active;
-#: hash lines 16 ahead 120 / 232 us; plus A rows 4 ahead 131 / 197 us (8 to 32 ahead alike)
+#: probed (kept in a ring until used) to prefetch their A rows. In situ (26 tables of 256
+#: one-id bags, each call after a plain lookup, kernel alone), 28% / 84% of ids active: no
+#: prefetch 164 / 362 us; hash lines 16 ahead 120 / 232 us; plus A rows 4 ahead, probed
+#: twice 131 / 197 us; probed once (the ring) 8 ahead 128 / 215 us against 132 / 232 us for
+#: the twice-probed in the same run
 AHEAD = 16
-A_AHEAD = 4
+A_AHEAD = 8
 
 
-def _source(d: int, dtype_name: str, ahead: int = AHEAD, a_ahead: int = A_AHEAD) -> str:
+def _source(d: int, dtype_name: str, ahead: int = AHEAD, a_ahead: int = A_AHEAD, ring: bool = True) -> str:
     r = FIXED_RANK
     ps = [f"p{q}" for q in range(r)]
+    probe_ahead = [
+        # the A row of the id A_AHEAD on: its hash lines have arrived, so probe it now
+        "    if j + A_AHEAD < t_end:",
+        "        ahead = indices[j + A_AHEAD]",
+    ] + ([
+        "        sa = -1",
+        "        if is_active(bitmap, ahead):",
+        "            sa = find_slot(keys, vals, mask, ahead)",
+        "            if sa >= 0:",
+        "                prefetch(A, sa, 0)",
+        "        ring[(j + A_AHEAD) & RM] = sa",  # found once, used A_AHEAD ids later
+    ] if ring else [
+        "        if is_active(bitmap, ahead):",
+        "            sa = find_slot(keys, vals, mask, ahead)",
+        "            if sa >= 0:",
+        "                prefetch(A, sa, 0)",
+    ])
+    take = ["    sl = ring[j & RM]", "    if sl >= 0:"] if ring and a_ahead else [
+        "    row = indices[j]",
+        "    sl = -1",
+        "    if is_active(bitmap, row):",
+        "        sl = find_slot(keys, vals, mask, row)",
+        "    if sl >= 0:"]
     fixed = [f"{p} = DT(0.0)" for p in ps] + [
         "hit = False",
         "for j in range(s, e):",
@@ -43,30 +68,27 @@ def _source(d: int, dtype_name: str, ahead: int = AHEAD, a_ahead: int = A_AHEAD)
         "        ahead = indices[j + AHEAD]",
         "        if is_active(bitmap, ahead):",
         "            prefetch_probe(keys, vals, mask, ahead)",
-    ] if ahead else []) + ([
-        # the A row of the id A_AHEAD on: its hash lines have arrived, so probe it now
-        "    if j + A_AHEAD < t_end:",
-        "        ahead = indices[j + A_AHEAD]",
-        "        if is_active(bitmap, ahead):",
-        "            sa = find_slot(keys, vals, mask, ahead)",
-        "            if sa >= 0:",
-        "                prefetch(A, sa, 0)",
-    ] if a_ahead else []) + [
-        "    row = indices[j]",
-        "    if is_active(bitmap, row):",
-        "        sl = find_slot(keys, vals, mask, row)",
-        "        if sl >= 0:",
-        "            hit = True",
-        "            if use_w:",
-        "                w = weights[j]",
-    ] + [f"                {p} += w * A[sl, {q}]" for q, p in enumerate(ps)] + ["            else:"] + [
-        f"                {p} += A[sl, {q}]" for q, p in enumerate(ps)] + [
+    ] if ahead else []) + (probe_ahead if a_ahead else []) + take + [
+        "        hit = True",
+        "        if use_w:",
+        "            w = weights[j]",
+    ] + [f"            {p} += w * A[sl, {q}]" for q, p in enumerate(ps)] + ["        else:"] + [
+        f"            {p} += A[sl, {q}]" for q, p in enumerate(ps)] + [
         "if hit:",
         "    f = scale",
         "    if mode == 1 and e > s:",
         "        f = scale / DT(e - s)",
     ] + [f"    q{q} = f * {p}" for q, p in enumerate(ps)] + ["    o = out[b]"] + [
         f"    o[c0 + {c}] += " + " + ".join(f"q{q} * B[{q}, {c}]" for q in range(r)) for c in range(d)]
+    ring_start = [
+        "t_start = offsets[base + b0]",
+        "for j in range(t_start, min(t_start + A_AHEAD, t_end)):",
+        "    row = indices[j]",
+        "    sa = -1",
+        "    if is_active(bitmap, row):",
+        "        sa = find_slot(keys, vals, mask, row)",
+        "    ring[j & RM] = sa",
+    ] if ring and a_ahead else []
     generic = [
         "hit = False",
         "for q in range(rank):",
@@ -90,6 +112,10 @@ def _source(d: int, dtype_name: str, ahead: int = AHEAD, a_ahead: int = A_AHEAD)
     ] + [f"        g{c} += pq * B[q, {c}]" for c in range(d)] + ["    o = out[b]"] + [
         f"    o[c0 + {c}] += g{c}" for c in range(d)]
 
+    rm = 1
+    while rm < a_ahead + 1:
+        rm = 2 * rm + 1
+
     def block(lines, indent):
         return "\n".join(" " * indent + x for x in lines)
 
@@ -104,11 +130,13 @@ from lukern._kernels.lora import find_slot, is_active, prefetch_probe
 DT = np.{dtype_name}
 AHEAD = {ahead}
 A_AHEAD = {a_ahead}
+RM = {rm}
 
 
 @njit(nogil=True, cache=True)
 def tbe_lora_correct(indices, offsets, n_bags, tids, col_offsets, adapter_ptrs, adapter_meta, scales, weights,
                      use_w, mode, out, b0, b1):
+    ring = np.empty(RM + 1, np.int64)  # slots of the ids A_AHEAD on (rank {r})
     for k in range(tids.shape[0]):
         t = tids[k]
         hcap = adapter_meta[k, 0]
@@ -124,6 +152,7 @@ def tbe_lora_correct(indices, offsets, n_bags, tids, col_offsets, adapter_ptrs, 
         base = t * n_bags
         t_end = offsets[base + b1]
         if rank == {r}:
+{block(ring_start, 12)}
             for b in range(b0, b1):
                 s = offsets[base + b]
                 e = offsets[base + b + 1]
