@@ -73,7 +73,9 @@ After the table-batched correction became one kernel call per width (service tim
 ``--serve-cpu 0``: ``on`` P50 1.07 / 1.12 / 1.10, P99 1.08 / 1.09 / 1.12, trained share
 0.32-0.35 (82-90 k samples/s, unchanged), A/A P50 1.00-1.02, P99 1.00-1.09; ``record``
 alone 1.02 / 1.01; ``nopause`` (on the serving CPU) share 0.38, P99 1.54; 245 k samples/s
-idle, 14 k at 90 %; misbehave P50 x115.
+idle, 14 k at 90 %; misbehave P50 x115. A fourth run after each id's slot was probed once
+(service time 0.42 ms, 1140 requests/s): P50 1.16, P99 1.25, share 0.32, svc50 1.04, A/A
+1.03 / 1.04; 227 k samples/s idle, 15 k at 90 %; misbehave P50 x149.
 """
 
 from __future__ import annotations
