@@ -308,13 +308,19 @@ class TableBatch:
         if n_bags == 0:
             return out
         if not active:
-            return self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
-        def run(states):
             self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
-            # the adapted tables of each width in one kernel call
+            return out
+        def run(states):
+            plan = self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
+            # the adapted tables of each width in one kernel call, over the lookup's threads
+            # (bags split evenly; a bag's correction does not depend on the split)
+            nt = 1 if plan.driver == "serial" else min(plan.n_threads, n_bags)
+            step = -(-n_bags // nt)
+            ranges = [(b, min(n_bags, b + step)) for b in range(0, n_bags, step)]
             for d, tids, ptrs, meta, scales in self._correction_args(active, states):
-                tbe_correct_kernel(d, self.dtype.name)(indices, offsets, n_bags, tids, self.col_offsets, ptrs, meta,
-                                                       scales, w, use_w, K.MODES[mode], out, 0, n_bags)
+                kernel = tbe_correct_kernel(d, self.dtype.name)
+                run_ranges(lambda b0, b1: kernel(indices, offsets, n_bags, tids, self.col_offsets, ptrs, meta, scales,
+                                                 w, use_w, K.MODES[mode], out, b0, b1), ranges)
 
         read_consistent([a for _, a in active], run)
         return out
@@ -339,6 +345,7 @@ class TableBatch:
         return packed
 
     def _plain(self, indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver):
+        """The plain table-batched lookup into ``out``; returns the plan it ran with."""
         n_t = self.n_tables
         plan = resolve_plan("table_batch", n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
                             bucket=_bucket(int(self.dims.max()), n_bags * n_t, n_ids, self.dtype), n_items=n_bags,
@@ -357,7 +364,7 @@ class TableBatch:
                 run_ranges(lambda b0, b1: ks.tbe_range(*args, b0, b1), ranges)
             else:
                 _run_prange(ks.tbe_parallel, plan, args + (plan.chunk_size,))
-        return out
+        return plan
 
 
 def warmup(dims=(64,), dtypes=("float32",), index_dtypes=("int64", "int32"), modes=("sum", "mean"),

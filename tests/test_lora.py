@@ -86,8 +86,11 @@ def test_table_batch_correction_kernel(dtype, mode, weighted):
         dense = [tab + (a.dense_delta() if a is not None else 0) for tab, a in zip(tables, adapters)]
         return reference_table_batch(dense, idx, off, w, mode)
 
-    got = batch.lookup(idx, off, weights=w, mode=mode, adapters=adapters)
+    got = batch.lookup(idx, off, weights=w, mode=mode, adapters=adapters, driver="serial")
     np.testing.assert_allclose(got, expected(), **tol)
+    for driver in ("threads", "prange"):  # the correction split over the lookup's threads: same bits
+        np.testing.assert_array_equal(batch.lookup(idx, off, weights=w, mode=mode, adapters=adapters, driver=driver,
+                                                   n_threads=2), got)
     s = 0
     for t, a in enumerate(adapters):  # the single-table fused lookup of the same bags
         c0, c1 = batch.col_offsets[t], batch.col_offsets[t + 1]
