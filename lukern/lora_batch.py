@@ -123,7 +123,7 @@ class BatchedTrainer:
         self.dtype = dtypes.pop() if dtypes else None
         self._n_rows = np.array([-1 if a is None else a.n_rows for a in adapters], np.int64)
 
-    def train_step(self, indices, offsets, grad, *, mode: str = "sum") -> list:
+    def train_step(self, indices, offsets, grad, *, mode: str = "sum", between=None) -> list:
         """Backward and optimizer step of every adapter for one mini-batch.
 
         Parameters
@@ -135,6 +135,9 @@ class BatchedTrainer:
         grad : ndarray (n_tables, n_bags, dim)
             d loss / d pooled output of every table (table-major, C-contiguous).
         mode : {"sum", "mean"}
+        between : callable, optional
+            Called with no arguments after each table's step (a co-located trainer's
+            pause check: a request then waits at most one table's step).
 
         Returns
         -------
@@ -175,8 +178,12 @@ class BatchedTrainer:
         m = 1 if mode == "mean" else 0
         finite = np.empty(n_tables, np.bool_)
         K.finite_tables(grad, finite)
-        return [None if a is None else self._one(t, a, indices[t], offsets, grad[t], m, finite[t])
-                for t, a in enumerate(self.adapters)]
+        done = []
+        for t, a in enumerate(self.adapters):
+            done.append(None if a is None else self._one(t, a, indices[t], offsets, grad[t], m, finite[t]))
+            if between is not None and a is not None:
+                between()
+        return done
 
     def _one(self, t, a: LoRAAdapter, idx, offsets, g, mode, finite):
         if not finite:

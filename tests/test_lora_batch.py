@@ -137,6 +137,21 @@ def test_no_table_drops_like_backward_without_a_table(dtype, mode, per_bag):
     assert ab[2].n_active > 0 and np.abs(ab[2].A).sum() > 0
 
 
+def test_between_runs_after_each_adapted_table():
+    # the co-located trainer's pause check: after every table that has an adapter, in
+    # order, each time with that table stepped and the next one not yet
+    sizes, dim = (100, 60, 80), 8
+    tables, adapters = _build(sizes, dim)
+    adapters[1] = None
+    trainer = BatchedTrainer(adapters, tables)
+    rng = np.random.default_rng(5)
+    idx, off = _batch(rng, sizes, 20)
+    grad = rng.standard_normal((3, 20, dim)).astype(np.float32)
+    seen = []
+    trainer.train_step(idx, off, grad, between=lambda: seen.append((adapters[0].step_count, adapters[2].step_count)))
+    assert seen == [(1, 0), (1, 1)]
+
+
 def test_stable_lru_choose_matches_kernel():
     from lukern._kernels.lora_batch import stable_lru
 

@@ -1167,14 +1167,15 @@ class LiveUpdater:
     # -- the table-batched step (lukern.lora_batch.BatchedTrainer) --------------------------
 
     def _batched_trainers(self):
-        """Per trained table a one-adapter :class:`~lukern.lora_batch.BatchedTrainer`
-        (backward, eviction and optimizer step in one kernel call instead of about 15
-        Python-level calls), or None where its results would differ from
+        """A :class:`~lukern.lora_batch.BatchedTrainer` over the trained tables (one per
+        table when their widths differ) as ``[(table ids, trainer)]``: backward, eviction
+        and optimizer step in one kernel call per table instead of about 15 Python-level
+        calls. None where its results would differ from
         ``backward`` + ``step``: an object that is not a plain ``LoRAAdapter``, an adapter with ``acc_a_init`` (the batched kernel does not
         seed from it) or, where rows are folded into the served tables (thread mode), an
-        eviction policy other than ``StableLRU``. One trainer per table keeps a guard
-        check between tables (a request waits at most one table's step). Built in the
-        trainer (thread or sidecar), on its first step."""
+        eviction policy other than ``StableLRU``. The guard is checked between tables (a
+        request waits at most one table's step). Built in the trainer (thread or sidecar),
+        on its first step."""
         if self._batched is None:
             from ..lora_batch import BatchedTrainer, StableLRU
             from ..lora import LoRAAdapter
@@ -1184,9 +1185,16 @@ class LiveUpdater:
                      and (self._in_child or type(self.adapters[t].eviction) is StableLRU) for t in self._trained)
             # the sidecar cannot write the served tables: no eviction there (rows without a
             # free slot are dropped and counted, as backward(table=None) does)
-            self._batched = [(t, BatchedTrainer([self.adapters[t]],
-                                                [None if self._in_child else self.tables.tables[t]]))
-                             for t in self._trained] if ok else False
+            tables = {t: None if self._in_child else self.tables.tables[t] for t in self._trained}
+            if not ok:
+                self._batched = False
+            elif len({self.adapters[t].dim for t in self._trained}) == 1:
+                # one trainer for every table (the batch validated once), the guard
+                # checked between tables by train_step(between=...)
+                self._batched = [(tuple(self._trained), BatchedTrainer([self.adapters[t] for t in self._trained],
+                                                                       [tables[t] for t in self._trained]))]
+            else:  # BatchedTrainer takes one width: a trainer per table
+                self._batched = [((t,), BatchedTrainer([self.adapters[t]], [tables[t]])) for t in self._trained]
         return self._batched or None
 
     def _step_batched(self, batched, ids, off, grad):
@@ -1194,22 +1202,13 @@ class LiveUpdater:
         Returns False (counted, logged) when a table's call failed: the tables before it
         have stepped (the checks at record() leave nothing expected to fail here)."""
         try:
-            # every table's ids (and, for one width, gradient columns) made contiguous in
-            # one transposing copy each, not one strided copy per table
             n, n_t, L = ids.shape
-            ids_t = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(n_t, 1, n * L)
-            d = self.col_offsets[1] - self.col_offsets[0]
-            same_width = all(b - a == d for a, b in zip(self.col_offsets, self.col_offsets[1:]))
-            if same_width:
-                grad_t = np.ascontiguousarray(grad.reshape(n, n_t, d).transpose(1, 0, 2))
-            for t, tr in batched:
-                if same_width:
-                    g = grad_t[t][None]
-                else:
-                    c0, c1 = self.col_offsets[t], self.col_offsets[t + 1]
-                    g = np.ascontiguousarray(grad[:, c0:c1])[None]
-                tr.train_step(ids_t[t], off, g)
-                self.guard.check()
+            # every table's ids in one transposing copy, not one strided copy per table
+            ids_t = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(n_t, n * L)
+            for tids, tr in batched:
+                sel = list(tids)
+                g = np.stack([grad[:, self.col_offsets[t]:self.col_offsets[t + 1]] for t in tids])
+                tr.train_step(ids_t[sel], off, g, between=self.guard.check)
         except Exception as exc:
             self.loss_errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
