@@ -75,7 +75,9 @@ After the table-batched correction became one kernel call per width (service tim
 alone 1.02 / 1.01; ``nopause`` (on the serving CPU) share 0.38, P99 1.54; 245 k samples/s
 idle, 14 k at 90 %; misbehave P50 x115. A fourth run after each id's slot was probed once
 (service time 0.42 ms, 1140 requests/s): P50 1.16, P99 1.25, share 0.32, svc50 1.04, A/A
-1.03 / 1.04; 227 k samples/s idle, 15 k at 90 %; misbehave P50 x149.
+1.03 / 1.04; 227 k samples/s idle, 15 k at 90 %; misbehave P50 x149. With one
+BatchedTrainer over all tables (``--arms off,offb,on,idle``): 98 k samples/s at 50 % load
+(1190 requests/s, 306 k fed: share 0.35), 297 k idle; P50 1.13, P99 1.20, A/A 0.98 / 1.02.
 """
 
 from __future__ import annotations
