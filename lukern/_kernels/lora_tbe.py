@@ -34,41 +34,28 @@ AHEAD = 16
 A_AHEAD = 8
 
 
-def _source(d: int, dtype_name: str, ahead: int = AHEAD, a_ahead: int = A_AHEAD, ring: bool = True) -> str:
+def _source(d: int, dtype_name: str) -> str:
     r = FIXED_RANK
     ps = [f"p{q}" for q in range(r)]
-    probe_ahead = [
-        # the A row of the id A_AHEAD on: its hash lines have arrived, so probe it now
+    fixed = [f"{p} = DT(0.0)" for p in ps] + [
+        "hit = False",
+        "for j in range(s, e):",
+        "    if j + AHEAD < t_end:",
+        "        ahead = indices[j + AHEAD]",
+        "        if is_active(bitmap, ahead):",
+        "            prefetch_probe(keys, vals, mask, ahead)",
+        # the id A_AHEAD on: its hash lines have arrived, so probe it now, prefetch its
+        # A row and keep its slot in the ring until it is used
         "    if j + A_AHEAD < t_end:",
         "        ahead = indices[j + A_AHEAD]",
-    ] + ([
         "        sa = -1",
         "        if is_active(bitmap, ahead):",
         "            sa = find_slot(keys, vals, mask, ahead)",
         "            if sa >= 0:",
         "                prefetch(A, sa, 0)",
-        "        ring[(j + A_AHEAD) & RM] = sa",  # found once, used A_AHEAD ids later
-    ] if ring else [
-        "        if is_active(bitmap, ahead):",
-        "            sa = find_slot(keys, vals, mask, ahead)",
-        "            if sa >= 0:",
-        "                prefetch(A, sa, 0)",
-    ])
-    take = ["    sl = ring[j & RM]", "    if sl >= 0:"] if ring and a_ahead else [
-        "    row = indices[j]",
-        "    sl = -1",
-        "    if is_active(bitmap, row):",
-        "        sl = find_slot(keys, vals, mask, row)",
-        "    if sl >= 0:"]
-    fixed = [f"{p} = DT(0.0)" for p in ps] + [
-        "hit = False",
-        "for j in range(s, e):",
-    ] + ([
-        "    if j + AHEAD < t_end:",
-        "        ahead = indices[j + AHEAD]",
-        "        if is_active(bitmap, ahead):",
-        "            prefetch_probe(keys, vals, mask, ahead)",
-    ] if ahead else []) + (probe_ahead if a_ahead else []) + take + [
+        "        ring[(j + A_AHEAD) & RM] = sa",
+        "    sl = ring[j & RM]",
+        "    if sl >= 0:",
         "        hit = True",
         "        if use_w:",
         "            w = weights[j]",
@@ -80,7 +67,7 @@ def _source(d: int, dtype_name: str, ahead: int = AHEAD, a_ahead: int = A_AHEAD,
         "        f = scale / DT(e - s)",
     ] + [f"    q{q} = f * {p}" for q, p in enumerate(ps)] + ["    o = out[b]"] + [
         f"    o[c0 + {c}] += " + " + ".join(f"q{q} * B[{q}, {c}]" for q in range(r)) for c in range(d)]
-    ring_start = [
+    ring_start = [  # the slots of the range's first A_AHEAD ids
         "t_start = offsets[base + b0]",
         "for j in range(t_start, min(t_start + A_AHEAD, t_end)):",
         "    row = indices[j]",
@@ -88,7 +75,7 @@ def _source(d: int, dtype_name: str, ahead: int = AHEAD, a_ahead: int = A_AHEAD,
         "    if is_active(bitmap, row):",
         "        sa = find_slot(keys, vals, mask, row)",
         "    ring[j & RM] = sa",
-    ] if ring and a_ahead else []
+    ]
     generic = [
         "hit = False",
         "for q in range(rank):",
@@ -112,8 +99,8 @@ def _source(d: int, dtype_name: str, ahead: int = AHEAD, a_ahead: int = A_AHEAD,
     ] + [f"        g{c} += pq * B[q, {c}]" for c in range(d)] + ["    o = out[b]"] + [
         f"    o[c0 + {c}] += g{c}" for c in range(d)]
 
-    rm = 1
-    while rm < a_ahead + 1:
+    rm = 1  # ring index mask: a power of two above A_AHEAD, minus one
+    while rm < A_AHEAD + 1:
         rm = 2 * rm + 1
 
     def block(lines, indent):
@@ -128,8 +115,8 @@ from lukern._kernels._intrinsics import address_as_voidptr, prefetch
 from lukern._kernels.lora import find_slot, is_active, prefetch_probe
 
 DT = np.{dtype_name}
-AHEAD = {ahead}
-A_AHEAD = {a_ahead}
+AHEAD = {AHEAD}
+A_AHEAD = {A_AHEAD}
 RM = {rm}
 
 
