@@ -314,11 +314,8 @@ class TableBatch:
             plan = self._plain(indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver)
             # the adapted tables of each width in one kernel call, over the lookup's threads
             # (bags split evenly; a bag's correction does not depend on the split)
-            nt = 1 if plan.driver == "serial" else min(plan.n_threads, n_bags)
-            step = -(-n_bags // nt)
-            ranges = [(b, min(n_bags, b + step)) for b in range(0, n_bags, step)]
-            for d, tids, ptrs, meta, scales in self._correction_args(active, states):
-                kernel = tbe_correct_kernel(d, self.dtype.name)
+            ranges = _even_ranges(n_bags, 1 if plan.driver == "serial" else plan.n_threads)
+            for kernel, tids, ptrs, meta, scales in self._correction_args(active, states):
                 run_ranges(lambda b0, b1: kernel(indices, offsets, n_bags, tids, self.col_offsets, ptrs, meta, scales,
                                                  w, use_w, K.MODES[mode], out, b0, b1), ranges)
 
@@ -326,7 +323,7 @@ class TableBatch:
         return out
 
     def _correction_args(self, active, states):
-        """Per width of the adapted tables, ``(d, tids, ptrs, meta, scales)`` for
+        """Per width of the adapted tables, ``(kernel, tids, ptrs, meta, scales)`` for
         :mod:`lukern._kernels.lora_tbe` from the adapters' states. Kept for the next call
         while the states are the same objects: the cache holds them, so the arrays whose
         addresses it stores stay alive."""
@@ -339,7 +336,8 @@ class TableBatch:
         packed = []
         for d in sorted({int(self.dims[t]) for t in tids}):
             ks = [k for k, t in enumerate(tids) if self.dims[t] == d]
-            packed.append((d, np.array([tids[k] for k in ks], np.int64), np.stack([rows[k][0] for k in ks]),
+            packed.append((tbe_correct_kernel(d, self.dtype.name), np.array([tids[k] for k in ks], np.int64),
+                           np.stack([rows[k][0] for k in ks]),
                            np.stack([rows[k][1] for k in ks]), np.array([rows[k][2] for k in ks], self.dtype)))
         self._tbe_cache = (tuple(states), tids, packed)
         return packed
@@ -359,12 +357,16 @@ class TableBatch:
             if plan.driver == "serial":
                 ks.tbe_range(*args, 0, n_bags)
             elif plan.driver == "threads":
-                step = -(-n_bags // plan.n_threads)
-                ranges = [(b, min(n_bags, b + step)) for b in range(0, n_bags, step)]
-                run_ranges(lambda b0, b1: ks.tbe_range(*args, b0, b1), ranges)
+                run_ranges(lambda b0, b1: ks.tbe_range(*args, b0, b1), _even_ranges(n_bags, plan.n_threads))
             else:
                 _run_prange(ks.tbe_parallel, plan, args + (plan.chunk_size,))
         return plan
+
+
+def _even_ranges(n: int, parts: int) -> list:
+    """[0, n) cut into at most ``parts`` contiguous ranges of nearly equal length."""
+    step = -(-n // max(1, min(parts, n)))
+    return [(b, min(n, b + step)) for b in range(0, n, step)]
 
 
 def warmup(dims=(64,), dtypes=("float32",), index_dtypes=("int64", "int32"), modes=("sum", "mean"),
