@@ -6,8 +6,10 @@ trainer calls it for every table on every mini-batch, so at replay sizes (a few 
 ids per table) that glue costs more than the arithmetic. :class:`BatchedTrainer` checks
 the batch once for all tables and runs each table's backward, eviction, accumulator
 seeding and optimizer step in one kernel call
-(:func:`lukern._kernels.lora_batch.train_table`). The results are the same bits as ``backward`` + ``step`` per table with a
-:class:`StableLRU` eviction policy (the tests compare them).
+(:func:`lukern._kernels.lora_batch.train_table`). It admits and evicts the same rows as
+``backward`` + ``step`` per table with a :class:`StableLRU` eviction policy, and its steps
+equal theirs up to float rounding: it sums each touched row's gradient before multiplying
+by B, one product per row instead of per bag (the tests compare the two).
 
 Examples
 --------
@@ -35,15 +37,11 @@ from .lora import LeastRecentlyUsed, LoRAAdapter
 
 __all__ = ["BatchedTrainer", "StableLRU"]
 
-#: bags per chunk of B's gradient: must equal the adapter's, so the sums merge alike
-from .lora import _BACKWARD_CHUNK  # noqa: E402
-
-
 class StableLRU(LeastRecentlyUsed):
     """:class:`lukern.LeastRecentlyUsed` (ties broken by the lowest slot), named as the
     policy :class:`BatchedTrainer` reproduces inside its kernel: an adapter built with it
     evicts the same slots under ``LoRAAdapter.backward`` and under the batched trainer, so
-    the two paths give the same bits.
+    the two paths admit and evict alike.
 
     Examples
     --------
@@ -133,7 +131,10 @@ class BatchedTrainer:
         offsets : ndarray (n_bags + 1,), int64
             CSR bag boundaries shared by the tables.
         grad : ndarray (n_tables, n_bags, dim)
-            d loss / d pooled output of every table (table-major, C-contiguous).
+            d loss / d pooled output of every table. Its rows must be contiguous (the
+            last axis of stride one); the other axes may be strided, so a model's
+            (n_bags, n_tables * dim) gradient is passed without a copy as
+            ``grad.reshape(n_bags, n_tables, dim).transpose(1, 0, 2)``.
         mode : {"sum", "mean"}
         between : callable, optional
             Called with no arguments after each table's step (a co-located trainer's
@@ -161,9 +162,11 @@ class BatchedTrainer:
         if grad.shape != (n_tables, n_bags, self.dim if self.dim is not None else grad.shape[2]):
             raise ValueError(f"`grad` must have shape (n_tables, n_bags, dim) = ({n_tables}, {n_bags}, {self.dim}); "
                              f"got {grad.shape}.")
-        if grad.dtype not in V.FLOAT_DTYPES or not grad.flags.c_contiguous:
-            raise TypeError(f"`grad` must be a C-contiguous float32 or float64 array; got {grad.dtype}"
-                            f"{'' if grad.flags.c_contiguous else ', not contiguous'}.")
+        rows_ok = grad.shape[2] <= 1 or grad.strides[2] == grad.itemsize
+        if grad.dtype not in V.FLOAT_DTYPES or not rows_ok:
+            raise TypeError(f"`grad` must be a float32 or float64 array with contiguous rows (last axis of stride "
+                            f"one); got {grad.dtype}{'' if rows_ok else f' with strides {grad.strides}'}. Use "
+                            "numpy.ascontiguousarray(grad).")
         V.check_choice("mode", mode, ("sum", "mean"))
         if indices.shape[1] >= 2**31:
             raise ValueError(f"`indices` may hold at most 2**31 - 1 ids per table; got {indices.shape[1]}.")
@@ -208,7 +211,7 @@ class BatchedTrainer:
                 st.acc_a, st.B, st.acc_b, float(st.scale), table.dtype.type(st.scale), a._free, a._n_free, a._local,
                 a._uniq, a._G, a.step_count, int(a.capacity * a.evict_fraction), table,
                 _EMPTY_PRIOR[a.dtype] if prior is None else prior, prior is not None, _OPT_A[a.optimizer_a],
-                _OPT_B[a.optimizer_b], a.lr_a, a.lr_b, a.weight_decay, a.eps, _BACKWARD_CHUNK, dB, B_new, acc_b_new,
+                _OPT_B[a.optimizer_b], a.lr_a, a.lr_b, a.weight_decay, a.eps, dB, B_new, acc_b_new,
                 evict)
             a._n_free = int(n_free)
             if status == K.OK:

@@ -220,6 +220,12 @@ def add_pooled(P, offsets, mode, B, scale, out):
                     o[k] += pq * B[q, k]
 
 
+#: ids ahead whose hash lines :func:`assign_slots` prefetches: 38 -> 28 us for 1024 Zipf
+#: ids with the adapter's state evicted from cache. Probing 8 ids ahead as well, to
+#: prefetch the slot's ``last_step`` and ``local`` lines, gained nothing more (29-33 us).
+_ASSIGN_AHEAD = 16
+
+
 @njit(nogil=True, cache=True)
 def assign_slots(indices, keys, vals, mask, bitmap, slot_row, last_step, free, n_free, step, slots, local, uniq, n_u,
                  G, known, use_known, rows_out):
@@ -231,7 +237,10 @@ def assign_slots(indices, keys, vals, mask, bitmap, slot_row, last_step, free, n
     pending row of id j (-1 without a slot), so the scatter reads it in order. Returns
     (free count, pending count, ids that found no free slot)."""
     missed = 0
-    for j in range(indices.shape[0]):
+    n_ids = indices.shape[0]
+    for j in range(n_ids):
+        if j + _ASSIGN_AHEAD < n_ids:
+            prefetch_probe(keys, vals, mask, indices[j + _ASSIGN_AHEAD])
         row = indices[j]
         sl = -1
         if use_known and known[j] >= 0:

@@ -1207,7 +1207,12 @@ class LiveUpdater:
             ids_t = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(n_t, n * L)
             for tids, tr in batched:
                 sel = list(tids)
-                g = np.stack([grad[:, self.col_offsets[t]:self.col_offsets[t + 1]] for t in tids])
+                if sel == list(range(n_t)) and self.col_offsets[-1] == n_t * tr.dim:
+                    # every table, one width: a strided view of the model's gradient
+                    # (copying it cost ~0.15 ms and 1.7 MB of cache per 1024 x 416 batch)
+                    g = grad.reshape(n, n_t, tr.dim).transpose(1, 0, 2)
+                else:
+                    g = np.stack([grad[:, self.col_offsets[t]:self.col_offsets[t + 1]] for t in tids])
                 tr.train_step(ids_t[sel], off, g, between=self.guard.check)
         except Exception as exc:
             self.loss_errors += 1
