@@ -312,9 +312,15 @@ class _Hog:
                         x += 1
                 from .._kernels.sched import spin_while_busy
                 idle = np.zeros(1, np.int64)
+                if self.how == "mem":  # the trainer's cache traffic alone (~1.4 GB/s at 50 % load):
+                    # 1 MB of an 8 MB buffer copied, then ~1 ms of spinning
+                    src, dst, part = np.ones(1 << 20), np.empty(1 << 17), 0
                 while True:
                     while self.flight[0] > 0:
                         time.sleep(0.0001)
+                    if self.how == "mem":
+                        np.copyto(dst, src[part << 17:(part + 1) << 17])
+                        part = (part + 1) % 8
                     spin_while_busy(idle, -1, 200_000)  # ~1 ms of spinning
                     time.sleep(0.0001)
             finally:
@@ -524,7 +530,7 @@ def main(argv=None):
         return _main(args)
 
 
-_ARMS = ("off", "offb", "on", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "idle", "on90")
+_ARMS = ("off", "offb", "on", "oncap", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "idle", "on90")
 _PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
@@ -605,7 +611,8 @@ def _main(args):
 
     # offb: a second trainer-off arm; off vs offb is the noise floor of this machine
     configs = {"off": None, "offb": None, "on": good, "thread": thread_good, "misbehave": bad,
-               "hog": {"hog": "spin", "cpus": tcpus}, "sleepyhog": {"hog": "sleepy", "cpus": tcpus}}
+               "hog": {"hog": "spin", "cpus": tcpus}, "sleepyhog": {"hog": "sleepy", "cpus": tcpus},
+               "memhog": {"hog": "mem", "cpus": tcpus}}
     if args.mode == "process":  # the sidecar that spins while paused and never breathes
         configs["onspin"] = {**good, "pause_wait": "spin", "breathe_every": 0.0}
     # the sidecar at SCHED_IDLE that never pauses: it runs beside every request on the
@@ -622,6 +629,9 @@ def _main(args):
         # the sidecar trains but publishes nothing while the arms run: what training
         # alone (and record()) costs, without the adoption of factors
         configs["onnopub"] = {**good, "publish_every": 1e9}
+    # the sidecar held to steps for 60 % of the samples fed (max_rate): does training less
+    # (less cache traffic) move latency less?
+    configs["oncap"] = {**good, "max_rate": 0.6 * rate * args.batch / args.train_batch}
     # record() with a ring of 4096 samples (7 MB of pooled rows instead of 27 MB streaming through L3)
     configs["on4k"] = {**good, "buffer_size": 4096}
     configs["record4k"] = {**good, "record_only": True, "buffer_size": 4096}
