@@ -33,7 +33,7 @@ import numpy as np
 
 from . import _validate as V
 from ._kernels import lora_batch as K
-from .lora import LeastRecentlyUsed, LoRAAdapter
+from .lora import _BACKWARD_CHUNK, LeastRecentlyUsed, LoRAAdapter  # the chunk: B's gradient merges alike
 
 __all__ = ["BatchedTrainer", "StableLRU"]
 
@@ -120,6 +120,7 @@ class BatchedTrainer:
         self.dim = dims.pop() if dims else None
         self.dtype = dtypes.pop() if dtypes else None
         self._n_rows = np.array([-1 if a is None else a.n_rows for a in adapters], np.int64)
+        self._path = K.AUTO  # the backward by row or by bag (tests force one)
 
     def train_step(self, indices, offsets, grad, *, mode: str = "sum", between=None) -> list:
         """Backward and optimizer step of every adapter for one mini-batch.
@@ -211,8 +212,8 @@ class BatchedTrainer:
                 st.acc_a, st.B, st.acc_b, float(st.scale), table.dtype.type(st.scale), a._free, a._n_free, a._local,
                 a._uniq, a._G, a.step_count, int(a.capacity * a.evict_fraction), table,
                 _EMPTY_PRIOR[a.dtype] if prior is None else prior, prior is not None, _OPT_A[a.optimizer_a],
-                _OPT_B[a.optimizer_b], a.lr_a, a.lr_b, a.weight_decay, a.eps, dB, B_new, acc_b_new,
-                evict)
+                _OPT_B[a.optimizer_b], a.lr_a, a.lr_b, a.weight_decay, a.eps, _BACKWARD_CHUNK, dB, B_new, acc_b_new,
+                evict, self._path)
             a._n_free = int(n_free)
             if status == K.OK:
                 a._state = st.replace(B=B_new, acc_b=acc_b_new if a.optimizer_b == "adagrad" else st.acc_b)

@@ -4,9 +4,10 @@
 mini-batch instead of ``LoRAAdapter.backward`` + ``step`` (about 15 Python-level calls,
 validations and temporaries each). It runs the admission, eviction and optimizer kernels
 of :mod:`lukern._kernels.lora` in the order the adapter's methods run them; the gradients
-come from :func:`row_grads`, which sums them by touched row before multiplying by B, so
-the results equal the adapter's up to float rounding (``tests/test_lora_batch.py``
-compares them: the same slots, admissions and evictions, the values within rounding).
+come from :func:`row_grads` (one-id bags: each touched row's gradient summed before it
+is multiplied by B, the results equal to the adapter's up to float rounding) or, for
+long bags, from the adapter's own bag kernel (the same bits). ``tests/test_lora_batch.py``
+compares them: the same slots, admissions and evictions, the values within rounding.
 
 Contract (the wrapper checks it): ``grad`` is finite; the adapter has no pending gradients (``n_u == 0``,
 every ``local`` entry -1); ids are in [0, n_rows); ``grad`` is (n_bags, d) with contiguous rows;
@@ -23,8 +24,15 @@ from numba import njit
 
 from ._intrinsics import prefetch
 from .checks import first_non_finite
-from .lora import (assign_slots, bag_factor, drop_pending, evict_slots, fold_rows, reset_local, rowwise_adagrad_a,
-                   sgd_a)
+from .lora import (FIXED_RANK, assign_slots, backward_bags, backward_bags_kernel, bag_factor, drop_pending,
+                   evict_slots, fold_rows, reset_local, rowwise_adagrad_a, scatter_grad_a, sgd_a, sum_parts)
+
+#: the adapters' rank-8 bag kernel (generated, pooled rows in registers), for the by-bag
+#: backward
+_BAGS_FIXED = backward_bags_kernel(FIXED_RANK)
+
+#: :func:`train_table`'s backward: chosen by operation count, or forced (tests)
+AUTO, BY_ROW, BY_BAG = 0, 1, 2
 
 #: status codes of :func:`train_table`
 OK = 0
@@ -155,7 +163,7 @@ def step_b(dB, B, acc_b, adagrad, lr, wd, eps, B_new, acc_new):
 @njit(nogil=True, cache=True)
 def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row, last_step, A, acc_a, B, acc_b,
                 scale, fold_scale, free, n_free, local, uniq, G, step, evict_min, table, prior, use_prior, opt_a, opt_b,
-                lr_a, lr_b, wd, eps, dB, B_new, acc_b_new, evict=True):
+                lr_a, lr_b, wd, eps, chunk, dB, B_new, acc_b_new, evict=True, path=AUTO):
     """Backward + optimizer step of one adapter for one batch (see the module docstring).
 
     ``opt_a``: 0 row-wise Adagrad, 1 SGD; ``opt_b``: 0 Adagrad, 1 SGD. B and its
@@ -165,6 +173,12 @@ def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row
 
     ``evict=False``: rows that find no free slot are dropped (``LoRAAdapter.backward``
     with ``table=None``); ``table`` is then never touched (may be empty).
+
+    The backward runs by touched row (:func:`row_grads`) or by bag (the adapter's own
+    bag kernel, B's gradient summed in chunks of ``chunk`` bags), whichever takes fewer
+    operations: by row for one-id bags (a DLRM's categorical features), by bag for long
+    bags, whose per-id scatter of d-wide gradients would cost more than the r x d
+    products it saves. ``path`` forces one (tests).
 
     Returns ``(status, n_free, evicted, dropped, n_evicted)``: ``evicted`` is True when
     the slots ran out and the policy ran (the adapter's version moves then, even if it
@@ -188,7 +202,29 @@ def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row
         n_evicted = n_free - before
         n_free, n_u, missed = assign_slots(indices, keys, vals, mask, bitmap, slot_row, last_step, free, n_free,
                                            step, slots, local, uniq, n_u, G, known, False, pend)
-    row_grads(pend, offsets, mode, grad, A, uniq, B, scale, n_u, G, dB)
+    r, d = B.shape
+    n_bags = offsets.shape[0] - 1
+    by_row = path == BY_ROW or (path == AUTO and n_ids * d + 2 * n_u * r * d <= 2 * n_bags * r * d + n_ids * r)
+    if by_row:
+        row_grads(pend, offsets, mode, grad, A, uniq, B, scale, n_u, G, dB)
+    else:
+        U = np.empty((n_bags, r), np.float64)
+        n_chunks = (n_bags + chunk - 1) // chunk
+        parts = np.empty((n_chunks, r, d), np.float64)
+        Bt = np.ascontiguousarray(B.T).astype(np.float64)
+        no_w = np.empty(0, A.dtype)
+        no_p = np.empty((0, r), A.dtype)
+        if r == FIXED_RANK:
+            _BAGS_FIXED(slots, offsets, no_w, False, mode, grad, A, B, Bt, scale, U, parts, chunk, 0, n_chunks, no_p,
+                        False)
+        else:
+            backward_bags(slots, offsets, no_w, False, mode, grad, A, B, Bt, scale, U, parts, chunk, 0, n_chunks, no_p,
+                          False)
+        sum_parts(parts, dB)
+        for i in range(n_u):  # assign_slots zeroed the rows it registered
+            for q in range(r):
+                G[i, q] = 0
+        scatter_grad_a(pend, offsets, no_w, False, U, G, 0, n_u)
     if use_prior:
         for s in range(slot_row.shape[0]):
             if acc_a[s] == 0 and slot_row[s] >= 0:
