@@ -107,7 +107,13 @@ def row_grads(pend, offsets, mode, grad, A, uniq, B, scale, n_u, G, dB):
     (in row order), which is what summing ``U_b = s f_b g_b B^T`` and ``P_b^T g_b`` over
     bags gives, with one r x d product per touched row instead of two per bag: a
     mini-batch of Zipf ids touches a few rows many times (1024 ids, ~270 rows).
-    ``dB`` (r, d) float64 is added to."""
+    ``dB`` (r, d) float64 is added to.
+
+    Measured (EPYC VM, 1024 one-id Zipf bags over 20k rows, d = 16, r = 8): the bag
+    kernel took 33 us of a table's 52 us step with warm caches, this one 11 us; a
+    BatchedTrainer step over 26 such tables with serving requests in between (the
+    sidecar's case, caches cold) went from 2.41 to 1.74-1.84 ms (``/tmp`` script, not
+    kept: LiveUpdater._step on recorded batches, 4 requests served before each)."""
     d = grad.shape[1]
     r = B.shape[0]
     S = np.zeros((n_u, d))

@@ -256,6 +256,35 @@ def run_table_batch(repeats, seed=0):
     return res
 
 
+def run_batched_step(repeats, seed=0):
+    """The co-located trainer's step on the serving benchmark's model (26 tables of 20k x
+    16, r = 8, 1024 one-id Zipf bags per table, as the sidecar steps them): one
+    :class:`lukern.lora_batch.BatchedTrainer` call with the backward by touched row
+    against the same call forced to the by-bag kernel, each on its own copy of the
+    adapters, alternating on a ring of distinct batches. Medians, milliseconds."""
+    from ..lora_batch import BatchedTrainer
+    from ..testing import zipf_ids
+    from .._kernels import lora_batch as K
+    from .serving import Model
+
+    m = Model(seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    n = 1024
+    off = np.arange(n + 1, dtype=np.int64)
+    batches = [(np.stack([zipf_ids(rng, n, m.rows) for _ in range(m.n_tables)]).astype(np.int64),
+                (0.01 * rng.standard_normal((m.n_tables, n, m.dim))).astype(np.float32)) for _ in range(24)]
+    trainers = {}
+    for name, path in (("by row", K.BY_ROW), ("by bag", K.BY_BAG)):
+        tr = BatchedTrainer(m.new_adapters(), [None] * m.n_tables)
+        tr._path = path
+        for ids, g in batches[:12]:  # fill the slots as a running trainer has
+            tr.train_step(ids, off, g)
+        trainers[name] = tr
+    med = _median_times({name: (lambda ids, g, tr=tr: tr.train_step(ids, off, g)) for name, tr in trainers.items()},
+                        batches, repeats)
+    return {name: v[0] * 1e3 for name, v in med.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lukern.bench lora", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,6 +315,10 @@ def main(argv=None):
     for r in tbe:
         print(f"  {r['active']:7} rows adapted: plain {r['plain_us']:7.1f} us, with adapters {r['adapted_us']:7.1f} us "
               f"({r['adapted_us'] / r['plain_us']:.2f}x), {r['ids_with_a_row']:.0%} of ids with an A row")
+    bstep = run_batched_step(max(40, 2 * a.repeats))
+    print(f"\nco-located trainer step (BatchedTrainer, 26 tables x 1024 one-id Zipf bags, d = 16, r = 8), 1 thread: "
+          f"by touched row {bstep['by row']:.2f} ms, by bag {bstep['by bag']:.2f} ms "
+          f"({bstep['by bag'] / bstep['by row']:.2f}x)")
     adapter, table_bytes = run_memory(a.rows, a.dim, a.rank)
     print(f"\nmemory (bar: < 2% of the table), d = {a.dim}, r = {a.rank}, {adapter.n_active} active rows "
           f"({adapter.n_active / a.rows:.0%}):")
@@ -306,7 +339,7 @@ def main(argv=None):
               f"   lukern is {v / steps['lukern']:.1f}x faster ({c / steps_cpu['lukern']:.1f}x in CPU time)"))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"fused": fused, "table_batch": tbe, "memory": memory, "train_step_ms": steps,
+            json.dump({"fused": fused, "table_batch": tbe, "batched_step_ms": bstep, "memory": memory, "train_step_ms": steps,
                        "train_step_cpu_ms": steps_cpu}, f, indent=2)
     return 0
 

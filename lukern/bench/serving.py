@@ -21,6 +21,9 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
 - ``on90``:      90 % load with the trainer (samples/s at high load)
 - ``hog`` / ``sleepyhog``: no trainer, a SCHED_IDLE process that only spins (or spins
                  and sleeps while requests run): the floor cost of any work on the spare CPU
+- ``memhog``:    ``sleepyhog`` copying 1 MB of an 8 MB buffer per ~1 ms burst: streaming
+                 cache traffic like the trainer's (~1-2 GB/s), without its other work
+- ``oncap``:     ``on`` held (``max_rate``) to steps for 60 % of the samples fed
 - ``onspin``:    the sidecar spinning while paused, never breathing (``--pause-wait spin``)
 - ``nopause``:   the sidecar at SCHED_IDLE that never pauses (overlap: cache / memory cost)
 - with ``--serve-cpu``: ``onsame`` / ``onother`` / ``hogsame`` / ``hogother`` /
@@ -78,6 +81,18 @@ idle, 14 k at 90 %; misbehave P50 x115. A fourth run after each id's slot was pr
 1.03 / 1.04; 227 k samples/s idle, 15 k at 90 %; misbehave P50 x149. With one
 BatchedTrainer over all tables (``--arms off,offb,on,idle``): 98 k samples/s at 50 % load
 (1190 requests/s, 306 k fed: share 0.35), 297 k idle; P50 1.13, P99 1.20, A/A 0.98 / 1.02.
+
+With the BatchedTrainer's backward by touched row (step 2.41 -> 1.34 ms), the full
+command above: share 0.558 (163 k samples/s at 50 % load), 391 k idle, 27 k at 90 %; P50
+1.155, P99 1.18, svc50 1.044, A/A 1.008 / 1.021; misbehave P50 x187. Eight shorter runs
+(10-16 s arms, various extra arms): share 0.56-0.75, P50 1.05-1.24, P99 1.04-1.42, A/A P50
+0.93-1.06. Diagnostic arms in those runs: ``sleepyhog`` P50 0.89-1.02 (svc50 1.00-1.01),
+``memhog`` 1.02 (svc50 1.00), ``oncap`` (share 0.51) 1.16 against ``on`` 1.13, ``onnopub``
+1.08 / 1.15 against 1.05 / 1.09, ``record`` 0.96 / 1.07, ``onids`` share 0.37, P50 1.09,
+``onstaged`` share 0.28, P50 1.25, ``thread`` share 0.19, P50 1.33, ``onspin`` share 0.87,
+P99 1.60; ``--train-batch 256``: share 0.42, P50 1.11. The trainer's service-time cost
+(svc50 1.02-1.07) is not its streaming traffic (memhog) nor the CPU's occupation
+(sleepyhog), and training less does not shrink it.
 """
 
 from __future__ import annotations
