@@ -23,6 +23,8 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
                  and sleeps while requests run): the floor cost of any work on the spare CPU
 - ``memhog``:    ``sleepyhog`` copying 1 MB of an 8 MB buffer per ~1 ms burst: streaming
                  cache traffic like the trainer's (~1-2 GB/s), without its other work
+- ``randhog``:   ``sleepyhog`` reading 64k random 8-byte words of an 8 MB array per burst
+                 (random traffic like the trainer's over its adapters' states)
 - ``oncap``:     ``on`` held (``max_rate``) to steps for 60 % of the samples fed
 - ``onspin``:    the sidecar spinning while paused, never breathing (``--pause-wait spin``)
 - ``nopause``:   the sidecar at SCHED_IDLE that never pauses (overlap: cache / memory cost)
@@ -84,15 +86,15 @@ BatchedTrainer over all tables (``--arms off,offb,on,idle``): 98 k samples/s at 
 
 With the BatchedTrainer's backward by touched row (step 2.41 -> 1.34 ms), the full
 command above: share 0.558 (163 k samples/s at 50 % load), 391 k idle, 27 k at 90 %; P50
-1.155, P99 1.18, svc50 1.044, A/A 1.008 / 1.021; misbehave P50 x187. Eight shorter runs
+1.155, P99 1.18, svc50 1.044, A/A 1.008 / 1.021; misbehave P50 x187. Nine shorter runs
 (10-16 s arms, various extra arms): share 0.56-0.75, P50 1.05-1.24, P99 1.04-1.42, A/A P50
 0.93-1.06. Diagnostic arms in those runs: ``sleepyhog`` P50 0.89-1.02 (svc50 1.00-1.01),
-``memhog`` 1.02 (svc50 1.00), ``oncap`` (share 0.51) 1.16 against ``on`` 1.13, ``onnopub``
+``memhog`` 0.97-1.02 (svc50 1.00), ``randhog`` 0.99 (svc50 1.01), ``oncap`` (share 0.51) 1.16 against ``on`` 1.13, ``onnopub``
 1.08 / 1.15 against 1.05 / 1.09, ``record`` 0.96 / 1.07, ``onids`` share 0.37, P50 1.09,
 ``onstaged`` share 0.28, P50 1.25, ``thread`` share 0.19, P50 1.33, ``onspin`` share 0.87,
 P99 1.60; ``--train-batch 256``: share 0.42, P50 1.11. The trainer's service-time cost
-(svc50 1.02-1.07) is not its streaming traffic (memhog) nor the CPU's occupation
-(sleepyhog), and training less does not shrink it.
+(svc50 1.02-1.07) is not its streaming or random memory traffic (memhog, randhog) nor the
+CPU's occupation (sleepyhog), and training less does not shrink it.
 """
 
 from __future__ import annotations
@@ -330,11 +332,18 @@ class _Hog:
                 if self.how == "mem":  # the trainer's cache traffic alone (~1.4 GB/s at 50 % load):
                     # 1 MB of an 8 MB buffer copied, then ~1 ms of spinning
                     src, dst, part = np.ones(1 << 20), np.empty(1 << 17), 0
+                if self.how == "rand":  # the trainer's random reads alone: 64k random
+                    # lines of 8 MB (its adapters' states) per burst, then ~1 ms of spinning
+                    src, part = np.ones(1 << 20), 0
+                    picks = [np.random.default_rng(k).integers(0, 1 << 20, 1 << 16) for k in range(8)]
                 while True:
                     while self.flight[0] > 0:
                         time.sleep(0.0001)
                     if self.how == "mem":
                         np.copyto(dst, src[part << 17:(part + 1) << 17])
+                        part = (part + 1) % 8
+                    elif self.how == "rand":
+                        src.take(picks[part]).sum()
                         part = (part + 1) % 8
                     spin_while_busy(idle, -1, 200_000)  # ~1 ms of spinning
                     time.sleep(0.0001)
@@ -545,7 +554,7 @@ def main(argv=None):
         return _main(args)
 
 
-_ARMS = ("off", "offb", "on", "oncap", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "idle", "on90")
+_ARMS = ("off", "offb", "on", "oncap", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "randhog", "idle", "on90")
 _PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
@@ -627,7 +636,7 @@ def _main(args):
     # offb: a second trainer-off arm; off vs offb is the noise floor of this machine
     configs = {"off": None, "offb": None, "on": good, "thread": thread_good, "misbehave": bad,
                "hog": {"hog": "spin", "cpus": tcpus}, "sleepyhog": {"hog": "sleepy", "cpus": tcpus},
-               "memhog": {"hog": "mem", "cpus": tcpus}}
+               "memhog": {"hog": "mem", "cpus": tcpus}, "randhog": {"hog": "rand", "cpus": tcpus}}
     if args.mode == "process":  # the sidecar that spins while paused and never breathes
         configs["onspin"] = {**good, "pause_wait": "spin", "breathe_every": 0.0}
     # the sidecar at SCHED_IDLE that never pauses: it runs beside every request on the
