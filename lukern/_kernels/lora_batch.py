@@ -173,8 +173,9 @@ def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row
     """Backward + optimizer step of one adapter for one batch (see the module docstring).
 
     ``opt_a``: 0 row-wise Adagrad, 1 SGD; ``opt_b``: 0 Adagrad, 1 SGD. B and its
-    accumulator are written to ``B_new`` and ``acc_b_new`` (the caller swaps them in). ``evict_min``: slots freed at least when the
-    free slots run out (``int(capacity * evict_fraction)``). ``prior``: per-row starting
+    accumulator are written to ``B_new`` and ``acc_b_new`` (the caller swaps them in).
+    ``evict_min``: slots freed at least when the free slots run out
+    (``int(capacity * evict_fraction)``). ``prior``: per-row starting
     Adagrad accumulator for slots whose accumulator is 0 (``use_prior``).
 
     ``evict=False``: rows that find no free slot are dropped (``LoRAAdapter.backward``

@@ -339,8 +339,8 @@ def main(argv=None):
               f"   lukern is {v / steps['lukern']:.1f}x faster ({c / steps_cpu['lukern']:.1f}x in CPU time)"))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"fused": fused, "table_batch": tbe, "batched_step_ms": bstep, "memory": memory, "train_step_ms": steps,
-                       "train_step_cpu_ms": steps_cpu}, f, indent=2)
+            json.dump({"fused": fused, "table_batch": tbe, "batched_step_ms": bstep, "memory": memory,
+                       "train_step_ms": steps, "train_step_cpu_ms": steps_cpu}, f, indent=2)
     return 0
 
 

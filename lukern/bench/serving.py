@@ -89,8 +89,9 @@ command above: share 0.558 (163 k samples/s at 50 % load), 391 k idle, 27 k at 9
 1.155, P99 1.18, svc50 1.044, A/A 1.008 / 1.021; misbehave P50 x187. Nine shorter runs
 (10-16 s arms, various extra arms): share 0.56-0.75, P50 1.05-1.24, P99 1.04-1.42, A/A P50
 0.93-1.06. Diagnostic arms in those runs: ``sleepyhog`` P50 0.89-1.02 (svc50 1.00-1.01),
-``memhog`` 0.97-1.02 (svc50 1.00), ``randhog`` 0.99 (svc50 1.01), ``oncap`` (share 0.51) 1.16 against ``on`` 1.13, ``onnopub``
-1.08 / 1.15 against 1.05 / 1.09, ``record`` 0.96 / 1.07, ``onids`` share 0.37, P50 1.09,
+``memhog`` 0.97-1.02 (svc50 1.00), ``randhog`` 0.99 (svc50 1.01), ``oncap`` (share 0.51)
+1.16 against ``on`` 1.13, ``onnopub`` 1.08 / 1.15 against 1.05 / 1.09, ``record`` 0.96 /
+1.07, ``onids`` share 0.37, P50 1.09,
 ``onstaged`` share 0.28, P50 1.25, ``thread`` share 0.19, P50 1.33, ``onspin`` share 0.87,
 P99 1.60; ``--train-batch 256``: share 0.42, P50 1.11. The trainer's service-time cost
 (svc50 1.02-1.07) is not its streaming or random memory traffic (memhog, randhog) nor the
