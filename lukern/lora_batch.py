@@ -55,6 +55,7 @@ class StableLRU(LeastRecentlyUsed):
 
 
 _OPT_A = {"rowwise_adagrad": 0, "sgd": 1}
+_BACKWARD = {"auto": K.AUTO, "row": K.BY_ROW, "bag": K.BY_BAG}
 _OPT_B = {"adagrad": 0, "sgd": 1}
 _EMPTY_PRIOR = {np.dtype(np.float32): np.zeros(1, np.float32), np.dtype(np.float64): np.zeros(1, np.float64)}
 
@@ -77,12 +78,19 @@ class BatchedTrainer:
         Per table, a starting row-wise Adagrad accumulator for every row (length
         n_rows): a slot whose accumulator is 0 after the backward (a newly admitted row)
         starts from its row's value, before the step (the DLRM's own row history).
+    backward : {"auto", "row", "bag"}, optional
+        How each table's gradients are formed. "row": summed per touched row, then one
+        product with B per row (a batch of one-id Zipf bags touches few distinct rows);
+        "bag": the adapter's own per-bag kernel (the same bits as
+        ``LoRAAdapter.backward``); "auto" (default): whichever takes fewer operations
+        for the batch at hand.
 
     The tables, adapters and priors are checked here once; :meth:`train_step` checks
     only the batch.
     """
 
-    def __init__(self, adapters, tables, *, prior_acc=None):
+    def __init__(self, adapters, tables, *, prior_acc=None, backward: str = "auto"):
+        V.check_choice("backward", backward, tuple(_BACKWARD))
         adapters = list(adapters)
         tables = list(tables)
         if len(tables) != len(adapters):
@@ -120,7 +128,7 @@ class BatchedTrainer:
         self.dim = dims.pop() if dims else None
         self.dtype = dtypes.pop() if dtypes else None
         self._n_rows = np.array([-1 if a is None else a.n_rows for a in adapters], np.int64)
-        self._path = K.AUTO  # the backward by row or by bag (tests force one)
+        self._path = _BACKWARD[backward]
 
     def train_step(self, indices, offsets, grad, *, mode: str = "sum", between=None) -> list:
         """Backward and optimizer step of every adapter for one mini-batch.

@@ -83,15 +83,12 @@ def _batch(rng, sizes, n_bags, per_bag=1):
 @pytest.mark.parametrize("use_prior", [False, True])
 @pytest.mark.parametrize("path", ["auto", "row", "bag"])
 def test_batched_matches_per_table(dtype, mode, per_bag, n_bags, kw, use_prior, path):
-    from lukern._kernels import lora_batch as K
-
     sizes, dim = (300, 40, 2000), 8
     tr, ar = _build(sizes, dim, dtype=dtype, **kw)
     tb, ab = _build(sizes, dim, dtype=dtype, **kw)
     rng = np.random.default_rng(1)
     priors = [rng.random(n).astype(dtype) * (rng.random(n) < 0.7) for n in sizes] if use_prior else None
-    trainer = BatchedTrainer(ab, tb, prior_acc=priors)
-    trainer._path = {"auto": K.AUTO, "row": K.BY_ROW, "bag": K.BY_BAG}[path]
+    trainer = BatchedTrainer(ab, tb, prior_acc=priors, backward=path)
     for _ in range(12):
         idx, off = _batch(rng, sizes, n_bags, per_bag)
         grad = (0.3 * rng.standard_normal((len(sizes), n_bags, dim))).astype(dtype)
@@ -206,6 +203,8 @@ def test_bad_input_is_rejected_and_writes_nothing():
         BatchedTrainer([lukern.LoRAAdapter(50, dim, rank=2)], tables[:1])
     with pytest.raises(ValueError, match="prior_acc"):
         BatchedTrainer(adapters, tables, prior_acc=[np.zeros(3, np.float32), None])
+    with pytest.raises(ValueError, match="backward"):
+        BatchedTrainer(adapters, tables, backward="bags")
     adapters[0].backward(np.array([1]), np.array([0, 1]), np.ones((1, dim), np.float32))
     with pytest.raises(RuntimeError, match="pending"):
         trainer.train_step(np.array([[1, 2], [3, 0]]), off, grad)

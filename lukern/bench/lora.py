@@ -264,7 +264,6 @@ def run_batched_step(repeats, seed=0):
     adapters, alternating on a ring of distinct batches. Medians, milliseconds."""
     from ..lora_batch import BatchedTrainer
     from ..testing import zipf_ids
-    from .._kernels import lora_batch as K
     from .serving import Model
 
     m = Model(seed=seed)
@@ -274,9 +273,8 @@ def run_batched_step(repeats, seed=0):
     batches = [(np.stack([zipf_ids(rng, n, m.rows) for _ in range(m.n_tables)]).astype(np.int64),
                 (0.01 * rng.standard_normal((m.n_tables, n, m.dim))).astype(np.float32)) for _ in range(24)]
     trainers = {}
-    for name, path in (("by row", K.BY_ROW), ("by bag", K.BY_BAG)):
-        tr = BatchedTrainer(m.new_adapters(), [None] * m.n_tables)
-        tr._path = path
+    for name, how in (("by row", "row"), ("by bag", "bag")):
+        tr = BatchedTrainer(m.new_adapters(), [None] * m.n_tables, backward=how)
         for ids, g in batches[:12]:  # fill the slots as a running trainer has
             tr.train_step(ids, off, g)
         trainers[name] = tr
