@@ -25,7 +25,10 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
                  cache traffic like the trainer's (~1-2 GB/s), without its other work
 - ``randhog``:   ``sleepyhog`` reading 64k random 8-byte words of an 8 MB array per burst
                  (random traffic like the trainer's over its adapters' states)
+- ``numpyhog``:  a SCHED_IDLE process doing the sidecar's numpy work on a private batch
+                 (copy, loss, gradient) back to back while no request is in flight
 - ``oncap``:     ``on`` held (``max_rate``) to steps for 60 % of the samples fed
+- ``onnotrain``: ``on`` stepping no adapter (ring copy, loss callback and publishing only)
 - ``onspin``:    the sidecar spinning while paused, never breathing (``--pause-wait spin``)
 - ``nopause``:   the sidecar at SCHED_IDLE that never pauses (overlap: cache / memory cost)
 - with ``--serve-cpu``: ``onsame`` / ``onother`` / ``hogsame`` / ``hogother`` /
@@ -95,7 +98,16 @@ command above: share 0.558 (163 k samples/s at 50 % load), 391 k idle, 27 k at 9
 ``onstaged`` share 0.28, P50 1.25, ``thread`` share 0.19, P50 1.33, ``onspin`` share 0.87,
 P99 1.60; ``--train-batch 256``: share 0.42, P50 1.11. The trainer's service-time cost
 (svc50 1.02-1.07) is not its streaming or random memory traffic (memhog, randhog) nor the
-CPU's occupation (sleepyhog), and training less does not shrink it.
+CPU's occupation (sleepyhog), and training less does not shrink it. Later runs: the sidecar
+stepping no adapter at all (``onnotrain``: ring copy, loss, publishing) cost as much as
+``on`` (P50 1.22 / 1.18 against 1.18 / 1.19, svc50 1.07 / 1.07; the second run with
+OPENBLAS_NUM_THREADS=1, so not BLAS threads); a 7 MB ring (``on4k``) as much as the 111 MB
+one (1.19 / 1.19); ``numpyhog``, a process doing the loss callback's numpy work back to
+back on a private batch, svc50 1.04, P50 1.07 against ``on`` 1.05 / 1.16 in the same run.
+So the cost is the sidecar's sustained array traffic around the training (the ring copy
+and the loss callback's (n, 416) arrays, ~4 MB written per 1024 samples) on the core that
+serves; the training kernels add nothing measurable. Hardware QoS (resctrl CAT / MBA,
+which this VM lacks) is the tool for that.
 """
 
 from __future__ import annotations
@@ -333,6 +345,18 @@ class _Hog:
                 if self.how == "mem":  # the trainer's cache traffic alone (~1.4 GB/s at 50 % load):
                     # 1 MB of an 8 MB buffer copied, then ~1 ms of spinning
                     src, dst, part = np.ones(1 << 20), np.empty(1 << 17), 0
+                if self.how == "numpy":  # the sidecar's numpy work without the trainer: a 1024-row
+                    # batch's copy, a logistic loss and its (1024, 416) gradient, back to back
+                    rng = np.random.default_rng(0)
+                    pooled = rng.standard_normal((1024, 416)).astype(np.float32)
+                    w = rng.standard_normal(416).astype(np.float32)
+                    while True:
+                        while self.flight[0] > 0:
+                            time.sleep(0.0001)
+                        x = pooled.copy()
+                        p = 1 / (1 + np.exp(-(x @ w)))
+                        g = ((p - 0.5) / 1024).astype(np.float32)[:, None] * w[None, :]
+                        np.isfinite(g).all()
                 if self.how == "rand":  # the trainer's random reads alone: 64k random
                     # lines of 8 MB (its adapters' states) per burst, then ~1 ms of spinning
                     src, part = np.ones(1 << 20), 0
@@ -367,6 +391,16 @@ def _updater(model, args, load=None, adapters=None, **kw):
                        batch_size=args.train_batch, **kw)
 
 
+class _NoStep:
+    """A BatchedTrainer stand-in that steps nothing (the ``onnotrain`` arm)."""
+
+    def __init__(self, dim):
+        self.dim = dim
+
+    def train_step(self, indices, offsets, grad, *, mode="sum", between=None):
+        return [None] * indices.shape[0]
+
+
 class _Arm:
     """One arm: its updater (or None) and the latencies of all its segments."""
 
@@ -382,10 +416,15 @@ class _Arm:
             self.hog = _Hog(updater_kw["cpus"], updater_kw["hog"], self.load.share())
             updater_kw = None
         self.record_only = bool(updater_kw and updater_kw.get("record_only"))
+        no_train = bool(updater_kw and updater_kw.get("no_train"))
         self.reuse = not args.no_reuse and (updater_kw or {}).get("record_pooled", True)
         if self.record_only:
             updater_kw = {k: v for k, v in updater_kw.items() if k != "record_only"}
+        if updater_kw is not None:
+            updater_kw = {k: v for k, v in updater_kw.items() if k != "no_train"}
         self.up = _updater(model, args, self.load, self.adapters, **updater_kw) if updater_kw is not None else None
+        if no_train:  # the sidecar pops, runs the loss and publishes, but steps no adapter
+            self.up._batched = [(tuple(range(model.n_tables)), _NoStep(model.dim))]
         self.segs = []  # one dict per kept segment
 
     # per-segment figures, over the kept segments
@@ -555,7 +594,7 @@ def main(argv=None):
         return _main(args)
 
 
-_ARMS = ("off", "offb", "on", "oncap", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "randhog", "idle", "on90")
+_ARMS = ("off", "offb", "on", "oncap", "onnotrain", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "randhog", "numpyhog", "idle", "on90")
 _PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
@@ -637,7 +676,8 @@ def _main(args):
     # offb: a second trainer-off arm; off vs offb is the noise floor of this machine
     configs = {"off": None, "offb": None, "on": good, "thread": thread_good, "misbehave": bad,
                "hog": {"hog": "spin", "cpus": tcpus}, "sleepyhog": {"hog": "sleepy", "cpus": tcpus},
-               "memhog": {"hog": "mem", "cpus": tcpus}, "randhog": {"hog": "rand", "cpus": tcpus}}
+               "memhog": {"hog": "mem", "cpus": tcpus}, "randhog": {"hog": "rand", "cpus": tcpus},
+               "numpyhog": {"hog": "numpy", "cpus": tcpus}}
     if args.mode == "process":  # the sidecar that spins while paused and never breathes
         configs["onspin"] = {**good, "pause_wait": "spin", "breathe_every": 0.0}
     # the sidecar at SCHED_IDLE that never pauses: it runs beside every request on the
@@ -654,6 +694,8 @@ def _main(args):
         # the sidecar trains but publishes nothing while the arms run: what training
         # alone (and record()) costs, without the adoption of factors
         configs["onnopub"] = {**good, "publish_every": 1e9}
+    # the sidecar doing all but the adapters' steps (ring copy, loss, publishing)
+    configs["onnotrain"] = {**good, "no_train": True}
     # the sidecar held to steps for 60 % of the samples fed (max_rate): does training less
     # (less cache traffic) move latency less?
     configs["oncap"] = {**good, "max_rate": 0.6 * rate * args.batch / args.train_batch}
