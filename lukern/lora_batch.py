@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validate as V
+from ._kernels import lora as LK
 from ._kernels import lora_batch as K
 from .lora import _BACKWARD_CHUNK, LeastRecentlyUsed, LoRAAdapter  # the chunk: B's gradient merges alike
 
@@ -189,7 +190,14 @@ class BatchedTrainer:
                                    "step() first.")
         m = 1 if mode == "mean" else 0
         finite = np.empty(n_tables, np.bool_)
-        K.finite_tables(grad, finite)
+        # the common all-finite batch in one vectorised pass over its memory when that is
+        # contiguous (a (n_tables, n_bags, dim) array, or the transposed view of a model's
+        # (n_bags, n_tables * dim) gradient): 20 us against 150 us per table for 1024 x 416
+        whole = grad if grad.flags.c_contiguous else grad.transpose(1, 0, 2)
+        if whole.flags.c_contiguous and LK.all_finite(whole):
+            finite[:] = True
+        else:
+            K.finite_tables(grad, finite)
         done = []
         for t, a in enumerate(self.adapters):
             done.append(None if a is None else self._one(t, a, indices[t], offsets, grad[t], m, finite[t]))

@@ -293,6 +293,11 @@ def test_strided_gradient_equals_contiguous():
         for name in STATE:
             np.testing.assert_array_equal(getattr(a._state, name), getattr(b._state, name), err_msg=name)
         np.testing.assert_array_equal(x, y)
+    flat[7, 2 * dim + 1] = np.nan  # table 2 of the view: only it is rejected
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert BatchedTrainer(ab, tb).train_step(idx, off, view) == [True, True, False]
+    assert ab[2].rejected_steps == 1 and ab[0].rejected_steps == ab[1].rejected_steps == 0
     bad = np.ones((3, 50, 2 * dim), np.float32)[:, :, ::2]  # rows not contiguous: refused, nothing written
     before = [b._state.A.copy() for b in ab]
     with pytest.raises(TypeError, match="contiguous rows"):
