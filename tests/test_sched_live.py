@@ -186,12 +186,19 @@ def test_loss_callback_that_raises_is_counted_and_adapters_untouched(caplog):
         assert a.step_count == 0
 
 
-@pytest.mark.parametrize("grad", ["nan", "shape"])
+@pytest.mark.parametrize("grad", ["nan", "inf", "nan_fortran", "shape"])
 def test_bad_gradient_rejected_adapters_untouched(grad):
     def lg(pooled, labels):
         g = np.zeros_like(pooled)
         if grad == "nan":
             g[0, 0] = np.nan
+            return 0.0, g
+        if grad == "inf":
+            g[-1, -1] = -np.inf
+            return 0.0, g
+        if grad == "nan_fortran":  # not C-contiguous: the check's other path
+            g = np.asfortranarray(g)
+            g[3, 1] = np.nan
             return 0.0, g
         return 0.0, g[:, :3]
 

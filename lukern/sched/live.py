@@ -62,6 +62,7 @@ import time
 
 import numpy as np
 
+from .._kernels.lora import all_finite
 from .._kernels.sched import fence, first_bad_sample, gather_pooled, spin_while_busy
 from ..embedding import TableBatch
 from ..lora import LoRAAdapter
@@ -73,6 +74,14 @@ from .placement import first_touch, node_of_array, pin_thread, trainer_cpus, tra
 __all__ = ["LiveUpdater"]
 
 log = logging.getLogger("lukern.sched")
+
+
+def _all_finite(x) -> bool:
+    """No NaN or Inf in ``x``: one pass without a temporary for contiguous float arrays
+    (the trainer checks every batch's gradient: no 1 bool per value written)."""
+    if x.dtype in (np.float32, np.float64) and x.flags.c_contiguous:
+        return all_finite(x)
+    return bool(np.isfinite(x).all())
 
 
 def _set_timer_slack(ns):
@@ -1123,7 +1132,7 @@ class LiveUpdater:
                 log.exception("lukern trainer: loss_grad raised (%d so far); batch skipped, adapters untouched",
                               self.loss_errors)
             return
-        if grad.shape != pooled.shape or not np.isfinite(grad).all():
+        if grad.shape != pooled.shape or not _all_finite(grad):
             self.rejected += 1
             self.last_error = (f"loss_grad returned grad of shape {grad.shape} (want {pooled.shape})"
                                if grad.shape != pooled.shape else "loss_grad returned a non-finite gradient")
