@@ -107,7 +107,10 @@ back on a private batch, svc50 1.04, P50 1.07 against ``on`` 1.05 / 1.16 in the 
 So the cost is the sidecar's sustained array traffic around the training (the ring copy
 and the loss callback's (n, 416) arrays, ~4 MB written per 1024 samples) on the core that
 serves; the training kernels add nothing measurable. Hardware QoS (resctrl CAT / MBA,
-which this VM lacks) is the tool for that.
+which this VM lacks) is the tool for that. Tried and dropped: the sidecar reading the
+pooled rows in place in the ring instead of copying them (unsafe as written, a probe):
+``on`` P50 1.06 / 1.12, svc50 1.03 / 1.02, ``onnotrain`` 1.09 / 1.19 in two runs, inside
+the spread of the runs with the copy.
 """
 
 from __future__ import annotations
