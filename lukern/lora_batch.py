@@ -38,6 +38,7 @@ from .lora import _BACKWARD_CHUNK, LeastRecentlyUsed, LoRAAdapter  # the chunk: 
 
 __all__ = ["BatchedTrainer", "StableLRU"]
 
+
 class StableLRU(LeastRecentlyUsed):
     """:class:`lukern.LeastRecentlyUsed` (ties broken by the lowest slot), named as the
     policy :class:`BatchedTrainer` reproduces inside its kernel: an adapter built with it
@@ -56,8 +57,8 @@ class StableLRU(LeastRecentlyUsed):
 
 
 _OPT_A = {"rowwise_adagrad": 0, "sgd": 1}
-_BACKWARD = {"auto": K.AUTO, "row": K.BY_ROW, "bag": K.BY_BAG}
 _OPT_B = {"adagrad": 0, "sgd": 1}
+_BACKWARD = {"auto": K.AUTO, "row": K.BY_ROW, "bag": K.BY_BAG}
 _EMPTY_PRIOR = {np.dtype(np.float32): np.zeros(1, np.float32), np.dtype(np.float64): np.zeros(1, np.float64)}
 
 

@@ -248,8 +248,9 @@ def train_table(indices, offsets, grad, mode, keys, vals, mask, bitmap, slot_row
 @njit(nogil=True, cache=True)
 def finite_tables(grad, ok):
     """``ok[t]`` = every value of ``grad[t]`` (n_tables x n_bags x d, rows contiguous,
-    the other axes possibly strided) is finite. One pass with no early exit, so that it
-    vectorises (a finite batch is the common case)."""
+    the other axes possibly strided) is finite. The per-table pass (~150 us for 26 x 1024
+    x 16 float32): the wrapper first checks the whole batch in one pass where its memory
+    is contiguous, and comes here only when that finds a NaN or Inf, or cannot run."""
     for t in range(grad.shape[0]):
         good = True
         for b in range(grad.shape[1]):
