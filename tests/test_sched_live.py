@@ -555,3 +555,40 @@ def test_trainer_follows_pinned_serving_threads(mode):
             _serve_once_on(up, {cpus[0]})
             time.sleep(0.2)
             assert up.stats()["cpus"] == (tuple(cpus[1:2]) if "cpus" in kw else tuple(cpus))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_prior_acc_seeds_admitted_rows(batched, mode):
+    # a row admitted into an adapter starts its row-wise Adagrad accumulator from the
+    # prior (the model's own history), batched step or not, thread or sidecar
+    from lukern.lora_batch import StableLRU
+
+    prior = [np.full(n, 7.0 + t, np.float32) for t, n in enumerate(N_ROWS)]
+    prior[1] = None  # a table without a prior starts from 0
+    kw = {"rank": 2, "capacity": 64, "lr_a": 0.05, "lr_b": 0.01}  # room for every row
+    adapters = [lukern.LoRAAdapter(n, D, eviction=StableLRU(), **kw) for n in N_ROWS]
+    up = updater(adapters=adapters, prior_acc=prior, batched=batched, mode=mode, batch_size=64)
+    rng = np.random.default_rng(4)
+    up.record(ids_batch(rng, 64), rng.standard_normal(64))
+    with up:
+        assert up.flush(timeout=60)
+    for t, a in enumerate(up.adapters):
+        rows, acc, _ = a.optimizer_state()
+        assert rows.size > 0
+        g2 = acc - (0.0 if prior[t] is None else prior[t][rows])
+        # one step: the accumulator is the prior plus that step's mean squared gradient
+        assert np.all(g2 >= 0) and np.all(g2 < 1.0), (t, acc)
+        if prior[t] is not None:
+            assert np.all(acc >= 7.0 + t)
+        else:
+            assert np.all(acc < 1.0)
+
+
+def test_prior_acc_is_checked():
+    with pytest.raises(ValueError, match=r"prior_acc\[1\]"):
+        updater(prior_acc=[None, np.zeros(5, np.float32), None])
+    with pytest.raises(ValueError, match="one array"):
+        updater(prior_acc=[None])
+    with pytest.raises(ValueError, match=r"prior_acc\[0\].*float32"):
+        updater(prior_acc=[np.zeros(N_ROWS[0]), None, None])

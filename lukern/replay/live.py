@@ -56,25 +56,6 @@ def latency_summary(seconds) -> dict:
             "mean_ms": float(x.mean()), "requests": int(x.size)}
 
 
-class _SeedingAdapter:
-    """What the live trainer sees of an adapter: the adapter itself, except that
-    ``backward`` also starts the slots it admitted from their rows' Adagrad history
-    (:meth:`LukernStrategy._seed_fresh_slots`), on the trainer thread, before ``step``."""
-
-    def __init__(self, adapter, seed):
-        self._adapter = adapter
-        self._seed = seed
-
-    def backward(self, *args, **kwargs):
-        ok = self._adapter.backward(*args, **kwargs)
-        if ok:
-            self._seed()
-        return ok
-
-    def __getattr__(self, name):
-        return getattr(self._adapter, name)
-
-
 class LiveLukern(LukernStrategy):
     """:class:`LukernStrategy` whose adapters are trained by a :class:`lukern.LiveUpdater`.
 
@@ -123,13 +104,15 @@ class LiveLukern(LukernStrategy):
         self.latencies = []
         self.requests = []  # (start, stop) rows of every request, re-served with the trainer off
         self.flush_timeout = float(flush_timeout)
-        trained = [a if a is None or self.prior_acc is None
-                   else _SeedingAdapter(a, lambda t=t, a=a: self._seed_fresh_slots(t, a))
-                   for t, a in enumerate(self.adapters)]
+        # rows admitted into an adapter start from their rows' Adagrad history, as in sim mode
+        ro = self.model.row_offsets
+        priors = None if self.prior_acc is None else [
+            None if a is None else np.ascontiguousarray(self.prior_acc[ro[t]:ro[t + 1]], dtype=a.dtype)
+            for t, a in enumerate(self.adapters)]
         extra = dict(extra_width=self.model.n_dense, record_pooled=True) if trainer == "process" else {}
         self.trainer_mode = trainer
-        self.updater = LiveUpdater(self.model.tables, self.model.loss_grad_pooled, adapters=trained,
-                                   batch_size=self.train_batch, qos=qos, pin=pin, mode=trainer,
+        self.updater = LiveUpdater(self.model.tables, self.model.loss_grad_pooled, adapters=self.adapters,
+                                   prior_acc=priors, batch_size=self.train_batch, qos=qos, pin=pin, mode=trainer,
                                    target_p99=None if target_p99_ms is None else target_p99_ms * 1e-3, **extra)
         self.updater.start()
         self._cpu_mark = self._trainer_cpu()

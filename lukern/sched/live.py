@@ -224,6 +224,12 @@ class LiveUpdater:
         dropped (counted), so size it like the ring (``out_buffers * out_rows`` samples).
         Measured on a 2-core EPYC VM: no cheaper for the serving thread than the copy (a
         forward writing into shared memory is slower by about as much); kept opt-in.
+    prior_acc : sequence of 1-D arrays or None, optional
+        Per table (None for none), a starting row-wise Adagrad accumulator for every row
+        (length n_rows, the adapter's dtype), e.g. the model's own embedding optimizer
+        state: a row admitted into an adapter starts from its row's value instead of 0,
+        so its first steps are as large as the model's history says (as
+        :class:`lukern.lora_batch.BatchedTrainer`'s ``prior_acc``).
     mode : {"process", "thread"}, optional
         Default "process" where ``os.fork`` exists (else "thread"): on the reference
         machine a trainer *thread* could not keep inference latency in its bar (the GIL
@@ -250,7 +256,7 @@ class LiveUpdater:
                  record_pooled: bool = False, pause_in_flight: int = 1, cpus=None, follow_serving: bool = True,
                  batch_wait: float = 0.05,
                  pause_wait: str = "sleep", breathe_every: float = 1e-3, batched: bool = True,
-                 out_buffers: int = 0, out_rows: int = 0,
+                 out_buffers: int = 0, out_rows: int = 0, prior_acc=None,
                  clock=time.perf_counter):
         if isinstance(tables, TableBatch):
             self.tables = tables
@@ -327,6 +333,21 @@ class LiveUpdater:
                                  f"({int(self.n_rows[t])} x {int(self.tables.dims[t])}, {self.dtype}).")
         self.adapters = adapters
         self._trained = [t for t, a in enumerate(adapters) if a is not None]
+        self.prior_acc = None
+        if prior_acc is not None:
+            prior_acc = list(prior_acc)
+            if len(prior_acc) != self.n_tables:
+                raise ValueError(f"`prior_acc` must hold one array (or None) per table ({self.n_tables}); got "
+                                 f"{len(prior_acc)}.")
+            for t, p in enumerate(prior_acc):
+                a = adapters[t]
+                if p is not None and (a is None or not isinstance(p, np.ndarray) or p.shape != (a.n_rows,)
+                                      or p.dtype != a.dtype or not p.flags.c_contiguous):
+                    want = "None (the table has no adapter)" if a is None else \
+                        f"a contiguous ({a.n_rows},) {a.dtype} array"
+                    got = f"{p.shape} {p.dtype}" if isinstance(p, np.ndarray) else type(p).__name__
+                    raise ValueError(f"`prior_acc[{t}]` must be {want}; got {got}.")
+            self.prior_acc = prior_acc
 
         if int(pause_in_flight) < 1:
             raise ValueError(f"`pause_in_flight` must be >= 1; got {pause_in_flight!r}.")
@@ -1166,7 +1187,13 @@ class LiveUpdater:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.exception("lukern trainer: adapter backward failed; batch skipped")
             return
-        for a in touched:
+        for t, a in zip(self._trained, touched):
+            prior = None if self.prior_acc is None else self.prior_acc[t]
+            if prior is not None:  # rows admitted by this backward start from their history
+                rows, acc, _ = a.optimizer_state()
+                fresh = rows[acc == 0]
+                if fresh.size:
+                    a.set_row_accumulators(fresh, prior[fresh])
             a.step()
             self.guard.check()  # ~0.05-0.1 ms per table: a request waits at most that long
         self.steps += 1
@@ -1195,15 +1222,18 @@ class LiveUpdater:
             # the sidecar cannot write the served tables: no eviction there (rows without a
             # free slot are dropped and counted, as backward(table=None) does)
             tables = {t: None if self._in_child else self.tables.tables[t] for t in self._trained}
+            priors = self.prior_acc or [None] * self.n_tables
             if not ok:
                 self._batched = False
             elif len({self.adapters[t].dim for t in self._trained}) == 1:
                 # one trainer for every table (the batch validated once), the guard
                 # checked between tables by train_step(between=...)
                 self._batched = [(tuple(self._trained), BatchedTrainer([self.adapters[t] for t in self._trained],
-                                                                       [tables[t] for t in self._trained]))]
+                                                                       [tables[t] for t in self._trained],
+                                                                       prior_acc=[priors[t] for t in self._trained]))]
             else:  # BatchedTrainer takes one width: a trainer per table
-                self._batched = [((t,), BatchedTrainer([self.adapters[t]], [tables[t]])) for t in self._trained]
+                self._batched = [((t,), BatchedTrainer([self.adapters[t]], [tables[t]], prior_acc=[priors[t]]))
+                                 for t in self._trained]
         return self._batched or None
 
     def _step_batched(self, batched, ids, off, grad):
