@@ -1087,10 +1087,11 @@ class LiveUpdater:
                     self._sleep(min(0.005, max(0.0005, 0.1 * self.batch_wait)))
                     continue
                 batch = self._pop(self.batch_size)
-                if batch is None:  # nothing queued: poll with back-off up to 50 ms (record()
-                    # never signals, so it never waits for the trainer; an idle sidecar then
-                    # uses 0.3% of a CPU, against 5% with a 1 ms cap)
-                    idle = min(0.05, idle * 2)
+                if batch is None:  # nothing queued: poll with back-off (record() never signals,
+                    # so it never waits for the trainer): up to 50 ms in the sidecar (idle, it
+                    # then uses 0.3% of a CPU, against 5% with a 1 ms cap), 10 ms for a thread
+                    # (which the replay's fast-forwarded stream would see as staleness)
+                    idle = min(0.05 if self._in_child else 0.01, idle * 2)
                     self._sleep(idle)
                     continue
                 idle = 0.0005
