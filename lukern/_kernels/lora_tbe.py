@@ -65,8 +65,13 @@ def _source(d: int, dtype_name: str) -> str:
         "    f = scale",
         "    if mode == 1 and e > s:",
         "        f = scale / DT(e - s)",
-    ] + [f"    q{q} = f * {p}" for q, p in enumerate(ps)] + ["    o = out[b]"] + [
-        f"    o[c0 + {c}] += " + " + ".join(f"q{q} * B[{q}, {c}]" for q in range(r)) for c in range(d)]
+    ] + [f"    q{q} = f * {p}" for q, p in enumerate(ps)] + [
+        f"    g{c} = " + " + ".join(f"q{q} * B[{q}, {c}]" for q in range(r)) for c in range(d)] + [
+        # every B load before the first store, and the stores through the bag's own columns
+        # at constant indices: with ``o[c0 + c]`` (a runtime offset, so a wraparound select
+        # per index) nothing of P @ B vectorised (180 -> 83 us for 26 tables x 256 one-id
+        # bags with 84% of ids adapted, the same bits)
+        f"    o = out[b, c0:c0 + {d}]"] + [f"    o[{c}] += g{c}" for c in range(d)]
     ring_start = [  # the slots of the range's first A_AHEAD ids
         "t_start = offsets[base + b0]",
         "for j in range(t_start, min(t_start + A_AHEAD, t_end)):",
@@ -96,8 +101,8 @@ def _source(d: int, dtype_name: str) -> str:
     ] + [f"    g{c} = DT(0.0)" for c in range(d)] + [
         "    for q in range(rank):",
         "        pq = f * p[q]",
-    ] + [f"        g{c} += pq * B[q, {c}]" for c in range(d)] + ["    o = out[b]"] + [
-        f"    o[c0 + {c}] += g{c}" for c in range(d)]
+    ] + [f"        g{c} += pq * B[q, {c}]" for c in range(d)] + [f"    o = out[b, c0:c0 + {d}]"] + [
+        f"    o[{c}] += g{c}" for c in range(d)]
 
     rm = 1  # ring index mask: a power of two above A_AHEAD, minus one
     while rm < A_AHEAD + 1:
