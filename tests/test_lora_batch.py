@@ -304,3 +304,14 @@ def test_strided_gradient_equals_contiguous():
         BatchedTrainer(ab, tb).train_step(idx, off, bad)
     for b, A0 in zip(ab, before):
         np.testing.assert_array_equal(b._state.A, A0)
+
+
+def test_state_with_b_keeps_every_other_field():
+    # the trainer's fast state swap must carry every field replace() carries
+    a = lukern.LoRAAdapter(50, 4, rank=2, capacity=8)
+    st = a._state
+    B, acc = np.ones_like(st.B), np.ones_like(st.acc_b)
+    fast, slow = st.with_b(B, acc), st.replace(B=B, acc_b=acc)
+    for name in type(st)._FIELDS:
+        assert getattr(fast, name) is getattr(slow, name), name
+    assert fast.B is B and fast.acc_b is acc and fast._lookup is None and fast._tbe is None
