@@ -34,7 +34,8 @@ Measured (fused/plain wall-time ratios; training step wall medians):
   Zipf 1.41-1.51x / 1.18-1.38x, hot 1.94-2.40x / 1.85-2.10x; step 3.04 / 2.86 ms, numpy
   11.7x / 10.1x, torch 4.6x / 3.6x. The table-batched lookup with adapters (one kernel call
   per width since this run) 136 / 261 us against 50 us plain, adapted rows random / hot;
-  133 / 247 us against 49 us once each id's slot was probed once (a third run: fused 1.23x /
+  133 / 247 us against 49 us once each id's slot was probed once, 118 / 150 us against 48 / 50
+  us once its P @ B vectorised (a third run: fused 1.23x /
   1.08x uniform, 1.43x / 1.34x Zipf, 2.29x / 2.21x hot).
 """
 

@@ -91,7 +91,11 @@ With the BatchedTrainer's backward by touched row (step 2.41 -> 1.34 ms), the fu
 command above: share 0.558 (163 k samples/s at 50 % load), 391 k idle, 27 k at 90 %; P50
 1.155, P99 1.18, svc50 1.044, A/A 1.008 / 1.021; misbehave P50 x187; again after the
 finiteness check became one pass: share 0.634 (184 k/s), 500 k idle, 29 k at 90 %; P50
-1.126, P99 1.155, svc50 1.027, A/A 0.977 / 0.965; misbehave x222. Nine shorter runs
+1.126, P99 1.155, svc50 1.027, A/A 0.977 / 0.965; misbehave x222. After the table-batched
+correction's P @ B vectorised (service time 0.41 -> 0.32 ms, ~1550 requests/s at 50 %, ~400 k
+samples/s fed), two runs: share 0.510 / 0.495 (194 / 187 k samples/s), 549 / 445 k idle, 18 k
+at 90 %; P50 1.187 / 1.183, P99 1.194 / 1.238, svc50 1.075 / 1.069, A/A 1.017 / 0.997;
+misbehave x24 / x75. Nine shorter runs
 (10-16 s arms, various extra arms): share 0.56-0.75, P50 1.05-1.24, P99 1.04-1.42, A/A P50
 0.93-1.06. Diagnostic arms in those runs: ``sleepyhog`` P50 0.89-1.02 (svc50 1.00-1.01),
 ``memhog`` 0.97-1.02 (svc50 1.00), ``randhog`` 0.99 (svc50 1.01), ``oncap`` (share 0.51)
