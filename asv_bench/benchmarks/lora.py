@@ -82,3 +82,33 @@ class TrainStep(_Ring):
         i, o = self._next()
         _, ctx = self.adapter.forward(self.table, i, o, out=self.out)
         self.adapter.train_step(self.table, i, o, self.grads[self._k], n_threads=threads, context=ctx)
+
+
+class BatchedTrainStep(_Ring):
+    """The co-located trainer's step (lukern.lora_batch.BatchedTrainer): 26 tables of 20k
+    x 16, r = 8, 1024 one-id Zipf bags per table, no eviction (the sidecar's case), with
+    the backward by touched row or by bag."""
+
+    params = (["row", "bag"],)
+    param_names = ["backward"]
+    timeout = 120
+
+    def setup(self, backward):
+        from lukern.lora_batch import BatchedTrainer
+        from lukern.testing import zipf_ids
+
+        n_tables, rows, dim, n = 26, 20_000, 16, 1024
+        rng = np.random.default_rng(0)
+        self.off = np.arange(n + 1, dtype=np.int64)
+        self.batches = [(np.stack([zipf_ids(rng, n, rows) for _ in range(n_tables)]).astype(np.int64),
+                         (0.01 * rng.standard_normal((n_tables, n, dim))).astype(np.float32)) for _ in range(8)]
+        adapters = [lukern.LoRAAdapter(rows, dim, rank=8, capacity=rows // 8, lr_a=0.02, lr_b=0.002)
+                    for _ in range(n_tables)]
+        self.trainer = BatchedTrainer(adapters, [None] * n_tables, backward=backward)
+        self._k = 0
+        for _ in range(2 * len(self.batches)):  # compile, and fill the slots as a running trainer has
+            self.time_train_step(backward)
+
+    def time_train_step(self, backward):
+        ids, g = self._next()
+        self.trainer.train_step(ids, self.off, g)
