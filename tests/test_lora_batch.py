@@ -306,12 +306,13 @@ def test_strided_gradient_equals_contiguous():
         np.testing.assert_array_equal(b._state.A, A0)
 
 
-def test_state_with_b_keeps_every_other_field():
-    # the trainer's fast state swap must carry every field replace() carries
+def test_state_replace_keeps_every_other_field():
+    # the trainer's state swap (spelt out for speed) carries every field it does not replace
     a = lukern.LoRAAdapter(50, 4, rank=2, capacity=8)
     st = a._state
+    st.lookup_args(), st.tbe_args()  # caches filled: the new state must not inherit them
     B, acc = np.ones_like(st.B), np.ones_like(st.acc_b)
-    fast, slow = st.with_b(B, acc), st.replace(B=B, acc_b=acc)
+    new = st.replace(B=B, acc_b=acc)
     for name in type(st)._FIELDS:
-        assert getattr(fast, name) is getattr(slow, name), name
-    assert fast.B is B and fast.acc_b is acc and fast._lookup is None and fast._tbe is None
+        assert getattr(new, name) is {"B": B, "acc_b": acc}.get(name, getattr(st, name)), name
+    assert new._lookup is None and new._tbe is None
