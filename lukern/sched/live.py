@@ -76,14 +76,6 @@ __all__ = ["LiveUpdater"]
 log = logging.getLogger("lukern.sched")
 
 
-def _all_finite(x) -> bool:
-    """No NaN or Inf in ``x``: one pass without a temporary for contiguous float arrays
-    (the trainer checks every batch's gradient: no 1 bool per value written)."""
-    if x.dtype in (np.float32, np.float64) and x.flags.c_contiguous:
-        return all_finite(x)
-    return bool(np.isfinite(x).all())
-
-
 def _set_timer_slack(ns):
     """prctl(PR_SET_TIMERSLACK): how late the kernel may wake this thread's sleeps
     (default 50 us, as long as the 0.1 ms steps the sidecar sleeps in). Linux only; a
@@ -1157,7 +1149,7 @@ class LiveUpdater:
                 log.exception("lukern trainer: loss_grad raised (%d so far); batch skipped, adapters untouched",
                               self.loss_errors)
             return
-        if grad.shape != pooled.shape or not _all_finite(grad):
+        if grad.shape != pooled.shape or not all_finite(grad):  # no temporary for contiguous float arrays
             self.rejected += 1
             self.last_error = (f"loss_grad returned grad of shape {grad.shape} (want {pooled.shape})"
                                if grad.shape != pooled.shape else "loss_grad returned a non-finite gradient")
