@@ -113,6 +113,72 @@ def test_ring_drops_oldest_and_counts():
     assert up.stats()["dropped"] == 6 + 15 and up.stats()["pending"] == 10
 
 
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_record_sheds_while_the_trainer_is_behind(mode):
+    # held by pause(), the trainer is behind: past max_backlog unread samples a record is
+    # shed (counted as recorded and dropped, nothing copied); the ring keeps what came first
+    up = updater(mode=mode, buffer_size=64, max_backlog=32)
+    rng = np.random.default_rng(4)
+    recs = [(ids_batch(rng, 16), np.full(16, float(k))) for k in range(5)]
+    with up:
+        up.pause()
+        for ids, y in recs:
+            up.record(ids, y)
+        st = up.stats()
+        assert (st["recorded"], st["shed"], st["dropped"], st["pending"]) == (80, 48, 48, 32)
+        with pytest.raises(ValueError, match="finite"):  # bad input still raises while shedding
+            up.record(recs[0][0], np.full(16, np.nan))
+        assert up.stats()["recorded"] == 80
+        up.resume()
+        assert up.flush(timeout=60)
+        assert up.stats()["samples"] == 32  # the first two records, trained
+        up.record(*recs[4])  # caught up: recorded again
+        assert up.flush(timeout=60)
+    st = up.stats()
+    assert (st["samples"], st["shed"], st["recorded"]) == (48, 48, 96)
+
+
+def test_record_longer_than_max_backlog_gets_into_an_empty_ring():
+    up = updater(buffer_size=64, max_backlog=16)
+    rng = np.random.default_rng(6)
+    with up:
+        up.pause()
+        up.record(ids_batch(rng, 20), np.ones(20))  # past the cap, but nothing is unread
+        up.record(ids_batch(rng, 20), np.ones(20))  # shed
+        st = up.stats()
+        assert (st["pending"], st["shed"], st["recorded"]) == (20, 20, 40)
+        up.resume()
+        assert up.flush(timeout=60)
+    assert up.stats()["samples"] == 20
+
+
+def test_record_sheds_nothing_without_a_running_trainer_or_with_max_backlog_none():
+    rng = np.random.default_rng(5)
+    recs = [(ids_batch(rng, 16), np.zeros(16)) for _ in range(5)]
+    idle = updater(buffer_size=64, max_backlog=32)  # never started: the ring alone decides
+    for ids, y in recs:
+        idle.record(ids, y)
+    st = idle.stats()
+    assert (st["shed"], st["pending"], st["dropped"]) == (0, 64, 16)
+    keep = updater(buffer_size=64, max_backlog=None)
+    assert keep.max_backlog is None
+    with keep:
+        keep.pause()
+        for ids, y in recs:
+            keep.record(ids, y)
+        st = keep.stats()
+        assert (st["shed"], st["pending"], st["dropped"]) == (0, 64, 16)
+        keep.resume()
+    assert updater(batch_size=16, buffer_size=100).max_backlog == 100  # "auto": the ring
+
+
+@pytest.mark.parametrize("bad", [8, 0, 65, "all", True, 2.5])
+def test_max_backlog_checked(bad):
+    with pytest.raises(ValueError, match=r"`max_backlog` must be 'auto', None or an integer in "
+                                         r"\[batch_size, buffer_size\] = \[16, 64\] .*got"):
+        updater(batch_size=16, buffer_size=64, max_backlog=bad)
+
+
 @pytest.mark.parametrize("labels, exc, match", [
     (np.array([0.0, np.nan, 1.0, 0.0]), ValueError, "finite"),
     (np.array([0.0, np.inf, 1.0, 0.0]), ValueError, "finite"),

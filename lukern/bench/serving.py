@@ -14,6 +14,8 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
 - ``onstaged``:  the same with the forward writing into 16 out buffers (record() copies nothing)
 - ``onold``:     the same with the adapters' own backward + step per table (no BatchedTrainer)
 - ``onnopub``:   the same, publishing no factors while the arms run (training's cost alone)
+- ``onkeep``:    the same with record() never shedding (``max_backlog=None``): every request's
+                 samples copied into the ring even while the trainer is behind
 - ``record``:    record() on every request, no trainer: the serving side's own cost
 - ``thread``:    the same with the trainer as a thread of the serving process
 - ``misbehave``: 50 % load, trainer at normal priority, guard disabled
@@ -518,6 +520,7 @@ class _Arm:
             trained, fed, wall = sum(self._col("trained")), sum(self._col("fed")), sum(self._col("wall"))
             res.update({"fed": fed, "trained": trained, "trained_share": trained / max(1, fed),
                         "samples_per_s": trained / max(wall, 1e-9), "dropped_total": st["dropped"],
+                        "shed_total": st["shed"],
                         "paused_s": st["paused_s"], "steps": st["steps"], "qos": st["qos"], "loss": st["last_loss"],
                         "loss_errors": st["loss_errors"], "mode": st["mode"],
                         "cpus": sorted({c for cs in self._col("cpus") if cs for c in cs}) or None})
@@ -603,7 +606,7 @@ def main(argv=None):
         return _main(args)
 
 
-_ARMS = ("off", "offb", "on", "oncap", "onnotrain", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "randhog", "numpyhog", "idle", "on90")
+_ARMS = ("off", "offb", "on", "oncap", "onnotrain", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onkeep", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "randhog", "numpyhog", "idle", "on90")
 _PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
@@ -708,6 +711,9 @@ def _main(args):
     # the sidecar held to steps for 60 % of the samples fed (max_rate): does training less
     # (less cache traffic) move latency less?
     configs["oncap"] = {**good, "max_rate": 0.6 * rate * args.batch / args.train_batch}
+    # record() never shedding (max_backlog=None): every record copied, the ring dropping the
+    # oldest unread samples when the trainer is behind (the default before shedding)
+    configs["onkeep"] = {**good, "max_backlog": None}
     # record() with a ring of 4096 samples (7 MB of pooled rows instead of 27 MB streaming through L3)
     configs["on4k"] = {**good, "buffer_size": 4096}
     configs["record4k"] = {**good, "record_only": True, "buffer_size": 4096}

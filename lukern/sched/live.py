@@ -142,6 +142,21 @@ class LiveUpdater:
         Samples per mini-batch step.
     buffer_size : int
         Capacity of the ring of recorded samples.
+    max_backlog : int, "auto" or None
+        While the trainer runs, :meth:`record` sheds a record (copies nothing; its
+        samples count as recorded and as dropped, and in ``stats()["shed"]``) that would
+        take the unread samples past this many. The copy is the serving thread's main
+        cost of feeding the trainer (~30-40 us per 256-sample request of 26 x 16 pooled
+        floats on the reference VM, 7-12 % of the request), and a trainer that far behind
+        would only drop those samples later. "auto" (default): ``buffer_size``, so a full
+        ring sheds new records instead of overwriting its oldest unread samples: the
+        trainer reads samples of the same age either way and keeps the whole ring as its
+        backlog, and the serving thread copies only about what the trainer trains. A
+        smaller cap also cuts that backlog, so the trainer cannot catch up after a burst
+        (2 x ``batch_size``: 0.47 of the samples fed trained against 0.52 without
+        shedding, one run of ``python -m lukern.bench serving --arms off,offb,on,onkeep``).
+        None: never shed, the ring overwrites its oldest unread samples. An integer must
+        lie in [``batch_size``, ``buffer_size``].
     target_p99 : float, optional
         The inference P99 budget in seconds the slow controller steers against.
     load : ServingLoad, optional
@@ -240,9 +255,9 @@ class LiveUpdater:
     """
 
     def __init__(self, tables, loss_grad, *, adapters=None, adapter_kwargs=None, batch_size: int = 256,
-                 buffer_size: int = 65536, target_p99: float | None = None, load: ServingLoad | None = None,
-                 qos: str = "auto", pause: bool = True, pin: bool = True, topology=None, n_threads: int = 1,
-                 max_threads: int = 1, chunk_ms: float = 1.0,
+                 buffer_size: int = 65536, max_backlog="auto", target_p99: float | None = None,
+                 load: ServingLoad | None = None, qos: str = "auto", pause: bool = True, pin: bool = True,
+                 topology=None, n_threads: int = 1, max_threads: int = 1, chunk_ms: float = 1.0,
                  max_rate: float | None = None, switch_interval: float | None = None, period: float = 0.25,
                  mode: str | None = None, publish_every: float = 0.2, pooling: int = 1, extra_width: int = 0,
                  record_pooled: bool = False, pause_in_flight: int = 1, cpus=None, follow_serving: bool = True,
@@ -269,6 +284,15 @@ class LiveUpdater:
         self.col_offsets = [int(c) for c in self.tables.col_offsets]
         self.dtype = self.tables.dtype
         self.batch_size, self.buffer_size = int(batch_size), int(buffer_size)
+        if isinstance(max_backlog, str) and max_backlog == "auto":
+            max_backlog = self.buffer_size
+        elif max_backlog is not None and (isinstance(max_backlog, (bool, str)) or not isinstance(max_backlog, (
+                int, np.integer)) or not self.batch_size <= max_backlog <= self.buffer_size):
+            raise ValueError(f"`max_backlog` must be 'auto', None or an integer in [batch_size, buffer_size] = "
+                             f"[{self.batch_size}, {self.buffer_size}] (the trainer waits for a full batch; the ring "
+                             f"holds no more); got {max_backlog!r}.")
+        self.max_backlog = None if max_backlog is None else int(max_backlog)
+        self._shed_at = self.max_backlog or 0  # 0: never (one int compare per record)
         self.load = load if load is not None else ServingLoad()
         if mode is None:
             mode = "process" if hasattr(os, "fork") else "thread"
@@ -406,7 +430,7 @@ class LiveUpdater:
     # _ctr: 0 read position (consumer), 1 dropped by the consumer (overwritten before read),
     # 2 recorded, 3 dropped by the producer (a record larger than the ring), 4 stop flag
     # (process mode), 5 written position, 6 held by pause(), 7 claimed position (producer),
-    # 8 the trainer reached the hold point
+    # 8 the trainer reached the hold point, 9 shed by the producer (the trainer was behind)
     @property
     def _count(self) -> int:
         """Samples written and not read yet that are still in the ring."""
@@ -415,7 +439,7 @@ class LiveUpdater:
     @property
     def _dropped(self) -> int:
         overwritten_unread = max(0, int(self._ctr[5]) - self.buffer_size - int(self._ctr[0]))
-        return int(self._ctr[1]) + int(self._ctr[3]) + overwritten_unread
+        return int(self._ctr[1]) + int(self._ctr[3]) + int(self._ctr[9]) + overwritten_unread
 
     # ------------------------------------------------------------------ serving side
 
@@ -473,7 +497,9 @@ class LiveUpdater:
             trainer then skips its own forward (learning costs a backward, not a second
             forward); the gradient is taken at the slightly older adapter state.
 
-        Either every record carries ``extra`` (``pooled``) or none does. Raises
+        While the trainer runs and is ``max_backlog`` samples behind, the record is
+        validated, counted and shed (nothing copied). Either every record carries
+        ``extra`` (``pooled``) or none does. Raises
         ``TypeError`` / ``ValueError`` / ``IndexError`` (nothing queued) for bad dtypes,
         shapes, non-finite labels or ids out of range. Safe to call from several threads.
         """
@@ -553,14 +579,22 @@ class LiveUpdater:
             self._write_ring([(ring[name], v) for name, v in cols.items()], n, n_in)
 
     def _write_ring(self, pairs, n, n_in):
-        """Copy ``n`` samples into the ring (``pairs``: (ring column, source rows)) and
-        count ``n_in`` recorded; the caller holds the producers' lock.
+        """Copy ``n`` samples into the ring (``pairs``: (ring column, source rows)), or
+        shed them (``max_backlog``), and count ``n_in`` recorded; the caller holds the
+        producers' lock.
 
         The single-producer side of a lock-free ring: claim, write, publish. The trainer
         (consumer) never takes this lock, so a preempted low-priority trainer can never
         block inference here (no priority inversion)."""
         cap = self.buffer_size
         w = int(self._ctr[5])
+        unread = w - int(self._ctr[0])
+        if self._shed_at and unread and unread + n > self._shed_at and self.running:
+            # the trainer is behind: shed this record rather than copy it (max_backlog;
+            # an empty ring takes any record, so a record longer than the cap still gets in)
+            self._ctr[9] += n
+            self._ctr[2] += n_in
+            return
         self._ctr[7] = w + n  # claimed: slots being overwritten are visible to the reader
         fence()  # ... before any slot changes (Arm reorders stores; x86 does not)
         start = w % cap
@@ -973,15 +1007,16 @@ class LiveUpdater:
             time.sleep(0.002)
 
     def stats(self) -> dict:
-        """Counters: steps, samples trained, recorded, dropped, pending, loss errors,
+        """Counters: steps, samples trained, recorded, dropped (of which ``shed`` by
+        :meth:`record` while the trainer was behind, see ``max_backlog``), pending, loss errors,
         rejected gradients, paused seconds, current threads, chunk rows, step-rate cap,
         QoS level, last loss."""
         k = self.controller.knobs
         with self._lock:
-            pending, recorded, dropped = self._count, int(self._ctr[2]), self._dropped
+            pending, recorded, dropped, shed = self._count, int(self._ctr[2]), self._dropped, int(self._ctr[9])
         return {
             "mode": self.mode, "steps": self.steps, "samples": self.samples, "consumed": self.consumed,
-            "recorded": recorded, "dropped": dropped,
+            "recorded": recorded, "dropped": dropped, "shed": shed,
             "pending": pending, "held": bool(self._ctr[6]), "loss_errors": self.loss_errors, "rejected": self.rejected,
             "paused_s": self.guard.paused_time, "pauses": self.guard.pauses,
             "threads": k.n_threads if self.running else 0, "chunk_ms": k.chunk_s * 1e3, "max_rate": k.max_rate,
