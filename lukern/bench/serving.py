@@ -119,6 +119,19 @@ which this VM lacks) is the tool for that. Tried and dropped: the sidecar readin
 pooled rows in place in the ring instead of copying them (unsafe as written, a probe):
 ``on`` P50 1.06 / 1.12, svc50 1.03 / 1.02, ``onnotrain`` 1.09 / 1.19 in two runs, inside
 the spread of the runs with the copy.
+
+record() itself costs the serving thread ~30-40 us per 256-sample request (its pooled rows
+copied into the ring), 7-12 % of a request, on every request, while the trainer trains only
+about half of them. Since then a full ring sheds new records instead of overwriting unread
+ones (``LiveUpdater(max_backlog=...)``, ``on``; ``onkeep`` is the old behaviour). A later
+day on the same VM ran slower (service time 0.41-0.56 ms, the idle trainer 288-308 k
+samples/s against 445-549 k): in five same-run pairs ``on`` / ``onkeep`` P50 was 1.007 /
+1.053, 1.047 / 1.077, 1.097 / 1.109, 1.037 / 1.127 and 1.068 / 1.103 (the first with a cap
+of 2 x ``batch_size``), trained share 0.474 / 0.519, 0.448 / 0.469, 0.432 / 0.445, 0.457 /
+0.395, 0.423 / 0.447. The last two are full runs of the command above: ``on`` P50 1.037 /
+1.068, P99 1.042 / 1.361 (A/A 0.999 / 0.946 and 0.942 / 1.008), share 0.457 / 0.423 (119 k /
+107 k samples/s of ~245 k fed), 288 k / 308 k samples/s idle, 28 k / 21 k at 90 % load,
+misbehave P50 x42 / x13.
 """
 
 from __future__ import annotations
