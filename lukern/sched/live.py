@@ -292,7 +292,6 @@ class LiveUpdater:
                              f"[{self.batch_size}, {self.buffer_size}] (the trainer waits for a full batch; the ring "
                              f"holds no more); got {max_backlog!r}.")
         self.max_backlog = None if max_backlog is None else int(max_backlog)
-        self._shed_at = self.max_backlog or 0  # 0: never (one int compare per record)
         self.load = load if load is not None else ServingLoad()
         if mode is None:
             mode = "process" if hasattr(os, "fork") else "thread"
@@ -589,7 +588,7 @@ class LiveUpdater:
         cap = self.buffer_size
         w = int(self._ctr[5])
         unread = w - int(self._ctr[0])
-        if self._shed_at and unread and unread + n > self._shed_at and self.running:
+        if self.max_backlog is not None and unread and unread + n > self.max_backlog and self.running:
             # the trainer is behind: shed this record rather than copy it (max_backlog;
             # an empty ring takes any record, so a record longer than the cap still gets in)
             self._ctr[9] += n
