@@ -124,14 +124,18 @@ record() itself costs the serving thread ~30-40 us per 256-sample request (its p
 copied into the ring), 7-12 % of a request, on every request, while the trainer trains only
 about half of them. Since then a full ring sheds new records instead of overwriting unread
 ones (``LiveUpdater(max_backlog=...)``, ``on``; ``onkeep`` is the old behaviour). A later
-day on the same VM ran slower (service time 0.41-0.56 ms, the idle trainer 288-308 k
-samples/s against 445-549 k): in five same-run pairs ``on`` / ``onkeep`` P50 was 1.007 /
-1.053, 1.047 / 1.077, 1.097 / 1.109, 1.037 / 1.127 and 1.068 / 1.103 (the first with a cap
-of 2 x ``batch_size``), trained share 0.474 / 0.519, 0.448 / 0.469, 0.432 / 0.445, 0.457 /
-0.395, 0.423 / 0.447. The last two are full runs of the command above: ``on`` P50 1.037 /
-1.068, P99 1.042 / 1.361 (A/A 0.999 / 0.946 and 0.942 / 1.008), share 0.457 / 0.423 (119 k /
-107 k samples/s of ~245 k fed), 288 k / 308 k samples/s idle, 28 k / 21 k at 90 % load,
-misbehave P50 x42 / x13.
+day on the same VM ran slower (service time 0.41-0.58 ms, the idle trainer 288-308 k
+samples/s against 445-549 k): in six same-run pairs ``on`` / ``onkeep`` P50 was 1.007 /
+1.053, 1.047 / 1.077, 1.097 / 1.109, 1.037 / 1.127, 1.068 / 1.103 and 0.942 / 0.913 (the
+first with a cap of 2 x ``batch_size``), trained share 0.474 / 0.519, 0.448 / 0.469, 0.432 /
+0.445, 0.457 / 0.395, 0.423 / 0.447 and 0.653 / 0.705: latency a little lower, the share a
+little lower too in most pairs. The last three are full runs of the command above: ``on``
+P50 1.037 / 1.068 / 0.942, P99 1.042 / 1.361 / 1.014 (A/A P50 0.999 / 0.946 / 0.983, P99
+0.942 / 1.008 / 0.957), share 0.457 / 0.423 / 0.653 (119 k / 107 k / 139 k samples/s of 245 k
+/ 245 k / 220 k fed), 288 k / 308 k / 295 k samples/s idle, 28 k / 21 k / 56 k at 90 % load,
+misbehave P50 x42 / x13 / x5.2 (P99 x16 / x14 / x7.1). In the third (service time 0.58 ms)
+the trainer on made requests faster (svc50 0.92, A/A 0.99): busy, the serving CPU did not
+idle between requests.
 """
 
 from __future__ import annotations

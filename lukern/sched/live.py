@@ -152,10 +152,11 @@ class LiveUpdater:
         ring sheds new records instead of overwriting its oldest unread samples: the
         trainer reads samples of the same age either way and keeps the whole ring as its
         backlog, and the serving thread copies only about what the trainer trains. In
-        five same-run pairs on the reference VM (``python -m lukern.bench serving --arms
-        off,offb,on,onkeep``) inference P50 was 1-8 % lower with shedding, the trained
-        share 0.05 lower to 0.06 higher. A smaller cap also cuts the trainer's backlog, so
-        it cannot catch up after a burst. None: never shed, the ring overwrites its
+        six same-run pairs on the reference VM (``python -m lukern.bench serving --arms
+        off,offb,on,onkeep``), with shedding inference P50 was 1-8 % lower in five (3 %
+        higher in the sixth) and the trained share 0.01-0.05 lower in five (0.06 higher
+        in the other). A smaller cap also cuts the trainer's backlog, so it cannot catch
+        up after a burst. None: never shed, the ring overwrites its
         oldest unread samples. An integer must lie in [``batch_size``, ``buffer_size``].
     target_p99 : float, optional
         The inference P99 budget in seconds the slow controller steers against.
