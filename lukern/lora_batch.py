@@ -56,6 +56,23 @@ class StableLRU(LeastRecentlyUsed):
     """
 
 
+def check_prior_acc(prior, adapter, name: str) -> None:
+    """Raise ValueError unless ``prior`` is None or a contiguous 1-D array of the adapter's
+    n_rows and dtype (a starting row-wise Adagrad accumulator per row); with no adapter
+    (None) it must be None."""
+    if prior is None:
+        return
+    if adapter is None or not isinstance(prior, np.ndarray) or prior.shape != (adapter.n_rows,) \
+            or prior.dtype != adapter.dtype or not prior.flags.c_contiguous:
+        want = "None (the table has no adapter)" if adapter is None else \
+            f"a contiguous ({adapter.n_rows},) {adapter.dtype} array"
+        got = f"{prior.shape} {prior.dtype}" if isinstance(prior, np.ndarray) else type(prior).__name__
+        if isinstance(prior, np.ndarray) and not prior.flags.c_contiguous:
+            got += ", not contiguous"
+        raise ValueError(f"`{name}` must be {want}; got {got}. Pass numpy.ascontiguousarray(acc, dtype=...) of "
+                         "one value per row, or None.")
+
+
 _OPT_A = {"rowwise_adagrad": 0, "sgd": 1}
 _OPT_B = {"adagrad": 0, "sgd": 1}
 _BACKWARD = {"auto": K.AUTO, "row": K.BY_ROW, "bag": K.BY_BAG}
@@ -114,13 +131,7 @@ class BatchedTrainer:
             if table is not None:
                 V.check_table(table, f"tables[{t}]")
                 a._check_compatible(table, f"tables[{t}]")
-            if prior is not None:
-                V.check_array(f"prior_acc[{t}]", prior, 1)
-                if prior.shape != (a.n_rows,) or prior.dtype != a.dtype:
-                    raise ValueError(f"`prior_acc[{t}]` must have shape ({a.n_rows},) and dtype {a.dtype}; got "
-                                     f"{prior.shape} {prior.dtype}.")
-                if not prior.flags.c_contiguous:
-                    raise ValueError(f"`prior_acc[{t}]` must be contiguous.")
+            check_prior_acc(prior, a, f"prior_acc[{t}]")
             dims.add(a.dim)
             dtypes.add(a.dtype)
         if len(dims) > 1 or len(dtypes) > 1:

@@ -66,6 +66,7 @@ from .._kernels.lora import all_finite
 from .._kernels.sched import fence, first_bad_sample, gather_pooled, spin_while_busy
 from ..embedding import TableBatch
 from ..lora import LoRAAdapter
+from ..lora_batch import BatchedTrainer, StableLRU, check_prior_acc
 from . import qos as _qos
 from .guard import FastGuard, SlowController
 from .load import ServingLoad
@@ -356,13 +357,7 @@ class LiveUpdater:
                 raise ValueError(f"`prior_acc` must hold one array (or None) per table ({self.n_tables}); got "
                                  f"{len(prior_acc)}.")
             for t, p in enumerate(prior_acc):
-                a = adapters[t]
-                if p is not None and (a is None or not isinstance(p, np.ndarray) or p.shape != (a.n_rows,)
-                                      or p.dtype != a.dtype or not p.flags.c_contiguous):
-                    want = "None (the table has no adapter)" if a is None else \
-                        f"a contiguous ({a.n_rows},) {a.dtype} array"
-                    got = f"{p.shape} {p.dtype}" if isinstance(p, np.ndarray) else type(p).__name__
-                    raise ValueError(f"`prior_acc[{t}]` must be {want}; got {got}.")
+                check_prior_acc(p, adapters[t], f"prior_acc[{t}]")
             self.prior_acc = prior_acc
 
         if int(pause_in_flight) < 1:
@@ -1244,10 +1239,8 @@ class LiveUpdater:
         request waits at most one table's step). Built in the trainer (thread or sidecar),
         on its first step."""
         if self._batched is None:
-            from ..lora_batch import BatchedTrainer, StableLRU
-            from ..lora import LoRAAdapter
-            # a wrapper with its own backward (e.g. the replay's slot seeding) keeps the
-            # per-call path: the batched kernel would bypass it
+            # a wrapper with its own backward keeps the per-call path: the batched kernel
+            # would bypass it
             ok = all(isinstance(self.adapters[t], LoRAAdapter) and self.adapters[t].acc_a_init is None
                      and (self._in_child or type(self.adapters[t].eviction) is StableLRU) for t in self._trained)
             # the sidecar cannot write the served tables: no eviction there (rows without a
