@@ -9,6 +9,7 @@ import pytest
 
 import lukern
 from lukern.lora_batch import BatchedTrainer, StableLRU
+from lukern.testing import zipf_ids
 
 STATE = ("keys", "vals", "bitmap", "A", "B", "slot_row", "acc_a", "acc_b", "last_step")
 EXACT = ("keys", "vals", "bitmap", "slot_row", "last_step")
@@ -238,13 +239,16 @@ def test_fold_rows_matches_numpy(dtype):
 
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_row_grads_matches_the_bag_formula(mode, dtype):
+@pytest.mark.parametrize("r, kernel", [(5, "generic"), (8, "generic"), (8, "fixed")])
+def test_row_grads_matches_the_bag_formula(mode, dtype, r, kernel):
     # the by-row backward against the by-bag formulas of DESIGN section 2, in numpy:
     # G_i = sum over ids j of row i of s f_b g_b B^T, dB = s sum_b f_b P_b^T g_b
-    from lukern._kernels.lora_batch import row_grads
+    from lukern._kernels.lora_batch import row_grads, row_grads_kernel
 
+    if kernel == "fixed":
+        row_grads = row_grads_kernel(r)  # noqa: F811 - the rank-specialised twin, same contract
     rng = np.random.default_rng(8)
-    d, r, n_u, cap = 16, 5, 6, 20
+    d, n_u, cap = 16, 6, 20
     off = np.array([0, 1, 1, 4, 5, 8, 8, 9, 12], np.int64)  # empty and multi-id bags
     n_bags, n_ids = len(off) - 1, off[-1]
     pend = rng.integers(-1, n_u, n_ids).astype(np.int32)  # -1: an id without a slot
@@ -272,6 +276,32 @@ def test_row_grads_matches_the_bag_formula(mode, dtype):
     np.testing.assert_allclose(G[:n_u], want_G, rtol=tol, atol=tol)
     np.testing.assert_array_equal(G[n_u:], 7.0)  # rows past the pending ones untouched
     np.testing.assert_allclose(dB, want_dB, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rank8_row_grads_equals_the_generic_kernel(dtype):
+    # the generated rank-8 kernel on the trainer's batches (Zipf ids, one-id bags, dB
+    # zeroed as train_table passes it): B's gradient summed in the generic kernel's order
+    # (the same bits); A's within float64 rounding (both may reassociate the d-long dot)
+    from lukern._kernels.lora_batch import row_grads, row_grads_kernel
+
+    rng = np.random.default_rng(3)
+    n, d, r, cap = 2048, 16, 8, 600
+    ids = zipf_ids(rng, n, cap)
+    uniq, pend = np.unique(ids, return_inverse=True)
+    pend = pend.astype(np.int32)
+    pend[::17] = -1  # ids that found no slot
+    off = np.arange(n + 1, dtype=np.int64)
+    A = rng.standard_normal((cap, r)).astype(dtype)
+    B = rng.standard_normal((r, d)).astype(dtype)
+    grad = rng.standard_normal((n, d)).astype(dtype)
+    out = []
+    for k in (row_grads, row_grads_kernel(8)):
+        G, dB = np.zeros((uniq.size, r), dtype), np.zeros((r, d))
+        k(pend, off, 0, grad, A, uniq.astype(np.int64), B, 0.25, uniq.size, G, dB)
+        out.append((G, dB))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(out[0][1], out[1][1])
 
 
 def test_strided_gradient_equals_contiguous():
