@@ -605,6 +605,61 @@ def test_forward_context_gives_the_same_bits_as_a_plain_backward(mode, weighted)
     assert np.array_equal(W0, W1)
 
 
+@pytest.mark.parametrize("rank", [4, 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_forward_by_slot_gives_the_pipeline_bits(rank, dtype, mode, weighted):
+    # forward() probes every id first once most ids had a row in its last call; both
+    # paths must give the same output, slots and pooled rows, bit for bit, whatever the
+    # share of ids with a row (none, some, all) and with empty bags
+    from lukern._kernels import lora as LK
+
+    W, a = _trained(dim=16, rank=rank, dtype=dtype, capacity=120, steps=8)
+    st = a._state
+    fused = LK.fused_kernels(16, dtype)
+    active = a.active_rows()[0]
+    rng = np.random.default_rng(4)
+    for share in (0.0, 0.3, 1.0):
+        p = make_lookup_problem(n_rows=500, dim=16, n_bags=64, pooling=(0, 9), dtype=dtype, table=W, seed=11,
+                                weighted=weighted)
+        idx = p.indices.copy()
+        pick = rng.random(idx.size) < share
+        idx[pick] = rng.choice(active, int(pick.sum()))
+        if share == 0.0:
+            idx = np.setdiff1d(np.arange(500), active)[idx % (500 - active.size)]
+        n_bags = p.offsets.size - 1
+        w = p.weights if weighted else np.empty(0, dtype)
+        m = 1 if mode == "mean" else 0
+        res = []
+        for path in ("pipeline", "by_slot"):
+            out = np.full((n_bags, 16), np.nan, dtype)
+            slots = np.full(idx.size, -7, np.int64)
+            P = np.full((n_bags, rank), np.nan, dtype)
+            if path == "pipeline":
+                fused.train(W, idx, p.offsets, w, weighted, m, out, 0, n_bags, st.keys, st.vals, st.mask, st.bitmap,
+                            st.A, st.B, dtype(st.scale), slots, P)
+            else:
+                found = LK.find_slots(idx, st.keys, st.vals, st.mask, st.bitmap, slots)
+                assert found == int((slots >= 0).sum())
+                fused.by_slot(W, idx, p.offsets, w, weighted, m, out, 0, n_bags, slots, st.A, st.B, dtype(st.scale),
+                              P)
+            res.append((out, slots, P))
+        for x, y in zip(*res):
+            np.testing.assert_array_equal(x, y)
+        assert np.isin(idx[res[0][1] >= 0], active).all() and not np.isin(idx[res[0][1] < 0], active).any()
+    # through forward(): the first call (no history) takes the pipeline, a second call on
+    # ids that all have a row takes the by-slot pass; both equal the plain fused lookup
+    b = lukern.LoRAAdapter(500, 16, rank=rank, capacity=120, dtype=dtype)
+    b.apply_factors(a.export())
+    idx = rng.choice(active, 200)
+    off = np.arange(0, 201, 5)
+    for _ in range(2):
+        y, ctx = b.forward(W, idx, off, mode=mode)
+        ref = lukern.embedding_bag(W, idx, off, mode=mode, adapter=b)
+        np.testing.assert_array_equal(y, ref)
+    assert b._forward_hits == 1.0
+
+
 def test_forward_context_checks():
     W, a = _trained()
     p = make_lookup_problem(n_rows=500, dim=16, n_bags=5, pooling=(1, 4), dtype=np.float64, table=W, seed=2)
