@@ -229,6 +229,38 @@ def test_extra_and_pooled_are_handed_over():
     np.testing.assert_array_equal(seen[0][1], np.arange(8.0).reshape(4, 2))
 
 
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_step_reads_the_ring_in_place_and_nothing_overwrites_it(mode, tmp_path):
+    # with max_backlog (default) a step gets read-only views of the ring, and records
+    # made while it runs are shed rather than written over the samples it is reading
+    log_path = tmp_path / "seen.txt"  # written by the loss callback (in the sidecar's process too)
+
+    def loss_grad(pooled, labels, extra):
+        first = float(extra.min()), float(extra.max())
+        calls = log_path.read_text().count("\n") if log_path.exists() else 0
+        if calls == 0:
+            time.sleep(1.5)  # the test records a burst meanwhile
+        with open(log_path, "a") as f:
+            f.write(f"{pooled.flags.writeable} {extra.flags.writeable} {first} {float(extra.min())} "
+                    f"{float(extra.max())}\n")
+        return 0.0, np.zeros(pooled.shape, np.float32)
+
+    kw = {"extra_width": 2, "record_pooled": True} if mode == "process" else {}
+    up = updater(loss_grad=loss_grad, mode=mode, buffer_size=64, batch_size=32, **kw)
+    rng = np.random.default_rng(5)
+    pooled = rng.standard_normal((32, len(N_ROWS) * D)).astype(np.float32)
+    up.record(ids_batch(rng, 32), np.zeros(32), extra=np.full((32, 2), 1.0), pooled=pooled)
+    with up:
+        assert wait_for(lambda: int(up._ctr[10]) == 32, 30)  # the first step has taken its batch
+        for k in range(6):  # 32 in flight + 32 unread fill the ring: every record past the first is shed
+            up.record(ids_batch(rng, 32), np.zeros(32), extra=np.full((32, 2), 2.0 + k), pooled=pooled)
+        assert up.flush(timeout=60)
+    st = up.stats()
+    assert st["shed"] == 5 * 32 and st["dropped"] == 5 * 32 and st["samples"] == 64
+    lines = log_path.read_text().splitlines()
+    assert lines == ["False False (1.0, 1.0) 1.0 1.0", "False False (2.0, 2.0) 2.0 2.0"]
+
+
 def test_loss_callback_that_raises_is_counted_and_adapters_untouched(caplog):
     calls = []
 

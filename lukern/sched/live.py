@@ -134,7 +134,9 @@ class LiveUpdater:
         ``loss_grad(pooled, labels) -> (loss, grad)`` with ``pooled`` (n, sum(d_t)) the
         adapted pooled embeddings of the batch and ``grad`` their loss gradient, same
         shape. When samples were recorded with ``extra`` (e.g. dense features) it is
-        called as ``loss_grad(pooled, labels, extra)``.
+        called as ``loss_grad(pooled, labels, extra)``. ``pooled`` and ``extra`` may be
+        read-only views of the ring, valid during the call: copy them to keep or
+        modify them.
     adapters : sequence of LoRAAdapter or None, optional
         One per table (None: that table is not trained). Default: one adapter per table,
         built with ``adapter_kwargs`` on a thread pinned to the trainer's node so their
@@ -376,6 +378,7 @@ class LiveUpdater:
         else:
             self._ctr = np.zeros(16, np.int64)
         self._ring = None  # dict of per-sample columns: ids (n, T, L), labels, [extra], [pooled]
+        self._release_at = None  # the read position after the step on _pop's views
         if mode == "process":
             self._ring = {"ids": _shared_array((self.buffer_size, self.n_tables, int(pooling)), np.int64),
                           "labels": _shared_array(self.buffer_size, np.float64)}
@@ -425,7 +428,8 @@ class LiveUpdater:
     # _ctr: 0 read position (consumer), 1 dropped by the consumer (overwritten before read),
     # 2 recorded, 3 dropped by the producer (a record larger than the ring), 4 stop flag
     # (process mode), 5 written position, 6 held by pause(), 7 claimed position (producer),
-    # 8 the trainer reached the hold point, 9 shed by the producer (the trainer was behind)
+    # 8 the trainer reached the hold point, 9 shed by the producer (the trainer was behind),
+    # 10 taken position (consumer): the end of the samples a step reads in place (_pop)
     @property
     def _count(self) -> int:
         """Samples written and not read yet that are still in the ring."""
@@ -635,12 +639,19 @@ class LiveUpdater:
         return True
 
     def _pop(self, n):
-        """Take up to n oldest unread samples (copies) as a dict of columns, or None.
+        """Take up to n oldest unread samples as a dict of columns, or None.
 
         The consumer side of the ring: it reads the producer's counters, copies, then
         checks the claim counter: a record() that overwrote part of the copied slots
         meanwhile (the ring was full) makes that prefix invalid; it is discarded and
-        counted as dropped, like samples overwritten before they were read."""
+        counted as dropped, like samples overwritten before they were read.
+
+        With ``max_backlog`` set, a record() never overwrites unread samples while the
+        trainer runs, so contiguous samples are not copied: the columns are read-only
+        views of the ring, and the read position moves past them only at
+        :meth:`_release`, after the step (until then the producer counts them as
+        unread, so it sheds rather than overwrite them). That spares the step a ~1.9 MB
+        copy per 1024 samples of 26 x 16 pooled floats (~0.17 ms)."""
         cap = self.buffer_size
         r, w = int(self._ctr[0]), int(self._ctr[5])
         if w == r:
@@ -652,6 +663,21 @@ class LiveUpdater:
         n = min(n, w - start)
         h = start % cap
         staged = "_stage" in self._ring
+        if self.max_backlog is not None and not staged and h + n <= cap:
+            fence()  # the claim counter is read after the counts
+            lost = max(0, min(n, int(self._ctr[7]) - cap - start))  # claimed before this read: not ours
+            if lost:
+                self._ctr[1] += lost
+            self._release_at = self._ctr[10] = start + n  # taken (shared: a lost sidecar's batch is counted)
+            if lost == n:
+                self._release()
+                return None
+            out = {}
+            for k, v in self._ring.items():
+                view = v[h + lost:h + n]
+                view.flags.writeable = False  # the ring's memory: loss_grad must not write it
+                out[k] = view
+            return out
         if h + n <= cap:
             out = {k: v[h:h + n].copy() for k, v in self._ring.items() if not (staged and k == "pooled")}
         else:
@@ -681,6 +707,12 @@ class LiveUpdater:
                 return None
             out = {k: v[lost:] for k, v in out.items()}
         return out
+
+    def _release(self):
+        """Move the read position past the samples :meth:`_pop` handed out as views."""
+        if self._release_at is not None:
+            self._ctr[0] = self._release_at
+            self._release_at = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -885,6 +917,8 @@ class LiveUpdater:
         _, status = os.waitpid(self._pid, 0)
         code = os.waitstatus_to_exitcode(status)
         with self._lock:
+            if self._ctr[10] > self._ctr[0]:  # it died stepping on views of the ring: those samples were taken
+                self._ctr[0] = self._ctr[10]
             lost = max(0, int(self._ctr[0]) - int(self._ctr[1]) - self.consumed)
             how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
             self.last_error = (f"the sidecar trainer exited unexpectedly ({how}); {lost} samples it had taken "
@@ -1126,6 +1160,7 @@ class LiveUpdater:
                     raise
                 finally:
                     self.consumed += len(batch["labels"])
+                    self._release()
         finally:
             if tid is not None:
                 self.load.exclude_tids.discard(tid)
