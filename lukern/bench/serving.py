@@ -553,14 +553,27 @@ def _idle_arm(model, reqs, args, duration, cpus=None):
     if not args.no_reuse:
         big_pooled = np.concatenate([model.serve(r[1], r[2], np.empty((len(r[3]), model.n_tables * model.dim),
                                                                       np.float32))[1] for r in reqs[:64]])
-    up.record(big_ids, big_y, pooled=big_pooled)
+    # kept topped up in chunks: a full-ring record is shed while anything is unread
+    # (max_backlog), so refilling only an empty ring would starve the trainer
+    chunk = 1024
+    parts = [(big_ids[i:i + chunk], big_y[i:i + chunk], None if big_pooled is None else big_pooled[i:i + chunk])
+             for i in range(0, big_ids.shape[0], chunk)]
+    k = 0
+
+    def top_up():
+        nonlocal k
+        while up.stats()["pending"] + chunk <= up.buffer_size:
+            ids, y, pooled = parts[k % len(parts)]
+            up.record(ids, y, pooled=pooled)
+            k += 1
+
+    top_up()
     up.start()
     t0 = time.perf_counter()
     s0 = up.stats()["samples"]
     while time.perf_counter() - t0 < duration:
-        if up.stats()["pending"] < big_ids.shape[0]:
-            up.record(big_ids, big_y, pooled=big_pooled)
-        time.sleep(0.01)
+        top_up()
+        time.sleep(0.002)
     wall = time.perf_counter() - t0
     up.stop()
     st = up.stats()
