@@ -675,7 +675,9 @@ class LoRAAdapter:
         :meth:`backward` (or :meth:`train_step`) of the same batch skip the hash probes of
         the ids found here and the pooling of A. Rows are still admitted by the backward.
         Call it from the trainer's thread (the one writer): unlike the serving lookup it
-        does not guard against a concurrent mutation.
+        does not guard against a concurrent mutation. When most ids of the previous call
+        had an A row (a trainer revisiting the rows it admitted), it finds every id's
+        slot first and then pools W and A in one pass: the same result, faster there.
 
         Returns ``(out, context)``.
 
@@ -720,8 +722,9 @@ class LoRAAdapter:
             LK.add_pooled(P, offsets, m, st.B, float(st.scale), out)
         elif self._forward_hits >= _PROBE_FIRST_AT:
             # most ids have an A row (a trainer's batches revisit the rows it admitted): probe
-            # them all first, then pool W and A in one pass (the same bits)
-            found = LK.find_slots(indices, st.keys, st.vals, st.mask, st.bitmap, slots)
+            # them all first (no bitmap test: most would pass it), then pool W and A in one
+            # pass (the same bits)
+            found = LK.find_slots(indices, st.keys, st.vals, st.mask, st.bitmap, slots, False)
             fused.by_slot(table, indices, offsets, w, weights is not None, m, out, 0, n_bags, slots, st.A, st.B,
                           self.dtype.type(st.scale), P)
         else:

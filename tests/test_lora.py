@@ -641,6 +641,9 @@ def test_forward_by_slot_gives_the_pipeline_bits(rank, dtype, mode, weighted):
             else:
                 found = LK.find_slots(idx, st.keys, st.vals, st.mask, st.bitmap, slots)
                 assert found == int((slots >= 0).sum())
+                unbitten = np.full(idx.size, -7, np.int64)  # probing every id finds the same slots
+                assert LK.find_slots(idx, st.keys, st.vals, st.mask, st.bitmap, unbitten, False) == found
+                np.testing.assert_array_equal(unbitten, slots)
                 fused.by_slot(W, idx, p.offsets, w, weighted, m, out, 0, n_bags, slots, st.A, st.B, dtype(st.scale),
                               P)
             res.append((out, slots, P))

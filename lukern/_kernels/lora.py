@@ -181,19 +181,22 @@ _FIND_AHEAD = 64
 
 
 @njit(nogil=True, cache=True)
-def find_slots(indices, keys, vals, mask, bitmap, slots):
+def find_slots(indices, keys, vals, mask, bitmap, slots, test_bits=True):
     """``slots[j]`` = slot of ``indices[j]`` or -1 (nothing admitted). Returns the
-    number of ids that have a slot."""
+    number of ids that have a slot. ``test_bits=False`` probes the hash for every id
+    without testing the presence bitmap first: faster when most ids have a slot, as
+    the bitmap word is one more scattered load per id (61k Zipf ids, all with a slot,
+    caches flushed between calls: 1.27 -> 0.59 ms)."""
     n = indices.shape[0]
     found = 0
     for j in range(n):
         if j + _FIND_AHEAD < n:
             ahead = indices[j + _FIND_AHEAD]
-            if is_active(bitmap, ahead):
+            if not test_bits or is_active(bitmap, ahead):
                 prefetch_probe(keys, vals, mask, ahead)
         row = indices[j]
         sl = -1
-        if is_active(bitmap, row):
+        if not test_bits or is_active(bitmap, row):
             sl = find_slot(keys, vals, mask, row)
         slots[j] = sl
         found += sl >= 0
