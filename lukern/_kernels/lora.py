@@ -786,17 +786,38 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
             body += [f"    {a} += r[{k}]" for k, a in enumerate(acc)]
         return body
 
-    def stages(train, fixed):
-        # fixed: the rank the code is written for, with the pooled A row in scalars
-        # (registers); None: any rank, pooled in the array p
+    def pool_a(fixed):
+        # (zero, add, add weighted) for the pooled A row. fixed: the rank the code is
+        # written for, with the row in scalars (registers); None: any rank, in the array p
         if fixed:
-            zero = [f"p{q} = np.{name}(0.0)" for q in range(fixed)]
-            add_w = [f"        p{q} += w * A[sl, {q}]" for q in range(fixed)]
-            add = [f"        p{q} += A[sl, {q}]" for q in range(fixed)]
+            return ([f"p{q} = np.{name}(0.0)" for q in range(fixed)], [f"p{q} += A[sl, {q}]" for q in range(fixed)],
+                    [f"p{q} += w * A[sl, {q}]" for q in range(fixed)])
+        return (["for qq in range(rank):", "    p[qq] = 0"], ["for qq in range(rank):", "    p[qq] += A[sl, qq]"],
+                ["for qq in range(rank):", "    p[qq] += w * A[sl, qq]"])
+
+    def finish_bag(code, train, fixed):
+        # after pooling: keep P (train), add s * P @ B once per bag (if any id had a row),
+        # scale (mean) and store; wrapped in the loop over bags
+        if fixed:
+            if train:
+                code += [f"P_out[b, {q}] = p{q}" for q in range(fixed)]
+            code += ["if hit:"]
+            for q in range(fixed):
+                code += [f"    pq = lscale * p{q}"] + [f"    {a} += pq * B[{q}, {k}]" for k, a in enumerate(acc)]
         else:
-            zero = ["for qq in range(rank):", "    p[qq] = 0"]
-            add_w = ["        for qq in range(rank):", "            p[qq] += w * A[sl, qq]"]
-            add = ["        for qq in range(rank):", "            p[qq] += A[sl, qq]"]
+            if train:
+                code += ["for qq in range(rank):", "    P_out[b, qq] = p[qq]"]
+            code += ["if hit:", "    for qq in range(rank):", "        pq = lscale * p[qq]"]
+            code += [f"        {a} += pq * B[qq, {k}]" for k, a in enumerate(acc)]
+        code += [f"sc = np.{name}(1.0)", "if mode == 1 and e > s:", f"    sc = np.{name}(1.0) / np.{name}(e - s)"]
+        code += [f"o[{k}] = {a} * sc" for k, a in enumerate(acc)]
+        head_ = ["for b in range(b0, b1):", "    s = offsets[b]", "    e = offsets[b + 1]", "    o = out[b]"]
+        return head_ + ["    " + x for x in code]
+
+    def stages(train, fixed):
+        zero, add, add_w = pool_a(fixed)
+        add = [" " * 8 + x for x in add]
+        add_w = [" " * 8 + x for x in add_w]
         return [
             # stage 2: probe the queued ids up to PROBE_AHEAD past the bag (their hash
             # lines were prefetched PF - PROBE_AHEAD ids ago), prefetch their A rows
@@ -836,21 +857,7 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
         code += ["if use_w:"] + [f"    {x}" for x in w_loop(True)]
         code += ["else:"] + [f"    {x}" for x in w_loop(False)]
         code += stages(train, fixed)
-        if fixed:
-            if train:
-                code += [f"P_out[b, {q}] = p{q}" for q in range(fixed)]
-            code += ["if hit:"]
-            for q in range(fixed):
-                code += [f"    pq = lscale * p{q}"] + [f"    {a} += pq * B[{q}, {k}]" for k, a in enumerate(acc)]
-        else:
-            if train:
-                code += ["for qq in range(rank):", "    P_out[b, qq] = p[qq]"]
-            code += ["if hit:", "    for qq in range(rank):", "        pq = lscale * p[qq]"]
-            code += [f"        {a} += pq * B[qq, {k}]" for k, a in enumerate(acc)]
-        code += [f"sc = np.{name}(1.0)", "if mode == 1 and e > s:", f"    sc = np.{name}(1.0) / np.{name}(e - s)"]
-        code += [f"o[{k}] = {a} * sc" for k, a in enumerate(acc)]
-        head_ = ["for b in range(b0, b1):", "    s = offsets[b]", "    e = offsets[b + 1]", "    o = out[b]"]
-        return head_ + ["    " + x for x in code]
+        return finish_bag(code, train, fixed)
 
     def bags(train):
         # the common rank gets its own copy of the loop (the pooled row in registers:
@@ -863,14 +870,7 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
         # the slots are known (find_slots ran first): the plain kernel's loop pools the W
         # rows and, in the same pass, the A rows of ids with a slot (prefetched with their
         # W rows), in id order, so the sums are those of lora_train_range (the same bits)
-        if fixed:
-            zero = [f"p{q} = np.{name}(0.0)" for q in range(fixed)]
-            add = [f"p{q} += A[sl, {q}]" for q in range(fixed)]
-            add_w = [f"p{q} += w * A[sl, {q}]" for q in range(fixed)]
-        else:
-            zero = ["for qq in range(rank):", "    p[qq] = 0"]
-            add = ["for qq in range(rank):", "    p[qq] += A[sl, qq]"]
-            add_w = ["for qq in range(rank):", "    p[qq] += w * A[sl, qq]"]
+        zero, add, add_w = pool_a(fixed)
 
         def loop(weighted):
             body = ["for j in range(s, e):", "    if j + PF < pf_end:"]
@@ -887,18 +887,7 @@ def _fused_source(d: int, dtype: np.dtype, presence_ahead: int | None = None, pr
 
         code = [f"{a} = np.{name}(0.0)" for a in acc] + zero + ["hit = False"]
         code += ["if use_w:"] + [f"    {x}" for x in loop(True)] + ["else:"] + [f"    {x}" for x in loop(False)]
-        if fixed:
-            code += [f"P_out[b, {q}] = p{q}" for q in range(fixed)] + ["if hit:"]
-            for q in range(fixed):
-                code += [f"    pq = lscale * p{q}"] + [f"    {a} += pq * B[{q}, {k}]" for k, a in enumerate(acc)]
-        else:
-            code += ["for qq in range(rank):", "    P_out[b, qq] = p[qq]"]
-            code += ["if hit:", "    for qq in range(rank):", "        pq = lscale * p[qq]"]
-            code += [f"        {a} += pq * B[qq, {k}]" for k, a in enumerate(acc)]
-        code += [f"sc = np.{name}(1.0)", "if mode == 1 and e > s:", f"    sc = np.{name}(1.0) / np.{name}(e - s)"]
-        code += [f"o[{k}] = {a} * sc" for k, a in enumerate(acc)]
-        head_ = ["for b in range(b0, b1):", "    s = offsets[b]", "    e = offsets[b + 1]", "    o = out[b]"]
-        return head_ + ["    " + x for x in code]
+        return finish_bag(code, True, fixed)
 
     def by_slot_function():
         prologue = [f"    {x}" for x in row_prefetch("j")]
