@@ -378,7 +378,6 @@ class LiveUpdater:
         else:
             self._ctr = np.zeros(16, np.int64)
         self._ring = None  # dict of per-sample columns: ids (n, T, L), labels, [extra], [pooled]
-        self._release_at = None  # the read position after the step on _pop's views
         if mode == "process":
             self._ring = {"ids": _shared_array((self.buffer_size, self.n_tables, int(pooling)), np.int64),
                           "labels": _shared_array(self.buffer_size, np.float64)}
@@ -668,7 +667,7 @@ class LiveUpdater:
             lost = max(0, min(n, int(self._ctr[7]) - cap - start))  # claimed before this read: not ours
             if lost:
                 self._ctr[1] += lost
-            self._release_at = self._ctr[10] = start + n  # taken (shared: a lost sidecar's batch is counted)
+            self._ctr[10] = start + n  # taken, released after the step (shared: a lost sidecar's batch is counted)
             if lost == n:
                 self._release()
                 return None
@@ -710,9 +709,8 @@ class LiveUpdater:
 
     def _release(self):
         """Move the read position past the samples :meth:`_pop` handed out as views."""
-        if self._release_at is not None:
-            self._ctr[0] = self._release_at
-            self._release_at = None
+        if self._ctr[10] > self._ctr[0]:
+            self._ctr[0] = self._ctr[10]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -917,8 +915,7 @@ class LiveUpdater:
         _, status = os.waitpid(self._pid, 0)
         code = os.waitstatus_to_exitcode(status)
         with self._lock:
-            if self._ctr[10] > self._ctr[0]:  # it died stepping on views of the ring: those samples were taken
-                self._ctr[0] = self._ctr[10]
+            self._release()  # it may have died stepping on views of the ring: those samples were taken
             lost = max(0, int(self._ctr[0]) - int(self._ctr[1]) - self.consumed)
             how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
             self.last_error = (f"the sidecar trainer exited unexpectedly ({how}); {lost} samples it had taken "
