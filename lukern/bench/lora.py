@@ -43,7 +43,8 @@ Measured (fused/plain wall-time ratios; training step wall medians):
   torch 4.2x -> 4.2x; fused lookup 1 / 2 threads uniform 1.15 / 1.13x and 1.14 / 1.14x,
   Zipf 1.21 / 1.18x and 1.24 / 1.15x, hot 2.13 / 1.87x and 2.06 / 1.86x (the serving
   lookup is unchanged). The co-located trainer's step 2.63 -> 2.03 ms with the rank-8
-  by-row backward kernel. Two later runs (a faster hour: numpy 36-38 ms): step 3.90 ms
+  by-row backward kernel (by bag / by row, same run: 1.84x -> 2.02x; the by-bag path
+  unchanged). Two later runs (a faster hour: numpy 36-38 ms): step 3.90 ms
   (9.3x numpy, 3.0x torch), then 3.65 ms (10.3x, 3.6x) once that forward's probes skip
   the presence bitmap; fused Zipf 1.26 / 1.20x and 1.28 / 1.24x.
 """
