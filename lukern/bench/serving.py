@@ -115,10 +115,11 @@ back on a private batch, svc50 1.04, P50 1.07 against ``on`` 1.05 / 1.16 in the 
 So the cost is the sidecar's sustained array traffic around the training (the ring copy
 and the loss callback's (n, 416) arrays, ~4 MB written per 1024 samples) on the core that
 serves; the training kernels add nothing measurable. Hardware QoS (resctrl CAT / MBA,
-which this VM lacks) is the tool for that. Tried and dropped: the sidecar reading the
-pooled rows in place in the ring instead of copying them (unsafe as written, a probe):
+which this VM lacks) is the tool for that. Tried then: the sidecar reading the pooled
+rows in place in the ring instead of copying them (unsafe as written then, a probe):
 ``on`` P50 1.06 / 1.12, svc50 1.03 / 1.02, ``onnotrain`` 1.09 / 1.19 in two runs, inside
-the spread of the runs with the copy.
+the spread of the runs with the copy. Adopted later, once shedding made it safe (a record
+never overwrites samples a step is reading), for the trainer's own cost per sample.
 
 record() itself costs the serving thread ~30-40 us per 256-sample request (its pooled rows
 copied into the ring), 7-12 % of a request, on every request, while the trainer trains only
@@ -135,7 +136,18 @@ P50 1.037 / 1.068 / 0.942, P99 1.042 / 1.361 / 1.014 (A/A P50 0.999 / 0.946 / 0.
 / 245 k / 220 k fed), 288 k / 308 k / 295 k samples/s idle, 28 k / 21 k / 56 k at 90 % load,
 misbehave P50 x42 / x13 / x5.2 (P99 x16 / x14 / x7.1). In the third (service time 0.58 ms)
 the trainer on made requests faster (svc50 0.92, A/A 0.99): busy, the serving CPU did not
-idle between requests.
+idle between requests. (The idle figures of that day are low: the idle arm refilled only
+an empty ring, and with shedding a full-ring record is dropped while anything is unread,
+so the trainer waited; it now keeps the ring topped up.)
+
+Next session (the rank-8 by-row backward, steps reading the ring in place), six full runs
+(service time 0.40-0.53 ms): ``on`` P50 0.989 / 1.179 / 0.991 / 1.042 / 1.059 / 1.069, P99
+1.022 / 1.128 / 1.058 / 1.095 / 1.284 / 1.003 (A/A P50 0.966 / 1.018 / 0.944 / 0.976 / 1.122
+/ 0.970), share 0.514 / 0.501 / 0.517 / 0.616 / 0.461 / 0.501, idle 361 k (then 298 k
+before the idle arm's fix) to 463 k samples/s, 25-70 k at 90 % load; the sixth with
+``--duration 48``. With ``--arms off,offb,record,on``: ``record`` P50 1.232, P99 1.473
+(svc50 1.035) against ``on`` 1.017 / 1.081 (share 0.502, A/A 1.038 / 1.109): record()'s
+copy, made on every request when nothing is shed, is most of the trainer's latency cost.
 """
 
 from __future__ import annotations
