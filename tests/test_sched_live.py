@@ -261,6 +261,34 @@ def test_a_step_reads_the_ring_in_place_and_nothing_overwrites_it(mode, tmp_path
     assert lines == ["False False (1.0, 1.0) 1.0 1.0", "False False (2.0, 2.0) 2.0 2.0"]
 
 
+def test_record_sheds_while_requests_wait_and_the_next_batch_is_queued():
+    # queued > 0 sheds a record only while the trainer runs and already has a batch
+    # waiting; with nothing waiting for the trainer, or nothing queued, it is copied
+    rng = np.random.default_rng(6)
+    idle = updater(buffer_size=256, batch_size=16)
+    for _ in range(3):  # the trainer not running: always copied
+        idle.record(ids_batch(rng, 8), np.zeros(8), queued=3)
+    assert idle.stats()["shed"] == 0 and idle.stats()["pending"] == 24
+    up = updater(buffer_size=256, batch_size=16)
+    with up:
+        up.pause()
+        for _ in range(2):  # less than one batch unread: copied
+            up.record(ids_batch(rng, 8), np.zeros(8), queued=3)
+        assert up.stats()["shed"] == 0 and up.stats()["pending"] == 16
+        up.record(ids_batch(rng, 8), np.zeros(8), queued=2)  # a batch is queued: shed
+        assert up.stats()["shed"] == 8 and up.stats()["pending"] == 16
+        up.record(ids_batch(rng, 8), np.zeros(8))  # nobody waits: copied
+        assert up.stats()["shed"] == 8 and up.stats()["pending"] == 24
+        with pytest.raises(ValueError, match="queued"):
+            up.record(ids_batch(rng, 8), np.zeros(8), queued=-1)
+        with pytest.raises(TypeError, match="queued"):
+            up.record(ids_batch(rng, 8), np.zeros(8), queued=1.5)
+        assert up.stats()["recorded"] == 32 and up.stats()["pending"] == 24  # bad calls queued nothing
+        up.resume()
+        assert up.flush(timeout=30)
+    assert up.stats()["samples"] == 24 and up.stats()["dropped"] == 8
+
+
 def test_loss_callback_that_raises_is_counted_and_adapters_untouched(caplog):
     calls = []
 

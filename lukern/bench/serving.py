@@ -313,7 +313,10 @@ def _serve_open_loop(model, reqs, batch, rate, duration, workers, load, updater=
             lat[k] = t1 - due
             svc[k] = t1 - t0
             if updater is not None:
-                updater.record(ids, y, pooled=pooled if reuse_pooled else None)
+                # the arrivals already due wait behind this request: record() sheds
+                # rather than make them wait for its copy
+                queued = int(np.searchsorted(arrivals, time.perf_counter() - t_start, side="right")) - (k + 1)
+                updater.record(ids, y, pooled=pooled if reuse_pooled else None, queued=max(0, queued))
 
     th = [threading.Thread(target=run, name=f"serve-{w}") for w in range(workers)]
     for t in th:
