@@ -617,7 +617,7 @@ class LiveUpdater:
         self._ctr[5] = w + n  # published
         self._ctr[2] += n_in
 
-    def _record_fast(self, batch, labels, extra, pooled, queued) -> bool:
+    def _record_fast(self, batch, labels, extra, pooled, queued=0) -> bool:
         """record() without the general path's Python when the batch has exactly the
         ring's layout: int64 ids, float64 labels, pooled rows of the ring's dtype, all
         C-contiguous, no ``extra``, no staging buffers, at most a ring of samples: one
