@@ -269,13 +269,13 @@ def test_record_sheds_while_requests_wait_and_the_next_batch_is_queued():
     for _ in range(3):  # the trainer not running: always copied
         idle.record(ids_batch(rng, 8), np.zeros(8), queued=3)
     assert idle.stats()["shed"] == 0 and idle.stats()["pending"] == 24
-    up = updater(buffer_size=256, batch_size=16)
+    up = updater(buffer_size=256, batch_size=4)  # reserve: 4 batches = 16 samples
     with up:
         up.pause()
-        for _ in range(2):  # less than one batch unread: copied
+        for _ in range(2):  # less than the reserve unread: copied
             up.record(ids_batch(rng, 8), np.zeros(8), queued=3)
         assert up.stats()["shed"] == 0 and up.stats()["pending"] == 16
-        up.record(ids_batch(rng, 8), np.zeros(8), queued=2)  # a batch is queued: shed
+        up.record(ids_batch(rng, 8), np.zeros(8), queued=2)  # the reserve is queued: shed
         assert up.stats()["shed"] == 8 and up.stats()["pending"] == 16
         up.record(ids_batch(rng, 8), np.zeros(8))  # nobody waits: copied
         assert up.stats()["shed"] == 8 and up.stats()["pending"] == 24
