@@ -16,6 +16,7 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
 - ``onnopub``:   the same, publishing no factors while the arms run (training's cost alone)
 - ``onkeep``:    the same with record() never shedding (``max_backlog=None``): every request's
                  samples copied into the ring even while the trainer is behind
+- ``onnoq``:     ``on`` without telling record() how many requests wait (``queued``)
 - ``record``:    record() on every request, no trainer: the serving side's own cost
 - ``thread``:    the same with the trainer as a thread of the serving process
 - ``misbehave``: 50 % load, trainer at normal priority, guard disabled
@@ -148,6 +149,12 @@ before the idle arm's fix) to 463 k samples/s, 25-70 k at 90 % load; the sixth w
 ``--duration 48``. With ``--arms off,offb,record,on``: ``record`` P50 1.232, P99 1.473
 (svc50 1.035) against ``on`` 1.017 / 1.081 (share 0.502, A/A 1.038 / 1.109): record()'s
 copy, made on every request when nothing is shed, is most of the trainer's latency cost.
+Then record() learned ``queued`` (the arrivals already due, passed by this benchmark): with
+a one-batch reserve ``on`` / ``onkeep`` P50 1.043 / 1.086, P99 1.201 / 1.325, share 0.446 /
+0.502; with the four-batch reserve kept, P50 1.018 / 1.136, P99 0.906 / 1.349, share 0.413
+/ 0.398, and in a full run (service time 0.51 ms, a slow hour) P50 1.068 / 1.089, P99 0.995
+/ 1.070, share 0.361 / 0.392; ``on`` / ``onnoq`` (the queue not told), same run: P50 1.102
+/ 1.178, P99 1.141 / 1.283, share 0.383 / 0.397.
 """
 
 from __future__ import annotations
@@ -278,7 +285,8 @@ def _capacity(model, reqs, batch, workers, seconds=2.0):
     return sum(counts) / (time.perf_counter() - t0)
 
 
-def _serve_open_loop(model, reqs, batch, rate, duration, workers, load, updater=None, seed=2, reuse_pooled=True):
+def _serve_open_loop(model, reqs, batch, rate, duration, workers, load, updater=None, seed=2, reuse_pooled=True,
+                     tell_queue=True):
     """Poisson arrivals at ``rate``/s for ``duration`` s; returns latencies (s)."""
     rng = np.random.default_rng(seed)
     n = int(rate * duration * 1.2) + 10
@@ -316,7 +324,8 @@ def _serve_open_loop(model, reqs, batch, rate, duration, workers, load, updater=
                 # the arrivals already due wait behind this request: record() sheds
                 # rather than make them wait for its copy
                 queued = int(np.searchsorted(arrivals, time.perf_counter() - t_start, side="right")) - (k + 1)
-                updater.record(ids, y, pooled=pooled if reuse_pooled else None, queued=max(0, queued))
+                updater.record(ids, y, pooled=pooled if reuse_pooled else None,
+                               queued=max(0, queued) if tell_queue else 0)
 
     th = [threading.Thread(target=run, name=f"serve-{w}") for w in range(workers)]
     for t in th:
@@ -461,6 +470,9 @@ class _Arm:
         self.record_only = bool(updater_kw and updater_kw.get("record_only"))
         no_train = bool(updater_kw and updater_kw.get("no_train"))
         self.reuse = not args.no_reuse and (updater_kw or {}).get("record_pooled", True)
+        self.tell_queue = not (updater_kw or {}).get("no_queue", False)
+        if updater_kw is not None:
+            updater_kw = {k: v for k, v in updater_kw.items() if k != "no_queue"}
         if self.record_only:
             updater_kw = {k: v for k, v in updater_kw.items() if k != "record_only"}
         if updater_kw is not None:
@@ -506,7 +518,7 @@ class _Arm:
         t0 = time.perf_counter()
         rate = self.rate if rate is None else rate
         lat, svc = _serve_open_loop(self.model, reqs, self.args.batch, rate, seconds, self.args.workers,
-                                    self.load, up, seed=seed, reuse_pooled=self.reuse)
+                                    self.load, up, seed=seed, reuse_pooled=self.reuse, tell_queue=self.tell_queue)
         dt = time.perf_counter() - t0
         c1 = _cpu_ticks(pids)
         if c0 and c1:  # cores the other tenants of the machine used meanwhile, and stolen by the host
@@ -651,7 +663,7 @@ def main(argv=None):
         return _main(args)
 
 
-_ARMS = ("off", "offb", "on", "oncap", "onnotrain", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onkeep", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "randhog", "numpyhog", "idle", "on90")
+_ARMS = ("off", "offb", "on", "oncap", "onnotrain", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onkeep", "onnoq", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "randhog", "numpyhog", "idle", "on90")
 _PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
@@ -761,6 +773,7 @@ def _main(args):
     configs["onkeep"] = {**good, "max_backlog": None}
     # record() with a ring of 4096 samples (7 MB of pooled rows instead of 27 MB streaming through L3)
     configs["on4k"] = {**good, "buffer_size": 4096}
+    configs["onnoq"] = {**good, "no_queue": True}
     configs["record4k"] = {**good, "record_only": True, "buffer_size": 4096}
     if args.mode == "process":  # record() of ids and labels only: the sidecar recomputes the forward
         configs["onids"] = {**good, "record_pooled": False}
