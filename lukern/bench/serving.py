@@ -471,12 +471,8 @@ class _Arm:
         no_train = bool(updater_kw and updater_kw.get("no_train"))
         self.reuse = not args.no_reuse and (updater_kw or {}).get("record_pooled", True)
         self.tell_queue = not (updater_kw or {}).get("no_queue", False)
-        if updater_kw is not None:
-            updater_kw = {k: v for k, v in updater_kw.items() if k != "no_queue"}
-        if self.record_only:
-            updater_kw = {k: v for k, v in updater_kw.items() if k != "record_only"}
-        if updater_kw is not None:
-            updater_kw = {k: v for k, v in updater_kw.items() if k != "no_train"}
+        if updater_kw is not None:  # the arm's own switches are not LiveUpdater arguments
+            updater_kw = {k: v for k, v in updater_kw.items() if k not in ("record_only", "no_train", "no_queue")}
         self.up = _updater(model, args, self.load, self.adapters, **updater_kw) if updater_kw is not None else None
         if no_train:  # the sidecar pops, runs the loss and publishes, but steps no adapter
             self.up._batched = [(tuple(range(model.n_tables)), _NoStep(model.dim))]

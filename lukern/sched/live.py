@@ -507,10 +507,12 @@ class LiveUpdater:
         ``TypeError`` / ``ValueError`` / ``IndexError`` (nothing queued) for bad dtypes,
         shapes, non-finite labels or ids out of range. Safe to call from several threads.
         """
-        if not isinstance(queued, (int, np.integer)) or queued < 0:
-            raise (ValueError if isinstance(queued, (int, np.integer)) else TypeError)(
-                f"`queued` must be the number of requests waiting behind this one (an int >= 0; 0 when the "
-                f"serving stack does not know); got {queued!r}.")
+        if not isinstance(queued, (int, np.integer)):
+            raise TypeError(f"`queued` must be an int, the number of requests waiting behind this one (0 when "
+                            f"the serving stack does not know); got {type(queued).__name__} {queued!r}.")
+        if queued < 0:
+            raise ValueError(f"`queued` must be the number of requests waiting behind this one, >= 0; got {queued}. "
+                             "Pass 0 when the serving stack does not know.")
         if self._record_fast(batch, labels, extra, pooled, queued):
             return
         if hasattr(batch, "cat"):
