@@ -620,6 +620,45 @@ def test_record_fast_path_matches_the_general_path():
                                  np.zeros((5, width), np.float32))  # extra
 
 
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 200, 4096 + 37])
+def test_stream_copy_matches_numpy_at_every_alignment(n):
+    from lukern._kernels.sched import stream_copy
+    rng = np.random.default_rng(n)
+    src_base = rng.integers(0, 256, n + 64).astype(np.uint8)
+    for dst_off in range(0, 64, 5):
+        for src_off in (0, 3, 17):
+            dst = np.zeros(n + 128, np.uint8)
+            src = src_base[src_off:src_off + n]
+            stream_copy(dst[dst_off:dst_off + len(src)], src)
+            want = np.zeros_like(dst)
+            want[dst_off:dst_off + len(src)] = src
+            np.testing.assert_array_equal(dst, want, err_msg=f"dst_off={dst_off} src_off={src_off}")
+
+
+def test_streamed_ring_copy_equals_the_plain_copy(monkeypatch):
+    # record()'s large copies use non-temporal stores (lukern.sched.live._copy_rows);
+    # every byte of the ring and every counter must be what numpy's copy leaves, through
+    # wraparounds at unaligned positions
+    import lukern.sched.live as live
+    rng = np.random.default_rng(8)
+    width = len(N_ROWS) * D
+    batches = [(ids_batch(rng, n).astype(np.int64), rng.integers(0, 2, n).astype(np.float64),
+                rng.standard_normal((n, width)).astype(np.float32)) for n in (150, 97, 211, 150, 33)]
+    rings = {}
+    for stream_min in (0, np.iinfo(np.int64).max):
+        monkeypatch.setattr(live, "_STREAM_MIN_BYTES", stream_min)
+        up = updater(buffer_size=301)
+        for ids, y, pooled in batches:
+            up.record(ids, y, pooled=pooled)
+        rings[stream_min] = up
+    streamed, plain = rings.values()
+    for name in ("ids", "labels", "pooled"):
+        np.testing.assert_array_equal(streamed._ring[name], plain._ring[name], err_msg=name)
+    np.testing.assert_array_equal(streamed._ctr, plain._ctr)
+    got = streamed._pop(301)  # the newest 301 samples, in order
+    np.testing.assert_array_equal(got["pooled"], np.concatenate([b[2] for b in batches])[-301:])
+
+
 def _serve_once_on(up, cpus):
     """One request reported from a new thread pinned to ``cpus`` (a serving thread)."""
     def run():

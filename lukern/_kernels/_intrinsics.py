@@ -8,7 +8,8 @@ from numba.core import cgutils
 from numba import njit
 from numba.extending import intrinsic
 
-__all__ = ["address_as_voidptr", "memory_fence", "prefetch", "prefetch_elem", "prefetch_row"]
+__all__ = ["address_as_voidptr", "data_address", "memory_fence", "prefetch", "prefetch_elem", "prefetch_row",
+           "stream_store_line"]
 
 
 def _emit_prefetch(builder, ptr):
@@ -107,5 +108,46 @@ def address_as_voidptr(typingctx, address):
     def codegen(context, builder, signature, args):
         v = context.cast(builder, args[0], signature.args[0], types.int64)
         return builder.inttoptr(v, ir.IntType(8).as_pointer())
+
+    return sig, codegen
+
+
+@intrinsic
+def data_address(typingctx, arr):
+    """The address of ``arr``'s first element, as an integer (to find its alignment)."""
+    if not isinstance(arr, types.Array):
+        return None
+    sig = types.uintp(arr)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.ptrtoint(ary.data, context.get_value_type(types.uintp))
+
+    return sig, codegen
+
+
+@intrinsic
+def stream_store_line(typingctx, dst, dst_byte, src, src_byte):
+    """Copy the 64 bytes at byte ``src_byte`` of the 1-D uint8 array ``src`` to byte
+    ``dst_byte`` of ``dst`` with a non-temporal store: the line goes to memory without
+    being read first (no read-for-ownership) and without evicting anything from the
+    caches. The destination address must be a multiple of 64 (the source need not be).
+    Non-temporal stores are weakly ordered: a fence (:func:`memory_fence`) must come
+    before anything that publishes them to another thread or process."""
+    u8 = types.Array(types.uint8, 1, "C")
+    if not (dst == u8 and src == u8 and isinstance(dst_byte, types.Integer) and isinstance(src_byte, types.Integer)):
+        return None
+    sig = types.void(dst, dst_byte, src, src_byte)
+
+    def codegen(context, builder, signature, args):
+        line = ir.VectorType(ir.IntType(64), 8)
+        d = context.make_array(signature.args[0])(context, builder, args[0])
+        s = context.make_array(signature.args[2])(context, builder, args[2])
+        sp = builder.gep(s.data, [context.cast(builder, args[3], signature.args[3], types.intp)])
+        dp = builder.gep(d.data, [context.cast(builder, args[1], signature.args[1], types.intp)])
+        v = builder.load(builder.bitcast(sp, line.as_pointer()), align=1)
+        store = builder.store(v, builder.bitcast(dp, line.as_pointer()), align=64)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
 
     return sig, codegen

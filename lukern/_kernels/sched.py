@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._intrinsics import memory_fence
+from ._intrinsics import data_address, memory_fence, stream_store_line
 
 
 @njit(nogil=True, cache=True)
@@ -91,3 +91,21 @@ def gather_pooled(ring, h, ref, stage):
         for j in range(D):
             out[i, j] = src[j]
     return out
+
+
+@njit(nogil=True, cache=True)
+def stream_copy(dst, src):
+    """``dst[:] = src`` for 1-D uint8 arrays of one length, the 64-byte lines of ``dst``
+    written with non-temporal stores (:func:`stream_store_line`); the bytes before the
+    first aligned line and after the last are copied plainly. The caller fences before
+    publishing the copy."""
+    n = src.size
+    head = min(n, np.int64((np.uintp(64) - data_address(dst) % np.uintp(64)) % np.uintp(64)))
+    for i in range(head):
+        dst[i] = src[i]
+    i = head
+    while i + 64 <= n:
+        stream_store_line(dst, i, src, i)
+        i += 64
+    for k in range(i, n):
+        dst[k] = src[k]

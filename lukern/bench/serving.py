@@ -17,6 +17,8 @@ Latency = completion time - scheduled arrival time, so queueing counts. Arms, in
 - ``onkeep``:    the same with record() never shedding (``max_backlog=None``): every request's
                  samples copied into the ring even while the trainer is behind
 - ``onnoq``:     ``on`` without telling record() how many requests wait (``queued``)
+- ``onnumpycopy``: ``on`` with record() copying by numpy (plain stores) instead of
+                 non-temporal stores; ``recordnumpy``: ``record`` likewise
 - ``record``:    record() on every request, no trainer: the serving side's own cost
 - ``thread``:    the same with the trainer as a thread of the serving process
 - ``misbehave``: 50 % load, trainer at normal priority, guard disabled
@@ -171,6 +173,7 @@ import numpy as np
 
 from .. import LoRAAdapter, TableBatch
 from ..sched import LiveUpdater, ServingLoad
+from ..sched import live as _live
 from ..testing import zipf_ids
 
 
@@ -471,8 +474,10 @@ class _Arm:
         no_train = bool(updater_kw and updater_kw.get("no_train"))
         self.reuse = not args.no_reuse and (updater_kw or {}).get("record_pooled", True)
         self.tell_queue = not (updater_kw or {}).get("no_queue", False)
+        self.numpy_copy = bool(updater_kw and updater_kw.get("numpy_copy"))
         if updater_kw is not None:  # the arm's own switches are not LiveUpdater arguments
-            updater_kw = {k: v for k, v in updater_kw.items() if k not in ("record_only", "no_train", "no_queue")}
+            updater_kw = {k: v for k, v in updater_kw.items()
+                          if k not in ("record_only", "no_train", "no_queue", "numpy_copy")}
         self.up = _updater(model, args, self.load, self.adapters, **updater_kw) if updater_kw is not None else None
         if no_train:  # the sidecar pops, runs the loss and publishes, but steps no adapter
             self.up._batched = [(tuple(range(model.n_tables)), _NoStep(model.dim))]
@@ -513,8 +518,14 @@ class _Arm:
         c0 = _cpu_ticks(pids)
         t0 = time.perf_counter()
         rate = self.rate if rate is None else rate
-        lat, svc = _serve_open_loop(self.model, reqs, self.args.batch, rate, seconds, self.args.workers,
-                                    self.load, up, seed=seed, reuse_pooled=self.reuse, tell_queue=self.tell_queue)
+        stream_min = _live._STREAM_MIN_BYTES
+        if self.numpy_copy:  # every copy below the streaming threshold: numpy's copy
+            _live._STREAM_MIN_BYTES = np.iinfo(np.int64).max
+        try:
+            lat, svc = _serve_open_loop(self.model, reqs, self.args.batch, rate, seconds, self.args.workers,
+                                        self.load, up, seed=seed, reuse_pooled=self.reuse, tell_queue=self.tell_queue)
+        finally:
+            _live._STREAM_MIN_BYTES = stream_min
         dt = time.perf_counter() - t0
         c1 = _cpu_ticks(pids)
         if c0 and c1:  # cores the other tenants of the machine used meanwhile, and stolen by the host
@@ -659,7 +670,7 @@ def main(argv=None):
         return _main(args)
 
 
-_ARMS = ("off", "offb", "on", "oncap", "onnotrain", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onkeep", "onnoq", "onids", "record", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "randhog", "numpyhog", "idle", "on90")
+_ARMS = ("off", "offb", "on", "oncap", "onnotrain", "onold", "onstaged", "onpub5", "onnopub", "on4k", "onkeep", "onnoq", "onnumpycopy", "onids", "record", "recordnumpy", "record4k", "recordids", "onspin", "nopause", "thread", "misbehave", "hog", "sleepyhog", "memhog", "randhog", "numpyhog", "idle", "on90")
 _PLACEMENT_ARMS = ("onsame", "onother", "hogsame", "hogother", "sleepyhogother")
 
 
@@ -770,6 +781,9 @@ def _main(args):
     # record() with a ring of 4096 samples (7 MB of pooled rows instead of 27 MB streaming through L3)
     configs["on4k"] = {**good, "buffer_size": 4096}
     configs["onnoq"] = {**good, "no_queue": True}
+    # record()'s copy with numpy's plain stores instead of non-temporal ones
+    configs["onnumpycopy"] = {**good, "numpy_copy": True}
+    configs["recordnumpy"] = {**good, "record_only": True, "numpy_copy": True}
     configs["record4k"] = {**good, "record_only": True, "buffer_size": 4096}
     if args.mode == "process":  # record() of ids and labels only: the sidecar recomputes the forward
         configs["onids"] = {**good, "record_pooled": False}
