@@ -157,6 +157,17 @@ a one-batch reserve ``on`` / ``onkeep`` P50 1.043 / 1.086, P99 1.201 / 1.325, sh
 / 0.398, and in a full run (service time 0.51 ms, a slow hour) P50 1.068 / 1.089, P99 0.995
 / 1.070, share 0.361 / 0.392; ``on`` / ``onnoq`` (the queue not told), same run: P50 1.102
 / 1.178, P99 1.141 / 1.283, share 0.383 / 0.397.
+
+Then record() wrote the ring with non-temporal stores (39-40 against 52-54 us a request,
+timed in this benchmark's process). ``on`` / ``onnumpycopy`` (numpy's copy) in four runs
+(with ``record,recordnumpy``; with ``misbehave,idle,on90``; with ``--train-batch 512``;
+with ``misbehave,idle,on90``): P50 0.952 / 0.952, 1.046 / 1.087, 0.978 / 1.022, 1.083 /
+1.027; P99 0.987 / 1.016, 1.292 / 1.229, 1.096 / 0.973, 1.226 / 1.004; share 0.765 /
+0.784, 0.525 / 0.502, 0.496 / 0.476, 0.503 / 0.514 (A/A P50 0.990, 1.048, 1.038, 1.042):
+inside the noise end to end. ``record`` / ``recordnumpy`` P50 0.976 / 1.062. Runs 2 and
+4: idle 440 k / 327 k samples/s, 31 k / 20 k at 90 % load, misbehave P50 x12 / x9.4. The forward writing into rotating out buffers instead
+(the ``onstaged`` idea) costs more than the copy it saves: serving alone, 242 us a request
+with one out buffer against 254 / 276 / 301 / 317 us with 2 / 3 / 4 / 8 in rotation.
 """
 
 from __future__ import annotations

@@ -109,9 +109,10 @@ _STREAM_MIN_BYTES = 4096
 def _copy_rows(dst, src):
     """``dst[...] = src`` (record()'s copy into the ring). A large copy of the ring's dtype
     from contiguous rows is written with non-temporal stores: the ring's lines are not
-    read first and evict nothing from the caches, so the copy takes about half of
-    numpy's time (480 KB into a 111 MB shared ring: ~20 against ~43 us on the 2-core
-    EPYC VM) and leaves the tables the next requests read where they were."""
+    read first and evict nothing from the caches, so the copy is faster (the pooled rows
+    of a 256-sample request, 26 x 16 floats, in the serving benchmark's process on the
+    2-core EPYC VM: 24-26 against 32-33 us) and leaves the tables the next requests
+    read where they were."""
     if (src.dtype == dst.dtype and src.shape == dst.shape and src.nbytes >= _STREAM_MIN_BYTES
             and src.flags.c_contiguous and dst.flags.c_contiguous):
         stream_copy(dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8))
@@ -251,8 +252,11 @@ class LiveUpdater:
         serving thread per 256-sample request of 26 x 16 floats). A buffer is reused
         ``out_buffers`` requests later: samples the trainer has not read by then are
         dropped (counted), so size it like the ring (``out_buffers * out_rows`` samples).
-        Measured on a 2-core EPYC VM: no cheaper for the serving thread than the copy (a
-        forward writing into shared memory is slower by about as much); kept opt-in.
+        Measured on a 2-core EPYC VM: no cheaper for the serving thread than the copy.
+        The forward's writes into a buffer last used several requests ago miss the
+        cache: serving alone, a request took 242 us with one out buffer and 254 / 276 /
+        301 / 317 us with 2 / 3 / 4 / 8 in rotation, while the copy it saves is ~25 us.
+        Kept opt-in.
     prior_acc : sequence of 1-D arrays or None, optional
         Per table (None for none), a starting row-wise Adagrad accumulator for every row
         (length n_rows, the adapter's dtype), e.g. the model's own embedding optimizer
