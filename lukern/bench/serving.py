@@ -159,12 +159,14 @@ a one-batch reserve ``on`` / ``onkeep`` P50 1.043 / 1.086, P99 1.201 / 1.325, sh
 / 1.178, P99 1.141 / 1.283, share 0.383 / 0.397.
 
 Then record() wrote the ring with non-temporal stores (39-40 against 52-54 us a request,
-timed in this benchmark's process). ``on`` / ``onnumpycopy`` (numpy's copy) in four runs
+timed in this benchmark's process). ``on`` / ``onnumpycopy`` (numpy's copy) in five runs
 (with ``record,recordnumpy``; with ``misbehave,idle,on90``; with ``--train-batch 512``;
-with ``misbehave,idle,on90``): P50 0.952 / 0.952, 1.046 / 1.087, 0.978 / 1.022, 1.083 /
-1.027; P99 0.987 / 1.016, 1.292 / 1.229, 1.096 / 0.973, 1.226 / 1.004; share 0.765 /
-0.784, 0.525 / 0.502, 0.496 / 0.476, 0.503 / 0.514 (A/A P50 0.990, 1.048, 1.038, 1.042):
-inside the noise end to end. ``record`` / ``recordnumpy`` P50 0.976 / 1.062. Runs 2 and
+with ``misbehave,idle,on90``; with ``--duration 48``): P50 0.952 / 0.952, 1.046 / 1.087,
+0.978 / 1.022, 1.083 / 1.027, 0.986 / 1.022; P99 0.987 / 1.016, 1.292 / 1.229, 1.096 /
+0.973, 1.226 / 1.004, 1.012 / 1.048; share 0.765 / 0.784, 0.525 / 0.502, 0.496 / 0.476,
+0.503 / 0.514, 0.534 / 0.480 (A/A P50 0.990, 1.048, 1.038, 1.042, 0.995): inside the
+noise end to end (the fifth met every bar). ``--train-batch 2048``, one run: share 0.550,
+P50 1.005, P99 1.236 (A/A 1.051 / 1.067). ``record`` / ``recordnumpy`` P50 0.976 / 1.062. Runs 2 and
 4: idle 440 k / 327 k samples/s, 31 k / 20 k at 90 % load, misbehave P50 x12 / x9.4. The forward writing into rotating out buffers instead
 (the ``onstaged`` idea) costs more than the copy it saves: serving alone, 242 us a request
 with one out buffer against 254 / 276 / 301 / 317 us with 2 / 3 / 4 / 8 in rotation.
