@@ -47,6 +47,13 @@ Measured (fused/plain wall-time ratios; training step wall medians):
   unchanged). Two later runs (a faster hour: numpy 36-38 ms): step 3.90 ms
   (9.3x numpy, 3.0x torch), then 3.65 ms (10.3x, 3.6x) once that forward's probes skip
   the presence bitmap; fused Zipf 1.26 / 1.20x and 1.28 / 1.24x.
+- same VM, next session, after the fused lookup's W-row prefetch distance went 64 -> 32
+  ids: five runs, fused/plain on 1 / 2 threads uniform 1.11-1.13x / 1.10-1.19x, Zipf
+  1.20-1.26x / 1.16-1.30x, hot 2.09-2.18x / 1.96-2.08x (the run before the change: uniform
+  1.15 / 1.16x, Zipf 1.28 / 1.18x); step 3.25-3.64 ms, numpy 9.8-11.4x, torch 3.2-4.1x.
+  Where the fused Zipf lookup's extra time goes (kernel variants, one thread): the
+  presence-bit test in the W loop ~11-15 % (as a branch-free append, or in its own loop
+  before the bag's W rows: no cheaper), probing and pooling A ~5 %, P @ B ~4-7 %.
 """
 
 from __future__ import annotations
