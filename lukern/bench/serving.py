@@ -165,8 +165,16 @@ with ``misbehave,idle,on90``; with ``--duration 48``): P50 0.952 / 0.952, 1.046 
 0.978 / 1.022, 1.083 / 1.027, 0.986 / 1.022; P99 0.987 / 1.016, 1.292 / 1.229, 1.096 /
 0.973, 1.226 / 1.004, 1.012 / 1.048; share 0.765 / 0.784, 0.525 / 0.502, 0.496 / 0.476,
 0.503 / 0.514, 0.534 / 0.480 (A/A P50 0.990, 1.048, 1.038, 1.042, 0.995): inside the
-noise end to end (the fifth met every bar). ``--train-batch 2048``, one run: share 0.550,
-P50 1.005, P99 1.236 (A/A 1.051 / 1.067). ``record`` / ``recordnumpy`` P50 0.976 / 1.062. Runs 2 and
+noise end to end (the fifth met every bar).
+
+Trainer steps of 2048 samples instead of 1024 (now the default ``--train-batch``): a step
+costs mostly per distinct row (each table's rows come back cold after four requests), and
+with Zipf ids a batch twice as large touches far fewer than twice the rows. Three runs
+(the first ``--arms off,offb,on``, then ``off,offb,on,misbehave,idle,on90``): share 0.550 /
+0.691 / 0.681, P50 1.005 / 0.944 / 1.039, P99 1.236 / 0.903 / 0.990 (A/A P50 1.051 / 0.983
+/ 1.035, P99 1.067 / 0.963 / 1.069): the last two met every bar; idle 543 k / 571 k
+samples/s, 26 k / 24 k at 90 % load, misbehave P50 x2.7 / x2.8, P99 x6.7 / x8.0. With 4096,
+one run: share 0.613, P50 1.051, P99 1.128, idle 626 k. ``record`` / ``recordnumpy`` P50 0.976 / 1.062. Runs 2 and
 4: idle 440 k / 327 k samples/s, 31 k / 20 k at 90 % load, misbehave P50 x12 / x9.4. The forward writing into rotating out buffers instead
 (the ``onstaged`` idea) costs more than the copy it saves: serving alone, 242 us a request
 with one out buffer against 254 / 276 / 301 / 317 us with 2 / 3 / 4 / 8 in rotation.
@@ -635,7 +643,9 @@ def main(argv=None):
     p.add_argument("--rate", type=float, default=None, help="offered requests/s (default: --load x capacity)")
     p.add_argument("--workers", type=int, default=1, help="serving threads (default 1)")
     p.add_argument("--batch", type=int, default=256, help="samples per request (default 256)")
-    p.add_argument("--train-batch", type=int, default=1024, help="samples per trainer step (default 1024)")
+    p.add_argument("--train-batch", type=int, default=2048,
+                   help="samples per trainer step (default 2048: a step's cost is mostly per distinct row, "
+                        "so larger steps train more samples per CPU second)")
     p.add_argument("--buffer", type=int, default=16384, help="trainer ring capacity in samples (default 16384)")
     p.add_argument("--rows", type=int, default=20000, help="rows per table (26 tables, d = 16)")
     p.add_argument("--switch-interval", type=float, default=0.0005,

@@ -161,7 +161,10 @@ class LiveUpdater:
         built with ``adapter_kwargs`` on a thread pinned to the trainer's node so their
         arrays are first touched there.
     batch_size : int
-        Samples per mini-batch step.
+        Samples per mini-batch step. Larger steps train more samples per CPU second: a
+        step costs mostly per distinct row, and skewed ids repeat rows. In the serving
+        benchmark (26 tables, Zipf ids, 50 % load), steps of 2048 against 1024 samples
+        raised the trained share from 0.47-0.53 to 0.55-0.69.
     buffer_size : int
         Capacity of the ring of recorded samples.
     max_backlog : int, "auto" or None
