@@ -428,6 +428,10 @@ class LiveUpdater:
             self._stage_span = (base, base + self._stage.nbytes, self._stage[0].nbytes, self._stage[0, 0].nbytes)
             # per ring slot: (buffer, generation, row) of a staged sample, buffer -1: pooled in the ring
             self._ring["_stage"] = _shared_array((self.buffer_size, 3), np.int64)
+        # record()'s kernels compiled (or loaded from numba's cache) now, not on the first request
+        first_bad_sample(np.zeros((0, self.n_tables, 1), np.int64), self.n_rows, np.zeros(0))
+        stream_copy(np.zeros(0, np.uint8), np.zeros(0, np.uint8))
+        fence()
         self._in_child = False
         # per-table BatchedTrainers, built by the trainer on its first step (False: not used)
         self._batched = None if batched else False
