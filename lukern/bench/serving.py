@@ -169,12 +169,13 @@ noise end to end (the fifth met every bar).
 
 Trainer steps of 2048 samples instead of 1024 (now the default ``--train-batch``): a step
 costs mostly per distinct row (each table's rows come back cold after four requests), and
-with Zipf ids a batch twice as large touches far fewer than twice the rows. Three runs
+with Zipf ids a batch twice as large touches far fewer than twice the rows. Five runs
 (the first ``--arms off,offb,on``, then ``off,offb,on,misbehave,idle,on90``): share 0.550 /
-0.691 / 0.681, P50 1.005 / 0.944 / 1.039, P99 1.236 / 0.903 / 0.990 (A/A P50 1.051 / 0.983
-/ 1.035, P99 1.067 / 0.963 / 1.069): the last two met every bar; idle 543 k / 571 k
-samples/s, 26 k / 24 k at 90 % load, misbehave P50 x2.7 / x2.8, P99 x6.7 / x8.0. With 4096,
-one run: share 0.613, P50 1.051, P99 1.128, idle 626 k. ``record`` / ``recordnumpy`` P50 0.976 / 1.062. Runs 2 and
+0.691 / 0.681 / 0.559 / 0.525, P50 1.005 / 0.944 / 1.039 / 1.056 / 1.039, P99 1.236 / 0.903
+/ 0.990 / 1.038 / 0.972 (A/A P50 1.051 / 0.983 / 1.035 / 0.976 / 1.109, P99 1.067 / 0.963 /
+1.069 / 0.825 / 0.972): runs 2, 3 and 5 met every paired bar; idle 478-571 k samples/s,
+24-31 k at 90 % load, misbehave P50 x2.7-4.9, P99 x6.7-9.7. With 4096, one run: share
+0.613, P50 1.051, P99 1.128, idle 626 k. ``record`` / ``recordnumpy`` P50 0.976 / 1.062. Runs 2 and
 4: idle 440 k / 327 k samples/s, 31 k / 20 k at 90 % load, misbehave P50 x12 / x9.4. The forward writing into rotating out buffers instead
 (the ``onstaged`` idea) costs more than the copy it saves: serving alone, 242 us a request
 with one out buffer against 254 / 276 / 301 / 317 us with 2 / 3 / 4 / 8 in rotation.
