@@ -165,7 +165,11 @@ with ``misbehave,idle,on90``; with ``--duration 48``): P50 0.952 / 0.952, 1.046 
 0.978 / 1.022, 1.083 / 1.027, 0.986 / 1.022; P99 0.987 / 1.016, 1.292 / 1.229, 1.096 /
 0.973, 1.226 / 1.004, 1.012 / 1.048; share 0.765 / 0.784, 0.525 / 0.502, 0.496 / 0.476,
 0.503 / 0.514, 0.534 / 0.480 (A/A P50 0.990, 1.048, 1.038, 1.042, 0.995): inside the
-noise end to end (the fifth met every bar).
+noise end to end (the fifth met every bar). ``record`` / ``recordnumpy`` P50 0.976 / 1.062.
+Runs 2 and 4: idle 440 k / 327 k samples/s, 31 k / 20 k at 90 % load, misbehave P50 x12 /
+x9.4. The forward writing into rotating out buffers instead (the ``onstaged`` idea) costs
+more than the copy it saves: serving alone, 242 us a request with one out buffer against
+254 / 276 / 301 / 317 us with 2 / 3 / 4 / 8 in rotation.
 
 Trainer steps of 2048 samples instead of 1024 (now the default ``--train-batch``): a step
 costs mostly per distinct row (each table's rows come back cold after four requests), and
@@ -175,10 +179,7 @@ with Zipf ids a batch twice as large touches far fewer than twice the rows. Five
 / 0.990 / 1.038 / 0.972 (A/A P50 1.051 / 0.983 / 1.035 / 0.976 / 1.109, P99 1.067 / 0.963 /
 1.069 / 0.825 / 0.972): runs 2, 3 and 5 met every paired bar; idle 478-571 k samples/s,
 24-31 k at 90 % load, misbehave P50 x2.7-4.9, P99 x6.7-9.7. With 4096, one run: share
-0.613, P50 1.051, P99 1.128, idle 626 k. ``record`` / ``recordnumpy`` P50 0.976 / 1.062. Runs 2 and
-4: idle 440 k / 327 k samples/s, 31 k / 20 k at 90 % load, misbehave P50 x12 / x9.4. The forward writing into rotating out buffers instead
-(the ``onstaged`` idea) costs more than the copy it saves: serving alone, 242 us a request
-with one out buffer against 254 / 276 / 301 / 317 us with 2 / 3 / 4 / 8 in rotation.
+0.613, P50 1.051, P99 1.128, idle 626 k.
 """
 
 from __future__ import annotations
