@@ -20,9 +20,11 @@ import numpy as np
 from numba import njit
 
 from ._codegen import load_generated, with_slp
-from .embedding import _DTYPE_NAMES, PREFETCH_DISTANCE, SPECIALISED_DIMS
+from .embedding import _DTYPE_NAMES, SPECIALISED_DIMS
 
-PF = PREFETCH_DISTANCE
+#: ids ahead of the row prefetch: the distance this kernel was measured at (the plain
+#: kernels moved to 32 with their unsigned loop; this loop reads ids through a ring)
+PF = 64
 BLK = 256  # ids routed at a time
 RING = 1024  # a power of two > BLK + PF
 #: the replica filter's hash multiplier (:func:`replica_filter`)
