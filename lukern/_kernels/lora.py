@@ -735,10 +735,10 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 FIXED_RANK = 8
 #: how far ahead (in ids) the presence bit is tested: with the row prefetch (one id load)
 PRESENCE_AHEAD = 64
-#: how far ahead the W rows are prefetched: half the plain kernel's distance, as an id of
-#: the fused loop takes longer (4M x 64 rows, 5% active, 1 thread, fused/plain medians in
-#: one process, two runs each: Zipf ids 1.264-1.269x at 64 against 1.209-1.234x at 32,
-#: uniform 1.134-1.178x against 1.098-1.129x; 24 and 40 no better)
+#: how far ahead the W rows are prefetched, as in the plain kernels (4M x 64 rows, 5%
+#: active, 1 thread, fused/plain medians in one process, two runs each, against the plain
+#: kernel of the time, which prefetched 64 ahead: Zipf ids 1.264-1.269x at 64 against
+#: 1.209-1.234x at 32, uniform 1.134-1.178x against 1.098-1.129x; 24 and 40 no better)
 ROW_AHEAD = 32
 #: ids past the current bag whose slots are probed (stage 2); less than PRESENCE_AHEAD so
 #: the hash lines have had time to arrive

@@ -37,28 +37,31 @@ A_AHEAD = 8
 def _source(d: int, dtype_name: str) -> str:
     r = FIXED_RANK
     ps = [f"p{q}" for q in range(r)]
+    # positions are read as unsigned integers, so numba emits no negative-index
+    # wraparound select per access (kernel alone, the serving request: 73 -> 69 us with
+    # 12% of ids adapted, 164 -> 156 us with 84%)
     fixed = [f"{p} = DT(0.0)" for p in ps] + [
         "hit = False",
         "for j in range(s, e):",
         "    if j + AHEAD < t_end:",
-        "        ahead = indices[j + AHEAD]",
+        "        ahead = indices[np.uint64(j + AHEAD)]",
         "        if is_active(bitmap, ahead):",
         "            prefetch_probe(keys, vals, mask, ahead)",
         # the id A_AHEAD on: its hash lines have arrived, so probe it now, prefetch its
         # A row and keep its slot in the ring until it is used
         "    if j + A_AHEAD < t_end:",
-        "        ahead = indices[j + A_AHEAD]",
+        "        ahead = indices[np.uint64(j + A_AHEAD)]",
         "        sa = -1",
         "        if is_active(bitmap, ahead):",
         "            sa = find_slot(keys, vals, mask, ahead)",
         "            if sa >= 0:",
         "                prefetch(A, sa, 0)",
-        "        ring[(j + A_AHEAD) & RM] = sa",
-        "    sl = ring[j & RM]",
+        "        ring[np.uint64(j + A_AHEAD) & np.uint64(RM)] = sa",
+        "    sl = ring[np.uint64(j) & np.uint64(RM)]",
         "    if sl >= 0:",
         "        hit = True",
         "        if use_w:",
-        "            w = weights[j]",
+        "            w = weights[np.uint64(j)]",
     ] + [f"            {p} += w * A[sl, {q}]" for q, p in enumerate(ps)] + ["        else:"] + [
         f"            {p} += A[sl, {q}]" for q, p in enumerate(ps)] + [
         "if hit:",
