@@ -274,7 +274,8 @@ def test_specialised_kernel_prefetches_and_vectorises_without_gathers():
     out = np.empty((3, 64), np.float32)
     fresh(p.table, p.indices, p.offsets, np.empty(0, np.float32), False, 0, out, 0, 3)
     asm = fresh.inspect_asm(fresh.signatures[0])
-    assert "prefetcht0" in asm
+    # rows are prefetched into L2 (prefetcht1), not L1: far more of them are then in flight
+    assert "prefetcht1" in asm and "prefetcht0" not in asm
     assert re.search(r"vaddps\s+[^\n]*(zmm|ymm)", asm), "row accumulation is not vectorised"
     assert "gather" not in asm, "AVX-512 gathers are 2.5x slower than prefetch + loads here"
     assert ks.specialised

@@ -8,46 +8,59 @@ from numba.core import cgutils
 from numba import njit
 from numba.extending import intrinsic
 
-__all__ = ["address_as_voidptr", "data_address", "memory_fence", "prefetch", "prefetch_elem", "prefetch_row",
-           "stream_store_line"]
+__all__ = ["address_as_voidptr", "data_address", "memory_fence", "prefetch", "prefetch_elem", "prefetch_l2",
+           "prefetch_row", "prefetch_row_l2", "stream_store_line"]
 
 
-def _emit_prefetch(builder, ptr):
+def _emit_prefetch(builder, ptr, locality=3):
     i8p = ir.IntType(8).as_pointer()
     i32 = ir.IntType(32)
     fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-    # rw=0 (read), locality=3 (keep in all cache levels), cache type=1 (data)
-    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    # rw=0 (read), locality (3: into every cache level, prefetcht0 on x86; 2: into L2 and
+    # below, prefetcht1), cache type=1 (data)
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
 
 
-@intrinsic
-def prefetch(typingctx, table, row, col):
-    """Software-prefetch the cache line holding ``table[row, col]`` for reading.
+def _prefetch_2d(locality):
+    def typer(typingctx, table, row, col):
+        if not (isinstance(table, types.Array) and table.ndim == 2 and isinstance(row, types.Integer)
+                and isinstance(col, types.Integer)):
+            return None
+        sig = types.void(table, row, col)
 
-    ``llvm.prefetch`` never faults, so a bad row costs nothing but a wasted hint.
-    Without it the loop vectorizer turns the bag loop into AVX-512 gathers and runs
-    about 2.5x slower on uniform ids (DESIGN section 9).
-    """
-    if not (isinstance(table, types.Array) and table.ndim == 2 and isinstance(row, types.Integer)
-            and isinstance(col, types.Integer)):
-        return None
-    sig = types.void(table, row, col)
+        def codegen(context, builder, signature, args):
+            aryty, rowty, colty = signature.args
+            ary = context.make_array(aryty)(context, builder, args[0])
+            r = context.cast(builder, args[1], rowty, types.intp)
+            c = context.cast(builder, args[2], colty, types.intp)
+            ptr = cgutils.get_item_pointer2(
+                context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
+                strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
+                inds=[r, c], wraparound=False, boundscheck=False,
+            )
+            _emit_prefetch(builder, ptr, locality)
+            return context.get_dummy_value()
 
-    def codegen(context, builder, signature, args):
-        aryty, rowty, colty = signature.args
-        ary = context.make_array(aryty)(context, builder, args[0])
-        r = context.cast(builder, args[1], rowty, types.intp)
-        c = context.cast(builder, args[2], colty, types.intp)
-        ptr = cgutils.get_item_pointer2(
-            context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
-            strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
-            inds=[r, c], wraparound=False, boundscheck=False,
-        )
-        _emit_prefetch(builder, ptr)
-        return context.get_dummy_value()
+        return sig, codegen
 
-    return sig, codegen
+    return typer
+
+
+prefetch = intrinsic(_prefetch_2d(3))
+prefetch.__doc__ = """Software-prefetch the cache line holding ``table[row, col]`` for reading, into
+every cache level (L1 included).
+
+``llvm.prefetch`` never faults, so a bad row costs nothing but a wasted hint.
+Without it the loop vectorizer turns the bag loop into AVX-512 gathers and runs
+about 2.5x slower on uniform ids (DESIGN section 9)."""
+
+prefetch_l2 = intrinsic(_prefetch_2d(2))
+prefetch_l2.__doc__ = """:func:`prefetch` into L2 (and the levels below), not L1 (``prefetcht1`` on
+x86). A prefetch into L1 holds one of the core's few L1 miss buffers until its line
+arrives; one into L2 holds an L2 miss slot, of which there are several times more, so
+far more rows are fetched at once. The embedding-bag loops prefetch W rows this way;
+the demand load then finds the line in L2."""
 
 
 @njit(nogil=True, inline="always")
@@ -57,6 +70,14 @@ def prefetch_row(table, row):
     step = 64 // table.itemsize
     for c in range(0, table.shape[1], step):
         prefetch(table, row, c)
+
+
+@njit(nogil=True, inline="always")
+def prefetch_row_l2(table, row):
+    """:func:`prefetch_row` into L2 (:func:`prefetch_l2`)."""
+    step = 64 // table.itemsize
+    for c in range(0, table.shape[1], step):
+        prefetch_l2(table, row, c)
 
 
 @intrinsic

@@ -10,7 +10,7 @@ Contract shared by every kernel here (the wrappers in :mod:`lukern.embedding` ch
 
 Speed (DESIGN section 9): for the common widths the kernels are *generated per d* so the
 accumulators are d scalars that LLVM's SLP vectorizer packs into vector registers, and an
-explicit prefetch runs ``PREFETCH_DISTANCE`` ids ahead (across bag boundaries). Other
+explicit prefetch into L2 runs ``PREFETCH_DISTANCE`` ids ahead (across bag boundaries). Other
 widths use a generic kernel that accumulates in the output row.
 """
 
@@ -29,12 +29,16 @@ MODES = {"sum": MODE_SUM, "mean": MODE_MEAN, "max": MODE_MAX}
 
 #: widths that get a register-accumulator kernel; others use the generic one
 SPECIALISED_DIMS = (4, 8, 16, 32, 48, 64, 96, 128)
-#: how many ids ahead the row prefetch runs. With unsigned indexing (below) the loop got
-#: faster and the best distance shorter: on 1 GB tables, 2048 bags of 20-40 ids, 1 thread,
-#: against the signed loop at 64 (same-run medians), 32 ids ran at 0.87 / 0.90x (d = 16,
-#: Zipf / uniform ids), 0.83 / 1.02x (d = 64), 0.81 / 0.99x (d = 128); 64 ids at 0.92 /
-#: 0.94x, 0.90 / 1.16x, 0.84 / 1.00x; 16 was best only for d = 16 uniform (0.81x)
-PREFETCH_DISTANCE = 32
+#: how many ids ahead the row prefetch runs. The rows are prefetched into L2, not L1
+#: (``prefetch_l2``): a prefetch into L1 holds one of the core's few L1 miss buffers until
+#: its line arrives, which capped the rows in flight; L2 has several times more miss slots.
+#: On 1 GB tables, 2048 bags of 20-40 ids, 1 thread, speed against torch 2.13's
+#: ``embedding_bag`` in the same run (Zipf / uniform ids): d = 16 1.50 / 1.35x into L2 at 64
+#: ids against 1.47 / 1.20x into L1 at 32; d = 64 1.25 / 1.97x against 1.06 / 1.03x; d = 128
+#: 1.37 / 1.64x against 1.04 / 1.03x; 32-256 ids ahead were within a few percent (into L1,
+#: 32 had been best). Before, with positions read as signed integers and rows prefetched
+#: into L1 64 ahead, the d = 64 loop was 5-20% slower again.
+PREFETCH_DISTANCE = 64
 PF = PREFETCH_DISTANCE
 
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
@@ -47,13 +51,14 @@ def _pool_snippet(d: int, dtype: str, itemsize: int, pad: str, store: str = "o[{
     must be in scope. Ids and the positions they are read at are cast to uint64, so
     numba emits no negative-index wraparound (a compare and a select per access, and a
     register held for the array length): ids were validated as >= 0, positions are. The
-    positions' casts made the loop 5-20% faster (numbers at ``PREFETCH_DISTANCE``)."""
+    positions' casts made the loop 5-20% faster (see ``PREFETCH_DISTANCE``)."""
     acc = [f"a{k}" for k in range(d)]
     lines_per_row = -(-d * itemsize // 64)
     step = 64 // itemsize
-    pf = [f"q = np.uint64(base + indices[np.uint64(j + PF)])"] + [f"prefetch(table, q, {c * step})" for c in range(lines_per_row)]
+    pf = [f"q = np.uint64(base + indices[np.uint64(j + PF)])"]
+    pf += [f"prefetch_l2(table, q, {c * step})" for c in range(lines_per_row)]
     # a row not aligned to 64 bytes spans one more line
-    pf.append(f"prefetch(table, q, {d - 1})")
+    pf.append(f"prefetch_l2(table, q, {d - 1})")
 
     def block(weighted):
         body = [f"for j in range(s, e):", f"    if j + PF < pf_end:"]
@@ -80,7 +85,7 @@ def _prologue_snippet(d: int, itemsize: int, pad: str) -> str:
     step = 64 // itemsize
     lines = -(-d * itemsize // 64)
     body = [f"for j in range(j0, min(j0 + PF, pf_end)):", f"    q = np.uint64(base + indices[np.uint64(j)])"]
-    body += [f"    prefetch(table, q, {c * step})" for c in range(lines)] + [f"    prefetch(table, q, {d - 1})"]
+    body += [f"    prefetch_l2(table, q, {c * step})" for c in range(lines)] + [f"    prefetch_l2(table, q, {d - 1})"]
     return "\n".join(pad + x for x in body)
 
 
@@ -92,7 +97,7 @@ def _specialised_source(d: int, dtype: np.dtype) -> str:
 import numpy as np
 from numba import njit, prange
 
-from lukern._kernels._intrinsics import prefetch
+from lukern._kernels._intrinsics import prefetch_l2
 
 PF = {PREFETCH_DISTANCE}
 
@@ -152,7 +157,7 @@ _GENERIC_SOURCE = f'''"""lukern bag kernels for any width and mode max: generate
 import numpy as np
 from numba import njit, prange
 
-from lukern._kernels._intrinsics import prefetch_row
+from lukern._kernels._intrinsics import prefetch_row_l2
 
 PF = {PREFETCH_DISTANCE}
 
@@ -175,7 +180,7 @@ def pool_one(table, indices, weights, use_w, mode, s, e, pf_end, base, o):
         return
     for j in range(s, e):  # unsigned positions: no wraparound selects (see _pool_snippet)
         if j + PF < pf_end:
-            prefetch_row(table, base + indices[np.uint64(j + PF)])
+            prefetch_row_l2(table, base + indices[np.uint64(j + PF)])
         r = table[base + indices[np.uint64(j)]]
         if use_w:
             w = weights[np.uint64(j)]
@@ -194,7 +199,7 @@ def pool_one(table, indices, weights, use_w, mode, s, e, pf_end, base, o):
 def bag_range(table, indices, offsets, weights, use_w, mode, out, b0, b1):
     pf_end = offsets[b1]
     for j in range(offsets[b0], min(offsets[b0] + PF, pf_end)):
-        prefetch_row(table, indices[j])
+        prefetch_row_l2(table, indices[j])
     for b in range(b0, b1):
         pool_one(table, indices, weights, use_w, mode, offsets[b], offsets[b + 1], pf_end, 0, out[b])
 
@@ -211,7 +216,7 @@ def tbe_range(buf, row_off, col_off, tids, n_bags, indices, offsets, weights, us
         first = t * n_bags
         pf_end = offsets[first + b1]
         for j in range(offsets[first + b0], min(offsets[first + b0] + PF, pf_end)):
-            prefetch_row(buf, base + indices[j])
+            prefetch_row_l2(buf, base + indices[j])
         for b in range(b0, b1):
             pool_one(buf, indices, weights, use_w, mode, offsets[first + b], offsets[first + b + 1],
                      pf_end, base, out[b, c:c + d])
