@@ -216,6 +216,78 @@ def test_table_batch_matches_reference(driver, mode):
     assert got.shape == (23, 56)
 
 
+def _spy_streamed(monkeypatch, batch, dtype):
+    """Record the ``nt`` flag of every batched kernel call (the wrapper's choice)."""
+    seen = []
+    for d, _, _, _ in batch.groups:
+        ks = K.bag_kernels(d, dtype, False)
+
+        class Spy:  # the kernel set with its batched kernels wrapped
+            def __init__(self, real):
+                self._real = real
+
+            def __getattr__(self, name):
+                return getattr(self._real, name)
+
+            def tbe_range(self, *args):
+                seen.append(args[12])
+                return self._real.tbe_range(*args)
+
+            def tbe_parallel(self, *args):
+                seen.append(args[12])
+                return self._real.tbe_parallel(*args)
+
+        monkeypatch.setitem(K._KERNEL_SETS, (d, np.dtype(dtype), False), Spy(ks))
+    return seen
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_table_batch_streamed_output_matches_reference(monkeypatch, driver, dtype, mode, weighted):
+    # widths of whole 64-byte lines: every row of the output goes out with non-temporal
+    # stores once the output is large enough (forced here), and must equal the reference
+    import lukern.embedding as E
+
+    tables, idx, off = _batch_problem(dims=(16, 32, 16), n_bags=37, dtype=dtype)
+    batch = lukern.TableBatch(tables)
+    w = np.linspace(0.5, 1.5, len(idx)).astype(dtype) if weighted else None
+    want = reference_table_batch(tables, idx, off, w, mode=mode)
+    monkeypatch.setattr(E, "_STREAM_MIN_BYTES", 0)
+    seen = _spy_streamed(monkeypatch, batch, dtype)
+    out = lukern.empty_table(37, batch.total_dim, dtype)
+    got = batch.lookup(idx, off, weights=w, mode=mode, out=out, driver=driver, n_threads=2, chunk_size=8)
+    assert got is out and seen and all(seen), "the streamed path was not taken"
+    np.testing.assert_allclose(got, want, **tol(dtype))
+    # the same bits as the cached stores
+    monkeypatch.setattr(E, "_STREAM_MIN_BYTES", 1 << 62)
+    again = batch.lookup(idx, off, weights=w, mode=mode, driver=driver, n_threads=2, chunk_size=8)
+    assert not seen[-1]
+    assert np.array_equal(got, again)
+
+
+def test_table_batch_streams_only_line_aligned_outputs(monkeypatch):
+    import lukern.embedding as E
+
+    monkeypatch.setattr(E, "_STREAM_MIN_BYTES", 0)
+    # a width-8 float32 table (32 bytes) puts the next table's columns mid-line: no streaming
+    tables, idx, off = _batch_problem(dims=(16, 8, 16), n_bags=11)
+    batch = lukern.TableBatch(tables)
+    seen = _spy_streamed(monkeypatch, batch, np.float32)
+    np.testing.assert_allclose(batch.lookup(idx, off), reference_table_batch(tables, idx, off), **tol(np.float32))
+    assert seen and not any(seen)
+    # an output not aligned to a 64-byte line: no streaming either
+    tables, idx, off = _batch_problem(dims=(16, 16), n_bags=11)
+    batch = lukern.TableBatch(tables)
+    seen = _spy_streamed(monkeypatch, batch, np.float32)
+    raw = np.empty(11 * 32 + 8, np.float32)
+    start = (-raw.ctypes.data % 64) // 4 + 4  # 16 bytes past a line
+    out = raw[start:start + 11 * 32].reshape(11, 32)
+    np.testing.assert_allclose(batch.lookup(idx, off, out=out), reference_table_batch(tables, idx, off),
+                               **tol(np.float32))
+    assert seen and not any(seen)
+
+
 def test_table_batch_weights_and_views_write_through():
     tables, idx, off = _batch_problem(dims=(16, 16))
     batch = lukern.TableBatch(tables)

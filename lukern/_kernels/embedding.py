@@ -44,7 +44,7 @@ PF = PREFETCH_DISTANCE
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
 
-def _pool_snippet(d: int, dtype: str, itemsize: int, pad: str, store: str = "o[{k}]") -> str:
+def _pool_snippet(d: int, dtype: str, itemsize: int, pad: str, store: str = "o[{k}]", streamed: bool = False) -> str:
     """Source that pools bag [s, e) of ``table`` (row offset ``base``) into the view ``o``
     with ``d`` scalar accumulators (the store target is ``store``, formatted with the
     column ``k``); names ``table, indices, weights, use_w, mode, s, e, pf_end, base``
@@ -74,7 +74,15 @@ def _pool_snippet(d: int, dtype: str, itemsize: int, pad: str, store: str = "o[{
     code += ["if use_w:"] + ["    " + x for x in block(True)]
     code += ["else:"] + ["    " + x for x in block(False)]
     code += [f"scale = np.{dtype}(1.0)", "if mode == 1 and e > s:", f"    scale = np.{dtype}(1.0) / np.{dtype}(e - s)"]
-    code += [f"{store.format(k=k)} = {a} * scale" for k, a in enumerate(acc)]
+    stores = [f"{store.format(k=k)} = {a} * scale" for k, a in enumerate(acc)]
+    if streamed:  # see tbe_range: the row goes to the line-aligned stage, then streams out
+        lines = d * itemsize // 64
+        code += ["if nt:"] + [f"    stage[{k}] = {a} * scale" for k, a in enumerate(acc)]
+        code += [f"    stream_store_line(out_u8, b * row_bytes + col_bytes + {64 * i}, stage_u8, {64 * i})"
+                 for i in range(lines)]
+        code += ["else:"] + ["    " + x for x in stores]
+    else:
+        code += stores
     return "\n".join(pad + x for x in code)
 
 
@@ -97,7 +105,7 @@ def _specialised_source(d: int, dtype: np.dtype) -> str:
 import numpy as np
 from numba import njit, prange
 
-from lukern._kernels._intrinsics import prefetch_l2
+from lukern._kernels._intrinsics import data_address, memory_fence, prefetch_l2, stream_store_line
 
 PF = {PREFETCH_DISTANCE}
 
@@ -116,11 +124,19 @@ def bag_range(table, indices, offsets, weights, use_w, mode, out, b0, b1):
 
 
 @njit(nogil=True, cache=True)
-def tbe_range(table, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out, b0, b1):
+def tbe_range(table, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out, out_u8, nt, b0, b1):
+    # nt: every bag's row goes out with non-temporal stores through out_u8 (out's bytes;
+    # out, its rows and each table's columns line-aligned; see STREAM_MIN_BYTES)
+    row_bytes = out.strides[0]
+    stage_u8 = np.empty({d * dtype.itemsize + 64}, np.uint8)  # one row, line-aligned inside
+    skip = np.int64((np.uintp(64) - data_address(stage_u8) % np.uintp(64)) % np.uintp(64))
+    stage_u8 = stage_u8[skip:skip + {d * dtype.itemsize}]
+    stage = stage_u8.view(np.{name})
     for g in range(tids.shape[0]):
         t = tids[g]
         base = row_off[g]
         c = np.uint64(col_off[t])  # unsigned: no wraparound select, so stores vectorise
+        col_bytes = col_off[t] * table.itemsize
         first = t * n_bags
         pf_end = offsets[first + b1]
         j0 = offsets[first + b0]
@@ -129,7 +145,9 @@ def tbe_range(table, row_off, col_off, tids, n_bags, indices, offsets, weights, 
             s = offsets[first + b]
             e = offsets[first + b + 1]
             o = out[b]
-{_pool_snippet(d, name, dtype.itemsize, " " * 12, store="o[c + np.uint64({k})]")}
+{_pool_snippet(d, name, dtype.itemsize, " " * 12, store="o[c + np.uint64({k})]", streamed=d * dtype.itemsize % 64 == 0)}
+    if nt:
+        memory_fence()  # the streamed stores are weakly ordered: done before the caller reads out
 {_PARALLEL_SOURCE}'''
 
 
@@ -145,11 +163,11 @@ def bag_parallel(table, indices, offsets, weights, use_w, mode, out, chunk):
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def tbe_parallel(buf, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out, chunk):
+def tbe_parallel(buf, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out, out_u8, nt, chunk):
     n_chunks = (n_bags + chunk - 1) // chunk
     for c in prange(n_chunks):
         b0 = c * chunk
-        tbe_range(buf, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out,
+        tbe_range(buf, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out, out_u8, nt,
                   b0, min(n_bags, b0 + chunk))
 '''
 
@@ -205,8 +223,8 @@ def bag_range(table, indices, offsets, weights, use_w, mode, out, b0, b1):
 
 
 @njit(nogil=True, cache=True)
-def tbe_range(buf, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out, b0, b1):
-    # table-major: follows the memory order of indices, so the prefetch stream is the
+def tbe_range(buf, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out, out_u8, nt, b0, b1):
+    # nt is ignored here (the specialised kernels' streamed stores); table-major: follows the memory order of indices, so the prefetch stream is the
     # next ids of the same table
     d = buf.shape[1]
     for g in range(tids.shape[0]):

@@ -125,8 +125,9 @@ def run_table_batch(n_tables=26, rows=100_000, dim=16, n_bags=2048, pooling=(1, 
         idx, off = TableBatch.pack(il, ol)
         bases = np.repeat(np.arange(n_tables, dtype=np.int64) * rows, np.diff(off).reshape(n_tables, n_bags).sum(1))
         pairs.append((idx, off, idx + bases))
-    out_b = np.empty((n_bags, n_tables * dim), np.float32)
-    out_s = np.empty((n_tables * n_bags, dim), np.float32)
+    # line-aligned outputs, as lukern allocates them (the batched one is then streamed)
+    out_b = empty_table(n_bags, n_tables * dim)
+    out_s = empty_table(n_tables * n_bags, dim)
     results = []
     for nt in threads:
         single = {id(p[0]): p[2] for p in pairs}
