@@ -731,6 +731,20 @@ def evict_slots(keys, vals, mask, bitmap, slot_row, A, acc, last_step, slots, fr
 # position arithmetic and two prefetches to the W loop's body; row order also scatters
 # the hot rows, whose slots the admission order had kept together. Dropped.
 
+# Later, on the EPYC VM, once the plain kernels read positions as unsigned integers and
+# prefetched W rows into L2 (the fused W loop with them), the plain lookup got 15-40%
+# faster and the ratios rose although the fused lookup got faster too (Zipf 1.40-1.47x,
+# uniform 1.09-1.39x). Measured against that shared loop (kernel variants, same inputs,
+# one thread, Zipf ids): the loop with nothing tested 1.0; the bit test with an empty
+# bitmap +20% (with the bitmap index masked to 512 bytes, always in L1, only +8%: the
+# bitmap's lines, not the instructions, are most of it); the 5% of ids that hit another
+# +15-20%. Every extra line fetched per id shows, as the loop is bound by lines in flight:
+# prefetching the bitmap words ahead (into L1 or L2, 64-192 ids ahead) was worse by 5-9%,
+# and so was a pipeline that tests each id's bit at its own position (the word prefetched
+# with its W row), appends it branch-free and probes, pools and adds P @ B every 4-16 bags
+# (1.26-1.39x against 1.20-1.25x, same run). Even with every id's slot known beforehand
+# and no test at all (``by_slot``), the fused loop ran 1.17-1.24x.
+
 #: the rank whose fused kernels keep the pooled A row in registers (others use an array)
 FIXED_RANK = 8
 #: how far ahead (in ids) the presence bit is tested: with the row prefetch (one id load)
