@@ -44,6 +44,7 @@ def _prefetch_2d(locality):
 
         return sig, codegen
 
+    typer.__name__ = typer.__qualname__ = f"prefetch_locality{locality}"  # one intrinsic name each
     return typer
 
 

@@ -126,7 +126,8 @@ def bag_range(table, indices, offsets, weights, use_w, mode, out, b0, b1):
 @njit(nogil=True, cache=True)
 def tbe_range(table, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out, out_u8, nt, b0, b1):
     # nt: every bag's row goes out with non-temporal stores through out_u8 (out's bytes;
-    # out, its rows and each table's columns line-aligned; see STREAM_MIN_BYTES)
+    # out, its rows and each table's columns line-aligned; the wrapper decides, see
+    # lukern.embedding._STREAM_MIN_BYTES). The stage is one small allocation per call.
     row_bytes = out.strides[0]
     stage_u8 = np.empty({d * dtype.itemsize + 64}, np.uint8)  # one row, line-aligned inside
     skip = np.int64((np.uintp(64) - data_address(stage_u8) % np.uintp(64)) % np.uintp(64))
@@ -224,8 +225,8 @@ def bag_range(table, indices, offsets, weights, use_w, mode, out, b0, b1):
 
 @njit(nogil=True, cache=True)
 def tbe_range(buf, row_off, col_off, tids, n_bags, indices, offsets, weights, use_w, mode, out, out_u8, nt, b0, b1):
-    # nt is ignored here (the specialised kernels' streamed stores); table-major: follows the memory order of indices, so the prefetch stream is the
-    # next ids of the same table
+    # nt is ignored here (only the specialised kernels stream). Table-major: follows the
+    # memory order of indices, so the prefetch stream is the next ids of the same table
     d = buf.shape[1]
     for g in range(tids.shape[0]):
         t = tids[g]
