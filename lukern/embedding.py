@@ -35,12 +35,11 @@ _EMPTY_W = {np.dtype(np.float32): _empty_weights(np.float32), np.dtype(np.float6
 #: stores where its lines allow (see ``TableBatch._plain``): the batched kernel writes each
 #: table's columns of every output row in turn, and an output larger than L2 then had every
 #: line read from memory and written back once per table (26 tables of 2048 one-id bags,
-#: d = 16, a 3.4 MB output, kernel alone, three rounds in one process: 571-627 -> 518-566
-#: us, against 365-422 us for one call over the same rows; with the stores aimed at a few
+#: d = 16, a 3.4 MB output, kernel alone, three rounds in one process: 564-618 -> 354-440
+#: us, against 292-378 us for one call over the same rows; with the stores aimed at a few
 #: rows instead, the batched kernel ran as fast as the single call). Smaller outputs stay
-#: in the cache for their reader.
+#: in the cache for their reader, and take the kernels without the stage.
 _STREAM_MIN_BYTES = 2 << 20
-_NO_BYTES = np.empty(0, np.uint8)
 
 
 def _bucket(d: int, n_bags: int, n_ids: int, dtype) -> tuple:
@@ -358,8 +357,11 @@ class TableBatch:
         self._tbe_cache = (tuple(states), tids, packed)
         return packed
 
-    def _plain(self, indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver):
-        """The plain table-batched lookup into ``out``; returns the plan it ran with."""
+    def _plain(self, indices, offsets, w, use_w, mode, out, n_ids, n_bags, n_threads, chunk_size, driver,
+               stream_min_bytes=None):
+        """The plain table-batched lookup into ``out``; returns the plan it ran with.
+        ``stream_min_bytes`` overrides ``_STREAM_MIN_BYTES`` (warmup compiles the streamed
+        kernels with 0)."""
         n_t = self.n_tables
         plan = resolve_plan("table_batch", n_ids, n_threads=n_threads, chunk_size=chunk_size, driver=driver,
                             bucket=_bucket(int(self.dims.max()), n_bags * n_t, n_ids, self.dtype), n_items=n_bags,
@@ -367,18 +369,21 @@ class TableBatch:
                             # chunk per thread (256-bag chunks: 1.3x slower on 2 threads)
                             chunks_per_thread=1)
         m = K.MODES[mode]
-        big = out.nbytes >= _STREAM_MIN_BYTES and mode != "max" and out.ctypes.data % 64 == 0
-        out_u8 = out.reshape(-1).view(np.uint8) if big else _NO_BYTES
+        limit = _STREAM_MIN_BYTES if stream_min_bytes is None else stream_min_bytes
+        big = out.nbytes >= limit and mode != "max" and out.ctypes.data % 64 == 0
         for d, buf, tids, row_off in self.groups:
             ks = K.bag_kernels(d, self.dtype, mode == "max")
-            nt = big and ks.specialised and self._streamable[d]
-            args = (buf, row_off, self.col_offsets, tids, n_bags, indices, offsets, w, use_w, m, out, out_u8, nt)
+            args = (buf, row_off, self.col_offsets, tids, n_bags, indices, offsets, w, use_w, m, out)
+            serial, parallel = ks.tbe_range, ks.tbe_parallel
+            if big and self._streamable[d] and ks.tbe_range_streamed is not None:
+                serial, parallel = ks.tbe_range_streamed, ks.tbe_parallel_streamed
+                args += (out.reshape(-1).view(np.uint8),)
             if plan.driver == "serial":
-                ks.tbe_range(*args, 0, n_bags)
+                serial(*args, 0, n_bags)
             elif plan.driver == "threads":
-                run_ranges(lambda b0, b1: ks.tbe_range(*args, b0, b1), _even_ranges(n_bags, plan.n_threads))
+                run_ranges(lambda b0, b1: serial(*args, b0, b1), _even_ranges(n_bags, plan.n_threads))
             else:
-                _run_prange(ks.tbe_parallel, plan, args + (plan.chunk_size,))
+                _run_prange(parallel, plan, args + (plan.chunk_size,))
         return plan
 
 
@@ -417,4 +422,9 @@ def warmup(dims=(64,), dtypes=("float32",), index_dtypes=("int64", "int32"), mod
                             batch = TableBatch([table])
                             batch.lookup(idx, off, mode=mode, driver=drv, n_threads=nt, chunk_size=1)
                             compiled.append(f"table_batch d={d} {dt} {it} {mode} {drv}")
+                            if mode != "max" and batch._streamable[d]:  # the kernels of large outputs
+                                out = empty_table(2, d, dt)
+                                batch._plain(idx, off, _EMPTY_W[np.dtype(dt)], False, mode, out, 3, 2, nt, 1, drv,
+                                             stream_min_bytes=0)
+                                compiled.append(f"table_batch streamed d={d} {dt} {it} {mode} {drv}")
     return {"compiled": compiled, "seconds": time.perf_counter() - start}
