@@ -185,6 +185,32 @@ def _run_prange(kernel, plan, args):
             numba.set_num_threads(previous)
 
 
+def pack_batched(indices_list, offsets_list):
+    """Concatenate per-table CSR (indices, offsets) pairs, each with the same number of
+    bags, into the table-batched layout of :class:`TableBatch` (table-major: every bag of
+    table 0, then of table 1, ...). Returns (indices, offsets) as int64.
+    ``batch.pack(...)`` does the same and also checks the number of tables."""
+    if len(indices_list) != len(offsets_list):
+        raise ValueError(f"`indices_list` and `offsets_list` must have the same length; got {len(indices_list)} "
+                         f"and {len(offsets_list)}.")
+    if not indices_list:
+        raise ValueError("`indices_list` must hold at least one table's ids; got an empty list.")
+    ids = [np.ascontiguousarray(i) for i in indices_list]
+    offs = [np.ascontiguousarray(o) for o in offsets_list]
+    for t, (i, o) in enumerate(zip(ids, offs)):
+        V.check_indices(i, None, name=f"indices_list[{t}]")
+        V.check_offsets(o, i.shape[0], name=f"offsets_list[{t}]")
+    n_bags = {len(o) - 1 for o in offs}
+    if len(n_bags) != 1:
+        raise ValueError(f"every table needs the same number of bags; got {sorted(n_bags)}.")
+    idx = np.concatenate([i.astype(np.int64, copy=False) for i in ids])
+    parts, base = [np.zeros(1, np.int64)], 0
+    for i, o in zip(ids, offs):
+        parts.append(o[1:].astype(np.int64) + base)
+        base += len(i)
+    return idx, np.concatenate(parts)
+
+
 class TableBatch:
     """Many embedding tables looked up in one call (FBGEMM's TBE layout).
 
@@ -271,21 +297,16 @@ class TableBatch:
     def nbytes(self) -> int:
         return sum(buf.nbytes for _, buf, _, _ in self.groups)
 
-    @staticmethod
-    def pack(indices_list, offsets_list):
-        """Concatenate per-table CSR (indices, offsets) pairs, each with the same number
-        of bags, into the batched layout. Returns (indices, offsets) as int64."""
-        if len(indices_list) != len(offsets_list):
-            raise ValueError(f"`indices_list` and `offsets_list` must have the same length; got {len(indices_list)} and {len(offsets_list)}.")
-        n_bags = {len(o) - 1 for o in offsets_list}
-        if len(n_bags) != 1:
-            raise ValueError(f"every table needs the same number of bags; got {sorted(n_bags)}.")
-        idx = np.concatenate([np.asarray(i, dtype=np.int64) for i in indices_list])
-        parts, base = [np.zeros(1, np.int64)], 0
-        for i, o in zip(indices_list, offsets_list):
-            parts.append(np.asarray(o[1:], dtype=np.int64) + base)
-            base += len(i)
-        return idx, np.concatenate(parts)
+    def pack(self, indices_list, offsets_list):
+        """Concatenate one CSR (indices, offsets) pair per table of this batch, each with
+        the same number of bags, into the batched layout (see :func:`pack_batched`).
+        Returns (indices, offsets) as int64."""
+        n = len(indices_list)
+        if n != self.n_tables:
+            raise ValueError(f"`indices_list` must hold one id array per table of this batch ({self.n_tables}); "
+                             f"got {n}. The batched layout cannot tell tables from bags, so a wrong count would "
+                             "read other tables' rows.")
+        return pack_batched(indices_list, offsets_list)
 
     def lookup(self, indices, offsets, *, weights=None, mode="sum", out=None,
                n_threads=None, chunk_size=None, driver=None, unchecked=False, adapters=None):

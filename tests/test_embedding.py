@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import lukern
 from lukern._kernels import embedding as K
+from lukern.embedding import pack_batched
 from lukern.testing import (
     make_lookup_problem,
     make_offsets,
@@ -202,7 +203,7 @@ def _batch_problem(dims=(16, 16, 8, 16), n_bags=23, seed=0, dtype=np.float32):
         off = make_offsets(rng, n_bags, (0, 5))
         il.append(rng.integers(0, tab.shape[0], size=int(off[-1])))
         ol.append(off)
-    idx, off = lukern.TableBatch.pack(il, ol)
+    idx, off = pack_batched(il, ol)
     return tables, idx, off
 
 
@@ -320,7 +321,16 @@ def test_table_batch_bad_input():
     with pytest.raises(ValueError, match="at least one table"):
         lukern.TableBatch([])
     with pytest.raises(ValueError, match="same number of bags"):
-        lukern.TableBatch.pack([np.array([0]), np.array([], np.int64)], [np.array([0, 1]), np.array([0, 0, 0])])
+        pack_batched([np.array([0]), np.array([], np.int64)], [np.array([0, 1]), np.array([0, 0, 0])])
+    # one id list for a two-table batch: the layout alone would read it as 1 bag per table
+    two = lukern.TableBatch([np.ones((5, 4), np.float32), np.ones((5, 2), np.float32)])
+    with pytest.raises(ValueError, match="one id array per table of this batch \\(2\\); got 1"):
+        two.pack([np.array([0, 1])], [np.array([0, 1, 2])])
+    # a table's offsets that do not end at its own id count would shift ids into the next table
+    with pytest.raises(ValueError, match="offsets_list\\[0\\]\\[-1\\]"):
+        two.pack([np.array([0, 1]), np.array([3])], [np.array([0, 1]), np.array([0, 1])])
+    with pytest.raises(TypeError, match="indices_list\\[1\\]"):
+        two.pack([np.array([0]), np.array([1.0])], [np.array([0, 1]), np.array([0, 1])])
 
 
 # --- compilation and code generation -----------------------------------------------------

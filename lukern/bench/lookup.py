@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .. import embedding_bag
-from ..embedding import TableBatch
+from ..embedding import TableBatch, pack_batched
 from ..memory import empty_table
 from ..testing import make_offsets, zipf_ids
 
@@ -122,7 +122,7 @@ def run_table_batch(n_tables=26, rows=100_000, dim=16, n_bags=2048, pooling=(1, 
             off = make_offsets(rng, n_bags, pooling)
             il.append(rng.integers(0, rows, size=int(off[-1])))
             ol.append(off)
-        idx, off = TableBatch.pack(il, ol)
+        idx, off = pack_batched(il, ol)
         bases = np.repeat(np.arange(n_tables, dtype=np.int64) * rows, np.diff(off).reshape(n_tables, n_bags).sum(1))
         pairs.append((idx, off, idx + bases))
     # line-aligned outputs, as lukern allocates them (the batched one is then streamed)
