@@ -79,11 +79,47 @@ def _cache_dir() -> str | None:
         except ImportError:  # pragma: no cover - platformdirs is a dependency
             return None
     path = os.path.join(root, f"kernels-numba{numba.__version__}-{_kernels_digest()}")
+    fresh = not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError:
         return None
+    if fresh:
+        _prune_old_builds(root, keep=path)
     return path if os.access(path, os.W_OK) else None
+
+
+#: a cache folder of another lukern or numba build unused for this long is removed when
+#: a new build makes its own (each holds ~15 MB of machine code)
+_PRUNE_AFTER_S = 14 * 86400
+
+
+def _prune_old_builds(root: str, keep: str) -> None:
+    import shutil
+    import time
+
+    now = time.time()
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if not name.startswith("kernels-") or path == keep or not os.path.isdir(path):
+            continue
+        try:
+            newest = max((e.stat().st_mtime for e in os.scandir(path)), default=os.stat(path).st_mtime)
+            if now - newest > _PRUNE_AFTER_S:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # another process pruned or uses it: leave it
+            continue
+
+
+def cache_is_cold() -> bool:
+    """True when this build has no generated kernels cached yet: its first run compiles
+    them (minutes on a small machine), later runs load them in milliseconds."""
+    folder = _cache_dir()
+    if folder is None:
+        return False
+    # modules are written on import, machine code (numba's index files) once compiled
+    compiled = os.path.join(folder, "__pycache__")
+    return not (os.path.isdir(compiled) and any(n.endswith(".nbi") for n in os.listdir(compiled)))
 
 
 _load_lock = threading.RLock()

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import __version__
+from .._kernels._codegen import cache_is_cold
 from ..plan import thread_limit
 from .dlrm import DLRM
 from .strategies import (Bandwidth, ClusterTrainer, DeltaSync, FullSync, LukernStrategy, PriorityDelta, Stale,
@@ -351,6 +352,9 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
     serve_batches = sum(-(-int(b - a) // cfg.batch_size) for a, b in zip(edges[:-1], edges[1:]))
     train_batches = (cfg.epochs or 3) * -(-n_train // cfg.batch_size)
     bar = _progress(train_batches + serve_batches, progress)
+    if bar is not None and cache_is_cold():
+        bar.write("lukern: the first run of this build compiles its kernels (a few minutes on 2 cores, mostly "
+                  "in the first window); later runs load them from the cache.", file=sys.stderr)
     series = {}
     preds = {}
     strategies = {}
@@ -361,6 +365,9 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
             t0 = time.perf_counter()
             m0, fit = initial_model(stream, cfg, n_train,
                                     progress=(lambda k: bar.update(1)) if bar is not None else None)
+            if bar is not None:  # early stopping may have run fewer epochs than the bar assumed
+                bar.total = bar.n + serve_batches
+                bar.refresh()
             report["initial_model"] = {**fit, "train_s": time.perf_counter() - t0,
                                        "table_bytes": m0.table_nbytes, "dense_bytes": m0.dense_nbytes}
             # ids seen at least twice per table over the last window's worth of training
