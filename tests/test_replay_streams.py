@@ -207,6 +207,17 @@ def test_too_few_columns(tmp_path, fmt, text, line):
     assert len(s) == 1 and s.n_skipped == 1 and s.skipped[0][0] == line
 
 
+def test_wrong_format_given_names_the_one_the_file_has(tmp_path):
+    p = write(tmp_path / "ratings.csv", ML_HEADER + "1,2,4.0,5\n1,3,3.0,6\n")
+    with pytest.raises(StreamFormatError, match="does not read as criteo data and looks like movielens data: "
+                                                "pass format='movielens'") as e:
+        read_stream(p, "criteo")
+    assert e.value.line == 1 and "Criteo" in str(e.value)  # the reader's own message follows
+    with pytest.raises(StreamFormatError, match="looks like movielens"):
+        read_stream(p, "criteo", skip_bad=True)  # every line skipped: still the wrong format
+    assert len(read_stream(p, "movielens")) == 2
+
+
 @pytest.mark.parametrize("fmt,text,line", [
     ("talkingdata", TD_HEADER + "1,2,3,4,5,2017-11-07 00:00:00,,0\n1,2,3,4,5,2017-11-07 00:00:01,,2\n", 3),
     ("criteo", criteo_line() + criteo_line("3"), 2),

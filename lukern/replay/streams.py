@@ -62,6 +62,7 @@ class StreamFormatError(ValueError):
     def __init__(self, path, message, line=None):
         self.path = str(path)
         self.line = line
+        self.message = message
         where = f"{self.path}, line {line}" if line is not None else self.path
         super().__init__(f"{where}: {message}")
 
@@ -218,7 +219,8 @@ def _read_rows(path, *, delimiter, n_fields, header, skip_bad, max_rows, fmt, en
                         continue
                 if len(row) != n_fields:
                     bad.add(line, f"has {len(row)} fields; a {fmt} line has exactly {n_fields} "
-                                  f"(separated by {delimiter!r}). Fix or remove the line, or pass skip_bad=True.")
+                                  f"(separated by {delimiter!r}). Fix or remove the line, or skip bad lines (skip_bad=True; "
+                                  "--skip-bad on the command line).")
                     continue
                 for c, v in zip(cols, row):
                     c.append(v)
@@ -974,4 +976,18 @@ def read_stream(path, format=None, **kwargs) -> Stream:
     fmt = infer_format(path) if format is None else format
     if fmt not in _READERS:
         raise ValueError(f"`format` must be one of {', '.join(FORMATS)}; got {format!r}.")
-    return _READERS[fmt](path, **kwargs)
+    try:
+        return _READERS[fmt](path, **kwargs)
+    except StreamFormatError as e:
+        if format is None:
+            raise
+        # a format given by hand that the file does not have: say which one it looks like
+        try:
+            guess = infer_format(path)
+        except (StreamFormatError, OSError):
+            raise e from None
+        if guess == fmt:
+            raise
+        raise StreamFormatError(e.path, f"does not read as {fmt} data and looks like {guess} data: pass "
+                                        f"format={guess!r} (--format {guess}), or leave it out to detect it. "
+                                        f"The {fmt} reader said: {e.message}", e.line) from None
