@@ -155,7 +155,7 @@ def write_profile(profile: dict, path=None) -> Path:
     validate_profile(profile)
     path = Path(path) if path is not None else default_profile_path()
     text = json.dumps(profile, indent=1, sort_keys=False) + "\n"
-    atomic_write(path, lambda fh: fh.write(text), binary=False)
+    atomic_write(path, lambda fh: fh.write(text), binary=False, make_folder=True)  # the cache folder
     if str(path) == str(_current_path()):
         _reset()
     return path

@@ -31,7 +31,7 @@ def to_json(report: dict) -> str:
 def write_json(report: dict, path) -> None:
     """Write the report atomically (temp file + rename): a reader never sees half a file."""
     text = to_json(report) + "\n"
-    atomic_write(path, lambda fh: fh.write(text), binary=False)
+    atomic_write(path, lambda fh: fh.write(text), binary=False, make_folder=True)  # a CLI output path
 
 
 def _fmt_bytes(b):
