@@ -640,9 +640,12 @@ class LoRAAdapter:
 
     def _check_compatible(self, table, name="table"):
         if table.shape != (self.n_rows, self.dim):
-            raise ValueError(f"`{name}` must have the adapter's shape ({self.n_rows}, {self.dim}); got {table.shape}.")
+            raise ValueError(f"`{name}` must have the adapter's shape ({self.n_rows}, {self.dim}); got {table.shape}. "
+                             "An adapter belongs to one table: build one per table (LoRAAdapter(n_rows, dim)).")
         if table.dtype != self.dtype:
-            raise TypeError(f"`{name}` must have the adapter's dtype {self.dtype}; got {table.dtype}.")
+            raise TypeError(f"`{name}` must have the adapter's dtype {self.dtype}; got {table.dtype}. Build the "
+                            f"adapter with LoRAAdapter(..., dtype=np.{table.dtype}) or convert the table once "
+                            f"(table.astype(np.{self.dtype})).")
 
     def add_correction(self, indices, offsets, out, *, weights=None, mode="sum"):
         """``out[b] += s * (pooled A rows of bag b) @ B`` for inputs that are already

@@ -226,8 +226,13 @@ def test_bad_inputs():
         a.backward(np.array([0, 1]), off, np.zeros((2, 16)))
     with pytest.raises(ValueError, match="non-decreasing"):
         a.backward(np.array([0, 1]), np.array([0, 2, 1, 2]), np.zeros((3, 16)))
-    with pytest.raises(ValueError, match="corrects a \\(500, 16\\)"):
+    with pytest.raises(ValueError, match="`table` must have the adapter's shape \\(500, 16\\); got \\(10, 16\\)"):
         lukern.embedding_bag(np.zeros((10, 16)), np.array([0]), np.array([0, 1]), adapter=a)
+    with pytest.raises(TypeError, match="adapter's dtype float64; got float32. Build the adapter with "
+                                        "LoRAAdapter\\(..., dtype=np.float32\\)"):
+        lukern.embedding_bag(W.astype(np.float32), np.array([0]), np.array([0, 1]), adapter=a)
+    with pytest.raises(TypeError, match="`tables\\[0\\]` must have the adapter's dtype"):
+        lukern.TableBatch([W.astype(np.float32)]).lookup(np.array([0]), np.array([0, 1]), adapters=[a])
     with pytest.raises(ValueError, match="mode 'sum' or 'mean'"):
         lukern.embedding_bag(W, np.array([0]), np.array([0, 1]), adapter=a, mode="max")
     with pytest.raises(TypeError, match="LoRAAdapter or None"):
