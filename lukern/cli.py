@@ -10,6 +10,8 @@ import json
 import sys
 import time
 
+from . import __version__
+
 
 def _demo(args) -> int:
     import numpy as np
@@ -69,6 +71,7 @@ def _info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lukern", description="lukern: fresh DLRM embeddings on the inference node")
+    parser.add_argument("--version", action="version", version=f"lukern {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build a table, run lookups, print throughput against numpy")
     demo.add_argument("--rows", type=int, default=1_000_000)

@@ -339,7 +339,7 @@ def _controller_line(name, c, budget):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lukern.bench gradient_spectrum", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lukern.bench gradient_spectrum", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="movielens,talkingdata")
     p.add_argument("--max-rows", type=int, default=None, help="read only the first rows of each file")
     p.add_argument("--skip-spectra", action="store_true")

@@ -97,7 +97,7 @@ def _fmt(r):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lukern.bench rsvd", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lukern.bench rsvd", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=200_000, help="rows of the dense matrix")
     p.add_argument("--cols", type=int, default=128, help="columns of the dense matrix")
     p.add_argument("--table-rows", type=int, default=4_000_000, help="rows of the gathered table")

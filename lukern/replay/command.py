@@ -16,6 +16,16 @@ import sys
 __all__ = ["add_replay_parser", "run_command"]
 
 
+class _DefaultsOfValues(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown for options that take a value only: a flag's default (True for a
+    --no-... flag) reads as if the flag were on."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_replay_parser(sub) -> argparse.ArgumentParser:
     from .runner import ALL_STRATEGIES, ReplayConfig
     from .streams import FORMATS
@@ -28,7 +38,7 @@ def add_replay_parser(sub) -> argparse.ArgumentParser:
                     "prequentially (score each batch, then learn from it) under several refresh strategies: "
                     "stale, full sync, delta, priority delta and lukern (co-located LoRA trainer). "
                     "Without --data a seeded synthetic stream with drift is used.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsOfValues)
     g = p.add_argument_group("input")
     g.add_argument("--data", metavar="PATH", help="log file (plain or .gz); default: the synthetic stream")
     g.add_argument("--format", choices=FORMATS, help="format of --data (inferred from the name or first line)")
@@ -42,7 +52,8 @@ def add_replay_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--plot", metavar="PLOT.png", help="draw AUC over stream time (needs matplotlib)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     g = p.add_argument_group("replay")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the synthetic stream, the models and the "
+                   "bootstrap: the same seed gives the same report (sim mode)")
     g.add_argument("--mode", choices=("sim", "live"), default="sim",
                    help="sim: deterministic simulation; live: lukern's real co-located trainer beside a serving "
                         "loop, adds inference P50/P99 with the trainer on and off")
@@ -51,7 +62,7 @@ def add_replay_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="serving batch (rows scored together)")
     g.add_argument("--train-batch", type=int, default=d.train_batch,
                    help="rows per trainer step, for the training side and lukern alike")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of initial training")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs of initial training; 0: early stopping on the last 10%% of the training rows (at most 4)")
     g.add_argument("--dim", type=int, default=d.dim, help="embedding width")
     g.add_argument("--strategies", default=",".join(ALL_STRATEGIES), help="comma-separated subset to run")
     g = p.add_argument_group("shipping strategies")
