@@ -167,6 +167,12 @@ def test_empty_file(tmp_path, fmt, name):
         read_stream(p, fmt)
 
 
+def test_empty_file_without_a_format_says_empty(tmp_path):
+    p = write(tmp_path / "log.txt", "")
+    with pytest.raises(StreamFormatError, match="is empty \\(0 bytes\\)"):
+        read_stream(p)
+
+
 @pytest.mark.parametrize("fmt,header", [("movielens", ML_HEADER), ("talkingdata", TD_HEADER), ("avazu", AVAZU_HEADER)])
 def test_header_only(tmp_path, fmt, header):
     with pytest.raises(StreamFormatError, match="no data rows"):

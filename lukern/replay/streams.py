@@ -144,7 +144,7 @@ class Stream:
         """One line: rows, time span, positive rate, tables."""
         pos = float(self.labels.mean()) if len(self) else 0.0
         tabs = ", ".join(f"{n}:{s}{'#' if h else ''}" for n, s, h in zip(self.cat_names, self.cat_sizes, self.hashed))
-        skipped = f", {self.n_skipped} bad lines skipped" if self.n_skipped else ""
+        skipped = f", {self.n_skipped} bad line{'s' if self.n_skipped != 1 else ''} skipped" if self.n_skipped else ""
         return (f"{self.name} [{self.format}]: {len(self)} rows, t {self.t[0]:.0f}..{self.t[-1]:.0f}, "
                 f"positives {100 * pos:.1f}%, dense {self.n_dense}, tables {tabs}{skipped}")
 
@@ -916,6 +916,8 @@ def infer_format(path) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file. Check --data.")
     first = _first_line(path).rstrip("\r\n")
+    if not first and os.path.getsize(path) == 0:
+        raise StreamFormatError(path, "is empty (0 bytes): no log to read. Check --data.")
     low = first.lower()
     if low.replace(" ", "").startswith("userid,movieid,rating"):
         return "movielens"
