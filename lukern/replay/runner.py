@@ -353,8 +353,8 @@ def run_replay(stream, cfg: ReplayConfig | None = None, *, progress=True, on_win
     train_batches = (cfg.epochs or 3) * -(-n_train // cfg.batch_size)
     bar = _progress(train_batches + serve_batches, progress)
     if bar is not None and cache_is_cold():
-        bar.write("lukern: the first run of this build compiles its kernels (a few minutes on 2 cores, mostly "
-                  "in the first window); later runs load them from the cache.", file=sys.stderr)
+        bar.write("lukern: the first run of this build compiles its kernels (about a minute on 2 cores); later "
+                  "runs load them from the cache.", file=sys.stderr)
     series = {}
     preds = {}
     strategies = {}

@@ -534,8 +534,6 @@ class LukernStrategy(Strategy):
                              np.ones((k, m.dim), m.dtype))
                 a.train_step(tb.tables[t], np.arange(k, dtype=np.int64)[::-1].copy(),
                              np.arange(k + 1, dtype=np.int64), np.ones((k, m.dim), m.dtype))
-                if hasattr(a, "warmup"):
-                    a.warmup(drivers=("serial",))  # the trainer forward and context kernels too
         # the interaction backward of DLRM.backward_pooled (also the training side's)
         from .._kernels.dlrm import interaction_backward
 
