@@ -124,7 +124,8 @@ def embedding_bag(table, indices, offsets, *, weights=None, mode="sum", out=None
 def _check_adapter(adapter, table, mode, name="adapter"):
     if not isinstance(adapter, LoRAAdapter):
         raise TypeError(f"`{name}` must be a lukern.LoRAAdapter or None; got {type(adapter).__name__}.")
-    adapter._check_compatible(table, name="table" if name == "adapter" else name.replace("adapters", "tables"))
+    if (adapter.n_rows, adapter.dim) != table.shape or adapter.dtype != table.dtype:  # the message only on error
+        adapter._check_compatible(table, name="table" if name == "adapter" else name.replace("adapters", "tables"))
     if mode == "max":
         raise ValueError(f"`{name}` works with mode 'sum' or 'mean' (a max of corrected rows is not low-rank); got 'max'.")
 
